@@ -106,9 +106,10 @@ class TextStream:
 
     def __iter__(self) -> Iterator[str]:
         c, cache = self.completion, self.cache
-        # The cache may already hold a prefix of the prompt (a chat's earlier turns). At
-        # least one prompt token is always run, because its logits pick the first token.
-        reused = min(len(cache), len(self.prompt_ids) - 1)
+        # The cache may already hold a prefix of the prompt (a chat's earlier turns): only
+        # the rest is prefilled. At least one prompt token is always run, because its
+        # logits pick the first new token.
+        reused = min(cache.common_prefix(self.prompt_ids), len(self.prompt_ids) - 1)
         cache.truncate(reused)
         c.cached_tokens = reused
         sampler = Sampler(self.params, self.model.device)

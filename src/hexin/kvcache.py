@@ -1,8 +1,9 @@
 """Per-sequence key/value cache.
 
 The model talks to a cache through four calls: ``offsets`` (tokens already cached, per
-sequence), ``reserve(n)`` (room for this step), ``update(layer, k, v)`` (store this step's keys and values, return everything
-attention must see) and ``advance(n)`` once all layers are done. Any layout that provides
+sequence), ``reserve(n)`` (room for this step), ``update(layer, k, v)`` (store this
+step's keys and values, return everything attention must see) and ``advance(tokens)``
+once all layers are done. Any layout that provides
 them (this contiguous one, or a paged block pool shared by many sequences) plugs in
 without touching the model.
 """
@@ -36,6 +37,8 @@ class KVCache:
         self._shape = (config.num_kv_heads, config.head_dim)
         self._dtype, self._device = dtype, torch.device(device)
         self.length = 0
+        #: ids of the cached tokens, so a later prompt can reuse the longest common prefix
+        self.token_ids: list[int] = []
         self._alloc(min(initial_capacity, self.max_tokens))
 
     def _alloc(self, capacity: int) -> None:
@@ -81,9 +84,19 @@ class KVCache:
         self.v[layer, self.length : end] = v[0]
         return self.k[layer, :end].unsqueeze(0), self.v[layer, :end].unsqueeze(0)
 
-    def advance(self, num_new: int) -> None:
-        """Count this step's tokens as cached, after every layer has stored them."""
-        self.length += num_new
+    def advance(self, tokens: Tensor) -> None:
+        """Count this step's tokens (1, T) as cached, after every layer has stored them."""
+        self.token_ids.extend(tokens[0].tolist())
+        self.length += tokens.shape[-1]
+
+    def common_prefix(self, token_ids: list[int]) -> int:
+        """How many leading tokens of ``token_ids`` this cache already holds."""
+        n = 0
+        for cached, new in zip(self.token_ids, token_ids, strict=False):
+            if cached != new:
+                break
+            n += 1
+        return n
 
     def truncate(self, n: int) -> None:
         """Keep only the first ``n`` tokens (rollback). Their stored values stay valid:
@@ -91,9 +104,10 @@ class KVCache:
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
         self.length = n
+        del self.token_ids[n:]
 
     def reset(self) -> None:
-        self.length = 0
+        self.truncate(0)
 
     @property
     def nbytes(self) -> int:

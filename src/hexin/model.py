@@ -91,7 +91,7 @@ class Llama:
             keys, values = cache.update(i, k, v)
             x = x + ops.matmul_transb(ops.attention(q, keys, values, offsets), layer.wo)
             x = ops.mlp(x, layer.mlp_norm, layer.w_gate, layer.w_up, layer.w_down, cfg.rms_norm_eps)
-        cache.advance(t)
+        cache.advance(tokens)
         if not all_logits:
             x = x[:, -1]
         return ops.matmul_transb(ops.rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head).float()

@@ -88,9 +88,10 @@ class Tokenizer:
         BOS is added here, never by the inner post-processor, so it is never doubled.
         """
         ids = self.inner.encode(text, add_special_tokens=False).ids
-        if (self.add_bos if add_bos is None else add_bos) and self.bos_token_id is not None:
-            if not ids or ids[0] != self.bos_token_id:
-                ids.insert(0, self.bos_token_id)
+        wants_bos = self.add_bos if add_bos is None else add_bos
+        bos = self.bos_token_id
+        if wants_bos and bos is not None and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
         return ids
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:

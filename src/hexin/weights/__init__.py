@@ -46,7 +46,9 @@ def resolve(spec: str | Path | None) -> Path:
     )
 
 
-def load_model(spec: str | Path | None = None, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(
+    spec: str | Path | None = None, *, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
     """Load config, tokenizer and weights (GGUF tensors dequantized to ``dtype``)."""
     path = resolve(spec)
     if path.is_dir():

@@ -1,0 +1,169 @@
+"""Loading HF folders: the story model's shape, tied embeddings, shards, Mistral, and clear
+errors for every way a folder can be wrong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hexin.errors import ModelFormatError, ModelNotFoundError
+from hexin.model import Llama
+from hexin.weights import load_model
+
+transformers = pytest.importorskip("transformers", reason="transformers builds the random models")
+
+
+def test_story_model_parameters_load_with_expected_shape(story_model):
+    c = story_model.config
+    assert (c.vocab_size, c.num_layers, c.num_heads, c.num_kv_heads) == (2048, 2, 8, 4)
+    assert (c.hidden_size, c.head_dim, c.intermediate_size) == (128, 16, 384)
+    assert c.tie_word_embeddings
+    # the file stores only lm_head.weight; the embedding is the same matrix
+    assert "model.embed_tokens.weight" not in story_model.weights
+    model = Llama(c, story_model.weights)
+    assert torch.equal(model.embed, model.lm_head)
+    assert model.layers[1].wk.shape == (4 * 16, 128)
+
+
+def _random_hf_folder(tmp_path: Path, story_dir: Path, arch: str = "llama", **overrides) -> Path:
+    """A tiny random model saved by transformers, with the story model's tokenizer."""
+    kw = (
+        dict(
+            vocab_size=2048,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+        )
+        | overrides
+    )
+    if arch == "mistral":
+        config = transformers.MistralConfig(sliding_window=4096, **kw)
+        model = transformers.MistralForCausalLM(config)
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    folder = tmp_path / arch
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(story_dir / name, folder / name)
+    return folder
+
+
+def _logits_agree(folder: Path) -> None:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    loaded = load_model(folder)
+    model = Llama(loaded.config, loaded.weights)
+    ids = [1, 5, 99, 300, 7, 1000]
+    ours = model.forward(torch.tensor([ids]), model.new_cache())[0]
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0, -1]
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_random_llama_folder_matches_transformers(tmp_path, story_dir, tied):
+    _logits_agree(_random_hf_folder(tmp_path, story_dir, tie_word_embeddings=tied))
+
+
+def test_mistral_folder_loads_and_matches_transformers(tmp_path, story_dir):
+    folder = _random_hf_folder(tmp_path, story_dir, arch="mistral")
+    assert load_model(folder).config.architecture == "mistral"
+    _logits_agree(folder)
+
+
+def test_sharded_folder_loads_like_single_file(tmp_path, story_dir):
+    folder = _random_hf_folder(tmp_path, story_dir)
+    tensors = load_model(folder).weights
+    names = sorted(tensors)
+    half = len(names) // 2
+    shards = {"a.safetensors": names[:half], "b.safetensors": names[half:]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k].contiguous() for k in keys}, str(folder / shard))
+    (folder / "model.safetensors").unlink()
+    index = {"weight_map": {k: s for s, keys in shards.items() for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    resharded = load_model(folder).weights
+    assert sorted(resharded) == names
+    assert all(torch.equal(resharded[k], tensors[k]) for k in names)
+
+
+def test_missing_model_names_the_choices(tmp_path):
+    with pytest.raises(ModelNotFoundError, match=r"not found.*registered name"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_unsupported_architecture_is_named(tmp_path, story_dir):
+    folder = _random_hf_folder(tmp_path, story_dir)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["GPTNeoXForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelFormatError, match="unsupported architecture 'GPTNeoXForCausalLM'"):
+        load_model(folder)
+
+
+def test_folder_without_weights_is_reported(tmp_path, story_dir):
+    folder = _random_hf_folder(tmp_path, story_dir)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelFormatError, match=r"no model\.safetensors"):
+        load_model(folder)
+
+
+def test_truncated_safetensors_is_reported(tmp_path, story_dir):
+    folder = _random_hf_folder(tmp_path, story_dir)
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(ModelFormatError, match="truncated"):
+        load_model(folder)
+
+
+def test_missing_shard_is_named(tmp_path, story_dir):
+    folder = _random_hf_folder(tmp_path, story_dir)
+    (folder / "model.safetensors").unlink()
+    index = {"weight_map": {"model.norm.weight": "gone.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelFormatError, match=r"gone\.safetensors"):
+        load_model(folder)
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path, story_dir):
+    folder = _random_hf_folder(tmp_path, story_dir)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] = 100
+    (folder / "config.json").write_text(json.dumps(cfg))
+    loaded = load_model(folder)
+    with pytest.raises(ModelFormatError, match=r"gate_proj.weight.*\(96, 64\).*\(100, 64\)"):
+        Llama(loaded.config, loaded.weights)
+
+
+def test_missing_tensor_is_named(tmp_path, story_dir):
+    folder = _random_hf_folder(tmp_path, story_dir)
+    loaded = load_model(folder)
+    del loaded.weights["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ModelFormatError, match=r"model.layers.1.mlp.up_proj.weight"):
+        Llama(loaded.config, loaded.weights)
+
+
+def test_invalid_config_json_is_reported(tmp_path, story_dir):
+    folder = _random_hf_folder(tmp_path, story_dir)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ModelFormatError, match="invalid JSON"):
+        load_model(folder)
+
+
+def test_unknown_file_type_is_refused(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelFormatError, match="unsupported model file"):
+        load_model(path)
