@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from hexin.errors import HexinError
 
@@ -23,35 +24,37 @@ def _add_model_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, *, temperature: float = 0.8) -> None:
-    p.add_argument("--max-tokens", "-n", type=int, default=256, help="tokens to generate")
-    p.add_argument("--temperature", "-t", type=float, default=temperature, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=40, help="keep the k likeliest tokens")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
-    p.add_argument("--seed", type=int, default=None, help="for reproducible sampling")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Sampling flags; each defaults to None so that only the ones given override the
+    session's or the built-in defaults (temperature 0.8, top-k 40, top-p 0.95, 256 tokens)."""
+    p.add_argument("--max-tokens", "-n", type=int, help="tokens to generate")
+    p.add_argument("--temperature", "-t", type=float, help="0 is greedy")
+    p.add_argument("--top-k", type=int, help="keep the k likeliest tokens")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, help="for reproducible sampling")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
-def _sampling_params(args: argparse.Namespace):
+def _sampling_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags given on the command line, validated."""
     from hexin.sampling import SamplingParams
 
-    return SamplingParams(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        max_tokens=args.max_tokens,
-        seed=args.seed,
-        stop=tuple(args.stop),
-    )
+    names = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+    changes = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if "stop" in changes:
+        changes["stop"] = tuple(changes["stop"])
+    SamplingParams(**changes)  # refuse bad values before loading anything
+    return changes
 
 
 def cmd_story(args: argparse.Namespace) -> int:
     """Stream a continuation of ``--prompt`` to stdout."""
     from hexin.generate import TextStream
     from hexin.model import Llama
+    from hexin.sampling import SamplingParams
     from hexin.weights import load_model
 
-    params = _sampling_params(args)
+    params = SamplingParams(**_sampling_changes(args))
     loaded = load_model(args.model)
     model = Llama(loaded.config, loaded.weights)
     prompt_ids = loaded.tokenizer.encode(args.prompt)
@@ -70,6 +73,29 @@ def cmd_story(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Terminal chat: a REPL, or one message with ``--once``."""
+    from hexin.chat.repl import run_once, run_repl
+    from hexin.chat.service import ChatService
+    from hexin.chat.store import Store
+    from hexin.model import Llama
+    from hexin.weights import load_model
+
+    changes = _sampling_changes(args)
+    store = Store(args.db)
+    loaded = load_model(args.model)
+    service = ChatService(
+        Llama(loaded.config, loaded.weights),
+        loaded.tokenizer,
+        store,
+        model_name=loaded.name,
+        context_limit=args.context,
+    )
+    if args.once is not None:
+        return run_once(service, args.once, args.session, changes, system=args.system)
+    return run_repl(service, args.session, changes, system=args.system)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -107,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(story)
     story.add_argument("--stats", action="store_true", help="print speed figures to stderr")
     story.set_defaults(func=cmd_story)
+
+    chat = sub.add_parser("chat", help="chat in the terminal (sessions kept in SQLite)")
+    _add_model_arg(chat)
+    chat.add_argument("--db", default=None, help="chat database (default: per-user data folder)")
+    chat.add_argument("--session", "-s", default=None, help="session id to continue or create")
+    chat.add_argument("--once", default=None, metavar="TEXT", help="send one message and exit")
+    chat.add_argument("--system", default=None, help="system prompt of a new session")
+    chat.add_argument("--context", type=int, default=None, help="context limit in tokens")
+    _add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
 
     models = sub.add_parser("models", help="list registered and cached models")
     models.set_defaults(func=cmd_models)

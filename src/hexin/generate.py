@@ -90,6 +90,8 @@ class TextStream:
         params: SamplingParams,
         cache: KVCache | None = None,
         cancel: threading.Event | None = None,
+        *,
+        cache_tail: bool = False,
     ) -> None:
         if not prompt_ids:
             raise ValueError("empty prompt: give at least one token")
@@ -97,6 +99,9 @@ class TextStream:
         self.prompt_ids = list(prompt_ids)
         self.cache = cache if cache is not None else model.new_cache()
         self.cancel = cancel or threading.Event()
+        #: after the reply, also run its final token (or the EOS) into the cache, so that
+        #: a chat's next turn finds the whole previous context cached
+        self.cache_tail = cache_tail
         if len(self.prompt_ids) >= self.cache.max_tokens:
             raise ContextOverflow(
                 f"prompt of {len(self.prompt_ids)} tokens does not fit the context limit "
@@ -151,6 +156,9 @@ class TextStream:
                 c.text += tail
                 yield tail
         c.decode_s = time.perf_counter() - (first_token_at or start)
+        # every exit leaves the last sampled token (or the EOS) out of the cache
+        if self.cache_tail and len(cache) < cache.max_tokens:
+            self.model.forward(torch.tensor([[token]], device=self.model.device), cache)
 
     def run(self) -> Completion:
         """Consume the whole stream and return the completion."""

@@ -1,0 +1,7 @@
+"""Conversations: sessions with message trees, the context window, persistence."""
+
+from hexin.chat.service import ChatService, Reply
+from hexin.chat.store import Store
+from hexin.chat.tree import ChatError, Message, Session
+
+__all__ = ["ChatError", "ChatService", "Message", "Reply", "Session", "Store"]

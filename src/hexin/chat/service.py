@@ -1,0 +1,326 @@
+"""ChatService: the operations on sessions that the terminal, the server and the web UI share.
+
+It owns text and ids (through the store) and asks the model for replies. Each session's
+KV cache survives between turns, so a turn prefills only what the cache does not already
+hold: after a rollback, regenerate, edit or branch switch, the cache is cut back to the
+longest common prefix with the new prompt instead of being recomputed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import fields
+from typing import Any
+
+from hexin.chat.store import Store
+from hexin.chat.tree import ChatError, Message, Session, check_id, new_id, now
+from hexin.chat.window import build_prompt
+from hexin.generate import TextStream
+from hexin.kvcache import CacheLRU
+from hexin.model import Llama
+from hexin.sampling import InvalidParams, SamplingParams
+from hexin.tokenizer import Tokenizer
+
+DEFAULT_CACHE_BUDGET = 1 << 30  # 1 GiB of idle session caches
+MAX_TITLE = 60
+PARAM_NAMES = {f.name for f in fields(SamplingParams)}
+
+
+def merge_params(base: SamplingParams, changes: dict[str, Any] | None) -> SamplingParams:
+    """``base`` with ``changes`` applied; unknown names and bad values are refused."""
+    if not changes:
+        return base
+    unknown = set(changes) - PARAM_NAMES
+    if unknown:
+        raise InvalidParams(
+            f"unknown parameter {sorted(unknown)[0]!r}; known: {', '.join(sorted(PARAM_NAMES))}"
+        )
+    changes = dict(changes)
+    if "stop" in changes:
+        stop = changes["stop"]
+        changes["stop"] = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    return base.with_(**changes)
+
+
+class Reply:
+    """A reply being generated: iterate for text deltas, ``stop()`` to interrupt it.
+
+    The assistant message is committed to the store when the stream ends, whether it ran
+    to completion, was stopped, or its consumer went away (then it is kept as stopped).
+    """
+
+    def __init__(
+        self,
+        service: ChatService,
+        session: Session,
+        parent: Message,
+        stream: TextStream,
+        dropped_turns: int,
+    ) -> None:
+        self.session, self.user_message = session, parent
+        self.message: Message | None = None  # the saved reply, once finished
+        self.dropped_turns = dropped_turns
+        self._service, self._stream = service, stream
+        self._cancel = stream.cancel
+
+    def stop(self) -> None:
+        """Ask the reply to end after the current token; safe from any thread."""
+        self._cancel.set()
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self._stream
+        finally:
+            self.message = self._service._finish(self)
+
+    def text(self) -> str:
+        """Run to the end and return the whole reply."""
+        return "".join(self)
+
+    @property
+    def usage(self) -> dict[str, Any]:
+        return dict(self.message.meta) if self.message else {}
+
+
+class ChatService:
+    def __init__(
+        self,
+        model: Llama,
+        tokenizer: Tokenizer,
+        store: Store,
+        *,
+        model_name: str = "",
+        context_limit: int | None = None,
+        cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
+        default_params: SamplingParams | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.store = model, tokenizer, store
+        self.model_name = model_name
+        model_limit = model.config.max_position_embeddings
+        self.context_limit = min(context_limit or model_limit, model_limit)
+        self.caches = CacheLRU(cache_budget_bytes)
+        self.default_params = default_params or SamplingParams()
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
+
+    # -- sessions -----------------------------------------------------------------------
+    def create(
+        self,
+        *,
+        title: str = "",
+        system_prompt: str | None = None,
+        params: dict[str, Any] | None = None,
+        session_id: str | None = None,
+    ) -> Session:
+        session = Session(
+            id=check_id(session_id) if session_id is not None else new_id(),
+            title=title.strip(),
+            model=self.model_name,
+            system_prompt=system_prompt or None,
+            params=merge_params(self.default_params, params),
+        )
+        if self.store.exists(session.id):
+            raise ChatError(f"session {session.id!r} already exists")
+        self.store.save_session(session)
+        return session
+
+    def get(self, session_id: str) -> Session:
+        return self.store.load(session_id)
+
+    def list(self, query: str | None = None) -> list[dict[str, Any]]:
+        return self.store.list_sessions(query)
+
+    def update(
+        self,
+        session_id: str,
+        *,
+        title: str | None = None,
+        system_prompt: str | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> Session:
+        """Rename, change the system prompt (``""`` clears it) or the sampling defaults."""
+        session = self.get(session_id)
+        if title is not None:
+            session.title = title.strip()
+        if system_prompt is not None:
+            session.system_prompt = system_prompt or None
+        session.params = merge_params(session.params, params)
+        session.updated_at = now()
+        self.store.save_session(session)
+        return session
+
+    def rename(self, session_id: str, title: str) -> Session:
+        return self.update(session_id, title=title)
+
+    def delete(self, session_id: str) -> None:
+        if not self.store.delete_session(session_id):
+            raise ChatError(f"unknown session {session_id!r}")
+        self.caches.drop(session_id)
+
+    # -- turns --------------------------------------------------------------------------
+    def send(self, session_id: str, content: str, params: dict[str, Any] | None = None) -> Reply:
+        """Add a user message after the active one and start the reply to it."""
+        session = self.get(session_id)
+        return self._ask(session, session.active_id, content, params)
+
+    def edit(
+        self, session_id: str, message_id: str, content: str, params: dict[str, Any] | None = None
+    ) -> Reply:
+        """A new version of an earlier user message: a branch from its parent, answered;
+        the old branch stays reachable through ``switch``."""
+        session = self.get(session_id)
+        old = session.message(message_id)
+        if old.role != "user":
+            raise ChatError("only user messages can be edited; regenerate a reply instead")
+        return self._ask(session, old.parent_id, content, params)
+
+    def regenerate(self, session_id: str, params: dict[str, Any] | None = None) -> Reply:
+        """A new version of the last reply (or a first reply to a trailing user message)."""
+        session = self.get(session_id)
+        if session.active_id is None:
+            raise ChatError("nothing to regenerate: the conversation is empty")
+        last = session.message(session.active_id)
+        user = session.message(last.parent_id) if last.role == "assistant" else last
+        if user.role != "user":
+            raise ChatError("nothing to regenerate")
+        return self._reply(session, user, merge_params(session.params, params))
+
+    def rollback(self, session_id: str) -> Session:
+        """Remove the last message of the active path with everything below it: the
+        last reply, or, called again, the user message before it."""
+        session = self.get(session_id)
+        self._check_idle(session_id)
+        if session.active_id is None:
+            raise ChatError("nothing to roll back: the conversation is empty")
+        last = session.message(session.active_id)
+        removed = session.subtree(last.id)
+        session.active_id = last.parent_id
+        for mid in removed:
+            del session.messages[mid]
+        session.updated_at = now()
+        self.store.delete_messages(session, removed)
+        return session
+
+    def switch(self, session_id: str, message_id: str) -> Session:
+        """Make a message (a version, a branch) part of the active path; the path
+        continues down its newest replies."""
+        session = self.get(session_id)
+        self._check_idle(session_id)
+        session.active_id = session.latest_leaf(session.message(message_id).id)
+        session.updated_at = now()
+        self.store.save_session(session)
+        return session
+
+    def switch_version(self, session_id: str, message_id: str, step: int) -> Session:
+        """Move ``step`` versions (e.g. -1, +1) from a message among its siblings."""
+        session = self.get(session_id)
+        siblings = session.siblings(message_id)
+        i = [m.id for m in siblings].index(message_id) + step
+        if not 0 <= i < len(siblings):
+            raise ChatError(f"no version {i + 1} of {len(siblings)}")
+        return self.switch(session_id, siblings[i].id)
+
+    # -- export / import ----------------------------------------------------------------
+    def export(self, session_id: str) -> dict[str, Any]:
+        return self.get(session_id).to_dict()
+
+    def import_(self, data: dict[str, Any], *, keep_id: bool = True) -> Session:
+        session = Session.from_dict(data)
+        if not keep_id or self.store.exists(session.id):
+            session.id = new_id()
+        self.store.import_session(session)
+        return session
+
+    # -- internals ----------------------------------------------------------------------
+    def _check_idle(self, session_id: str) -> None:
+        if session_id in self._busy:
+            raise ChatError(f"session {session_id!r} is busy with a reply; stop it first")
+
+    def _ask(
+        self, session: Session, parent_id: str | None, content: str, params: dict[str, Any] | None
+    ) -> Reply:
+        if not content.strip():
+            raise ChatError("empty message")
+        merged = merge_params(session.params, params)
+        self._check_idle(session.id)
+        user = Message(id=new_id(), parent_id=parent_id, role="user", content=content)
+        # check the window before anything is saved: an oversize message changes nothing
+        history = session.path(parent_id) if parent_id else []
+        build_prompt(
+            self.tokenizer,
+            session.system_prompt,
+            history,
+            content,
+            max_tokens=merged.max_tokens,
+            limit=self.context_limit,
+        )
+        session.messages[user.id] = user
+        session.active_id = user.id
+        session.updated_at = user.created_at
+        if not session.title:
+            session.title = content.strip().splitlines()[0][:MAX_TITLE]
+        self.store.add_message(session, user)
+        return self._reply(session, user, merged)
+
+    def _reply(self, session: Session, user: Message, params: SamplingParams) -> Reply:
+        history = session.path(user.parent_id) if user.parent_id else []
+        prompt = build_prompt(
+            self.tokenizer,
+            session.system_prompt,
+            history,
+            user.content,
+            max_tokens=params.max_tokens,
+            limit=self.context_limit,
+        )
+        with self._lock:
+            self._check_idle(session.id)
+            self._busy.add(session.id)
+        try:
+            cache = self.caches.get(
+                session.id, lambda: self.model.new_cache(max_tokens=self.context_limit)
+            )
+            stream = TextStream(
+                self.model,
+                self.tokenizer,
+                prompt.ids,
+                params.with_(max_tokens=prompt.reply_budget),
+                cache,
+                cache_tail=True,
+            )
+        except BaseException:
+            self._busy.discard(session.id)
+            raise
+        session.active_id = user.id
+        return Reply(self, session, user, stream, prompt.dropped_turns)
+
+    def _finish(self, reply: Reply) -> Message:
+        """Save the reply (complete or stopped) and release the session."""
+        c = reply._stream.completion
+        stopped = c.stop_reason in ("", "cancelled")
+        message = Message(
+            id=new_id(),
+            parent_id=reply.user_message.id,
+            role="assistant",
+            content=c.text,
+            status="stopped" if stopped else "complete",
+            meta={
+                "prompt_tokens": c.prompt_tokens,
+                "cached_tokens": c.cached_tokens,
+                "completion_tokens": c.completion_tokens,
+                "stop_reason": c.stop_reason or "cancelled",
+                "dropped_turns": reply.dropped_turns,
+                "ttft_ms": round(c.ttft_s * 1000, 2),
+                "tokens_per_s": round(c.decode_tokens_per_s, 2),
+            },
+        )
+        session = reply.session
+        session.messages[message.id] = message
+        session.active_id = message.id
+        session.updated_at = message.created_at
+        try:
+            self.store.add_message(session, message)
+        finally:
+            self._busy.discard(session.id)
+            self.caches.trim()
+        return message
