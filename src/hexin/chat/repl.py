@@ -14,13 +14,17 @@ from hexin.chat.tree import ChatError, Session
 from hexin.errors import HexinError
 
 HELP = """commands:
-  /new                 start a new session          /sessions [TEXT]  list (or search)
-  /open ID             continue a session           /undo             roll back the last message
-  /regen               regenerate the last reply    /versions [N]     list replies, or show version N
+  /new                 start a new session
+  /sessions [TEXT]     list sessions (or search them)
+  /open ID             continue a session
+  /undo                roll back the last message
+  /regen               regenerate the last reply
+  /versions [N]        list the versions of the last reply, or switch to version N
   /edit [N] TEXT       edit user message N (default: the last) into a new branch
   /system TEXT         set the system prompt ("/system" alone clears it)
   /set k=v ...         sampling: temperature top_k top_p max_tokens seed
-  /export FILE         save the session as JSON     /help, /quit
+  /export FILE         save the session as JSON
+  /help, /quit
 Ctrl-C stops a reply in progress; Ctrl-D or /quit leaves."""
 
 
