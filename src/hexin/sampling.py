@@ -38,13 +38,13 @@ class SamplingParams:
             raise InvalidParams(f"temperature must be a number, got {self.temperature!r}")
         if self.temperature < 0:
             raise InvalidParams(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and not isinstance(self.top_k, int):
+        if self.top_k is not None and not _is_int(self.top_k):
             raise InvalidParams(f"top_k must be an integer, got {self.top_k!r}")
         if not isinstance(self.top_p, int | float) or not 0 <= self.top_p <= 1:
             raise InvalidParams(f"top_p must be between 0 and 1, got {self.top_p!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise InvalidParams(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and not _is_int(self.seed):
             raise InvalidParams(f"seed must be an integer, got {self.seed!r}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
@@ -64,6 +64,10 @@ class SamplingParams:
         d = asdict(self)
         d["stop"] = list(self.stop)
         return d
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class Sampler:

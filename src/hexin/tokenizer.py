@@ -43,6 +43,11 @@ class Tokenizer:
         self.chat_template = chat_template
         self._template = None
         self.vocab_size = inner.get_vocab_size(with_added_tokens=True)
+        # Skipped by id: the library's own skip misses special tokens stored "normalized"
+        # (SentencePiece conversions), which would leak text like "<unk>" into replies.
+        self.special_ids = frozenset(
+            i for i, t in inner.get_added_tokens_decoder().items() if t.special
+        )
 
     # -- constructors -------------------------------------------------------------------
     @classmethod
@@ -95,7 +100,9 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
-        return self.inner.decode(list(ids), skip_special_tokens=skip_special)
+        if skip_special:
+            ids = [i for i in ids if i not in self.special_ids]
+        return self.inner.decode(list(ids), skip_special_tokens=False)
 
     def token_to_id(self, token: str) -> int | None:
         return self.inner.token_to_id(token)
