@@ -77,10 +77,59 @@ class StopMatcher:
         return out
 
 
+class OutputProcessor:
+    """Per-sequence postprocessing of sampled tokens: EOS, detokenization, stop strings and
+    the token budget. One object per sequence, shared by ``TextStream`` and the engine, so
+    both stop for the same reasons and stream the same text."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, params: SamplingParams, budget: int, completion: Completion
+    ) -> None:
+        self.completion, self.budget = completion, budget
+        self._eos = set(tokenizer.eos_token_ids)
+        self._decoder = tokenizer.stream_decoder()
+        self._stops = StopMatcher(params.stop)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.completion.stop_reason)
+
+    def add(self, token: int) -> str:
+        """Account for one sampled token; return the text it completes (maybe empty)."""
+        c = self.completion
+        if token in self._eos:
+            c.stop_reason = "eos"
+            return ""
+        c.token_ids.append(token)
+        c.completion_tokens += 1
+        text, hit = self._stops.feed(self._decoder.push(token))
+        c.text += text
+        if hit:
+            c.stop_reason = "stop"
+        elif c.completion_tokens >= self.budget:
+            c.stop_reason = "length"
+        return text
+
+    def finish(self, reason: str = "cancelled") -> str:
+        """End the sequence (with ``reason`` unless it already stopped by itself) and
+        return any text still held back."""
+        c = self.completion
+        c.stop_reason = c.stop_reason or reason
+        if c.stop_reason == "stop":
+            return ""
+        tail = self._stops.feed(self._decoder.flush())[0] + self._stops.flush()
+        c.text += tail
+        return tail
+
+
 class TextStream:
     """Iterate to receive text deltas as tokens decode; ``completion`` is filled in as it
     goes and final once iteration ends. Setting ``cancel`` stops it after the current step
-    (the partial reply is kept, stop reason "cancelled")."""
+    (the partial reply is kept, stop reason "cancelled").
+
+    This is the plain single-sequence loop: the reference the serving engine is tested
+    against, and the fastest path for one stream.
+    """
 
     def __init__(
         self,
@@ -102,11 +151,7 @@ class TextStream:
         #: after the reply, also run its final token (or the EOS) into the cache, so that
         #: a chat's next turn finds the whole previous context cached
         self.cache_tail = cache_tail
-        if len(self.prompt_ids) >= self.cache.max_tokens:
-            raise ContextOverflow(
-                f"prompt of {len(self.prompt_ids)} tokens does not fit the context limit "
-                f"of {self.cache.max_tokens} tokens"
-            )
+        check_fits(len(self.prompt_ids), self.cache.max_tokens)
         self.completion = Completion(prompt_tokens=len(self.prompt_ids))
 
     def __iter__(self) -> Iterator[str]:
@@ -118,44 +163,23 @@ class TextStream:
         cache.truncate(reused)
         c.cached_tokens = reused
         sampler = Sampler(self.params, self.model.device)
-        decoder = self.tokenizer.stream_decoder()
-        stops = StopMatcher(self.params.stop)
-        eos = set(self.tokenizer.eos_token_ids)
         budget = min(self.params.max_tokens, cache.max_tokens - len(self.prompt_ids))
+        out = OutputProcessor(self.tokenizer, self.params, budget, c)
         start = time.perf_counter()
-        pending = torch.tensor([self.prompt_ids[reused:]], device=self.model.device)
-        first_token_at = None
+        pending = self.prompt_ids[reused:]
         while True:
-            logits = self.model.forward(pending, cache)[0]
-            token = sampler(logits)
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-                c.ttft_s = first_token_at - start
-            if token in eos:
-                c.stop_reason = "eos"
-                break
-            c.token_ids.append(token)
-            c.completion_tokens += 1
-            text, hit = stops.feed(decoder.push(token))
-            if text:
-                c.text += text
+            logits = self.model.forward(torch.tensor([pending], device=self.model.device), cache)
+            token = sampler(logits[0])
+            if not c.ttft_s:
+                c.ttft_s = time.perf_counter() - start
+            if text := out.add(token):
                 yield text
-            if hit:
-                c.stop_reason = "stop"
+            if out.finished or self.cancel.is_set():
                 break
-            if c.completion_tokens >= budget:
-                c.stop_reason = "length"
-                break
-            if self.cancel.is_set():
-                c.stop_reason = "cancelled"
-                break
-            pending = torch.tensor([[token]], device=self.model.device)
-        if c.stop_reason != "stop":
-            tail = stops.feed(decoder.flush())[0] + stops.flush()
-            if tail:
-                c.text += tail
-                yield tail
-        c.decode_s = time.perf_counter() - (first_token_at or start)
+            pending = [token]
+        if tail := out.finish():
+            yield tail
+        c.decode_s = time.perf_counter() - start - c.ttft_s
         # every exit leaves the last sampled token (or the EOS) out of the cache
         if self.cache_tail and len(cache) < cache.max_tokens:
             self.model.forward(torch.tensor([[token]], device=self.model.device), cache)
@@ -165,3 +189,11 @@ class TextStream:
         for _ in self:
             pass
         return self.completion
+
+
+def check_fits(prompt_tokens: int, limit: int) -> None:
+    """Refuse a prompt that leaves no room for even one new token."""
+    if prompt_tokens >= limit:
+        raise ContextOverflow(
+            f"prompt of {prompt_tokens} tokens does not fit the context limit of {limit} tokens"
+        )
