@@ -138,7 +138,7 @@ class Repl:
             self.session = svc.rollback(sid)
             print("[removed the last message]")
         elif name == "regen":
-            self.reply(svc.regenerate(sid))
+            self.reply(svc.regenerate(sid, self.params))
         elif name == "versions":
             self.versions(args)
         elif name == "edit":

@@ -167,6 +167,8 @@ class Session:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Session:
+        if not isinstance(d, dict):
+            raise ChatError("not a valid session export: expected a JSON object")
         try:
             params = dict(d.get("params") or {})
             params["stop"] = tuple(params.get("stop") or ())
@@ -182,13 +184,22 @@ class Session:
                 messages=messages,
                 active_id=d.get("active_id"),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, HexinError) as e:
             raise ChatError(f"not a valid session export: {e}") from None
+        check_id(session.id)
         for m in messages.values():
             if m.role not in ("user", "assistant"):
                 raise ChatError(f"not a valid session export: message role {m.role!r}")
             if m.parent_id is not None and m.parent_id not in messages:
                 raise ChatError(f"not a valid session export: {m.id} has no parent")
+        for m in messages.values():  # parent links must lead to a root
+            seen: set[str] = set()
+            node: str | None = m.id
+            while node is not None:
+                if node in seen:
+                    raise ChatError("not a valid session export: parent links form a cycle")
+                seen.add(node)
+                node = messages[node].parent_id
         if session.active_id is not None and session.active_id not in messages:
             raise ChatError("not a valid session export: active message missing")
         return session

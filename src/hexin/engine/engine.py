@@ -1,0 +1,276 @@
+"""The engine loop: one thread owns the model and the KV pool and serves every request.
+
+Each step is schedule -> run -> postprocess: prefill chunks (one forward each), then one
+batched forward for every decoding sequence's next token, then per-sequence sampling with
+its own seed, stop checks and streaming. Requests join and leave between steps
+(continuous batching); a cancelled request is retired at the start of the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from hexin.engine.blocks import BlockPool, PagedBatch
+from hexin.engine.scheduler import Scheduler
+from hexin.engine.sequence import RequestHandle, Sequence
+from hexin.generate import OutputProcessor, check_fits
+from hexin.model import Llama
+from hexin.sampling import Sampler, SamplingParams
+from hexin.tokenizer import Tokenizer
+
+log = logging.getLogger("hexin.engine")
+DEFAULT_KV_MEMORY = 1 << 30  # 1 GiB
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    kv_blocks_total: int
+    prefix_cache_hit_rate: float
+    preemptions: int
+    prompt_tokens: int
+    cached_tokens: int
+    prefill_tokens: int
+    decode_tokens: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    steps: int
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Llama,
+        tokenizer: Tokenizer,
+        *,
+        kv_memory: int = DEFAULT_KV_MEMORY,
+        block_size: int = 16,
+        max_running: int = 64,
+        max_waiting: int = 256,
+        prefill_chunk: int = 512,
+        context_limit: int | None = None,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        limit = model.config.max_position_embeddings
+        self.context_limit = min(context_limit or limit, limit)
+        per_block = BlockPool.bytes_per_block(model.config, block_size, model.dtype)
+        self.pool = BlockPool(
+            model.config,
+            max(2, kv_memory // per_block),
+            block_size=block_size,
+            dtype=model.dtype,
+            device=model.device,
+        )
+        self.scheduler = Scheduler(
+            self.pool, max_running=max_running, max_waiting=max_waiting, prefill_chunk=prefill_chunk
+        )
+        self._lock = threading.Condition()
+        self._incoming: list[Sequence] = []
+        self._cancelled: set[RequestHandle] = set()
+        self._by_handle: dict[RequestHandle, Sequence] = {}
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._steps = 0
+        self._prefill_tokens = self._decode_tokens = 0
+        self._prefill_s = self._decode_s = 0.0
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="hexin-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        """Stop the loop; requests still in flight end as cancelled."""
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        else:  # never started: end what was queued
+            self._cancel_all()
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # -- requests -----------------------------------------------------------------------
+    def submit(
+        self,
+        prompt_ids: Seq[int],
+        params: SamplingParams,
+        *,
+        cache_key: str | None = None,
+        cache_tail: bool = False,
+    ) -> RequestHandle:
+        """Queue a request; its handle streams text as tokens are decoded (once the loop
+        runs: ``start()`` or ``with engine:``)."""
+        prompt = list(prompt_ids)
+        if not prompt:
+            raise ValueError("empty prompt: give at least one token")
+        check_fits(len(prompt), self.context_limit)
+        handle = RequestHandle(len(prompt), self._request_cancel)
+        # a sequence can grow only as far as the context and the whole pool allow
+        capacity = (self.pool.num_blocks - 1) * self.pool.block_size
+        budget = min(
+            params.max_tokens, self.context_limit - len(prompt), capacity - len(prompt) - 1
+        )
+        seq = Sequence(
+            prompt_ids=prompt,
+            params=params,
+            handle=handle,
+            output=OutputProcessor(self.tokenizer, params, budget, handle.completion),
+            sampler=Sampler(params, self.model.device),
+            cache_key=cache_key,
+            cache_tail=cache_tail,
+        )
+        with self._lock:
+            if self._stop:
+                raise RuntimeError("engine is shut down")
+            self.scheduler.check(seq, queued=len(self._incoming))  # EngineBusy, too long
+            self._incoming.append(seq)
+            self._by_handle[handle] = seq
+            self._lock.notify()
+        return handle
+
+    def generate(self, prompt_ids: Seq[int], params: SamplingParams, **kw: object):
+        """Submit and wait: the finished Completion."""
+        return self.submit(prompt_ids, params, **kw).result()  # type: ignore[arg-type]
+
+    def _request_cancel(self, handle: RequestHandle) -> None:
+        with self._lock:
+            self._cancelled.add(handle)
+            self._lock.notify()
+
+    # -- loop ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        """Steps run outside the lock, so submitting or cancelling never waits for one."""
+        while True:
+            with self._lock:
+                while not (
+                    self._stop or self.scheduler.has_work or self._incoming or self._cancelled
+                ):
+                    self._lock.wait()
+                if self._stop:
+                    break
+            try:
+                self._step()
+            except Exception as e:  # a bug: fail the requests, keep serving
+                log.exception("engine step failed")
+                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    self._retire(seq, error=e)
+        self._cancel_all()
+
+    def _cancel_all(self) -> None:
+        self._take_incoming()
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._retire(seq, reason="cancelled")
+
+    def _take_incoming(self) -> None:
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+            cancelled, self._cancelled = self._cancelled, set()
+        for seq in incoming:
+            self.scheduler.add(seq)
+        for handle in cancelled:
+            if (seq := self._by_handle.get(handle)) is not None:
+                self._retire(seq, reason="cancelled")
+
+    def _step(self) -> None:
+        self._take_incoming()
+        step = self.scheduler.schedule()
+        if not step:
+            return
+        self._steps += 1
+        for seq, n in step.prefill:
+            t0 = time.perf_counter()
+            start = seq.num_computed
+            tokens = torch.tensor([seq.token_ids[start : start + n]], device=self.model.device)
+            view = PagedBatch(self.pool, [seq.block_table], [start], [n])
+            logits = self.model.forward(tokens, view)
+            self.scheduler.computed(seq, n)
+            self._prefill_tokens += n
+            self._prefill_s += time.perf_counter() - t0
+            if seq.num_pending == 0:
+                self._sample(seq, logits[0])
+        if step.decode:
+            t0 = time.perf_counter()
+            batch = step.decode
+            tokens = torch.tensor([[s.token_ids[-1]] for s in batch], device=self.model.device)
+            view = PagedBatch(
+                self.pool,
+                [s.block_table for s in batch],
+                [s.num_computed for s in batch],
+                [1] * len(batch),
+            )
+            logits = self.model.forward(tokens, view)
+            for i, seq in enumerate(batch):
+                self.scheduler.computed(seq, 1)
+                if seq.finishing:  # that was the cache tail
+                    self._retire(seq)
+                else:
+                    self._decode_tokens += 1
+                    self._sample(seq, logits[i])
+            self._decode_s += time.perf_counter() - t0
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
+        c = seq.handle.completion
+        token = seq.sampler(logits)
+        if not c.ttft_s:
+            c.ttft_s = time.perf_counter() - seq.arrived
+        if text := seq.output.add(token):
+            seq.handle.push(text)
+        seq.token_ids.append(token)
+        if seq.output.finished and not (seq.cache_tail and seq.cache_key):
+            self._retire(seq)
+
+    def _retire(
+        self, seq: Sequence, *, reason: str = "cancelled", error: BaseException | None = None
+    ) -> None:
+        """Finish a sequence: flush its text, release or retain its blocks, close its
+        handle. ``reason`` applies only if it did not already stop by itself."""
+        if seq in self.scheduler.waiting:
+            self.scheduler.remove_waiting(seq)
+        else:
+            self.scheduler.finish(seq)
+        if tail := seq.output.finish(reason):
+            seq.handle.push(tail)
+        c = seq.handle.completion
+        if c.ttft_s:
+            c.decode_s = time.perf_counter() - seq.arrived - c.ttft_s
+        with self._lock:
+            self._by_handle.pop(seq.handle, None)
+        seq.handle.close(error)
+
+    # -- counters -----------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s, pool = self.scheduler, self.pool
+        return EngineStats(
+            running=len(s.running),
+            waiting=len(s.waiting),
+            kv_blocks_used=pool.num_used,
+            kv_blocks_free=pool.num_available,
+            kv_blocks_total=pool.num_blocks - 1,
+            prefix_cache_hit_rate=s.cached_tokens / s.prompt_tokens if s.prompt_tokens else 0.0,
+            preemptions=s.preemptions,
+            prompt_tokens=s.prompt_tokens,
+            cached_tokens=s.cached_tokens,
+            prefill_tokens=self._prefill_tokens,
+            decode_tokens=self._decode_tokens,
+            prefill_tokens_per_s=self._prefill_tokens / self._prefill_s if self._prefill_s else 0,
+            decode_tokens_per_s=self._decode_tokens / self._decode_s if self._decode_s else 0,
+            steps=self._steps,
+        )

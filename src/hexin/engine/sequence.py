@@ -1,0 +1,134 @@
+"""A request inside the engine (Sequence) and the caller's side of it (RequestHandle)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+
+from hexin.generate import Completion, OutputProcessor
+from hexin.sampling import Sampler, SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(Enum):
+    WAITING = "waiting"  # queued, holds no blocks
+    RUNNING = "running"  # holds blocks; prefilling or decoding
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """Engine-side state of one request. ``token_ids`` is prompt + generated so far;
+    the first ``num_computed`` of them have their keys and values in ``block_table``."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    handle: RequestHandle
+    output: OutputProcessor
+    sampler: Sampler
+    cache_key: str | None = None
+    #: run the final token (or EOS) into the cache before retiring, so the cache key's
+    #: next request finds the whole conversation cached
+    cache_tail: bool = False
+    id: int = field(default_factory=lambda: next(_ids))
+    status: Status = Status.WAITING
+    token_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    #: digest of the last full block registered, and how many full blocks that covers
+    digest: bytes = b""
+    num_digested: int = 0
+    arrived: float = field(default_factory=time.perf_counter)
+    preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens whose keys and values are still to be computed."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def finishing(self) -> bool:
+        """Sampling is over; only the cache tail may still run."""
+        return self.output.finished
+
+
+class RequestHandle:
+    """The caller's end of a request: iterate (or ``async for``) over text deltas; the
+    ``completion`` holds counts and the stop reason once ``done`` is set. ``cancel()``
+    from any thread frees the request's blocks within one engine step."""
+
+    def __init__(self, prompt_tokens: int, on_cancel: Callable[[RequestHandle], None]) -> None:
+        self.completion = Completion(prompt_tokens=prompt_tokens)
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self._events: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._on_cancel = on_cancel
+        self._listeners: list[Callable[[], None]] = []
+
+    # engine side
+    def push(self, text: str) -> None:
+        self._events.put(text)
+        self._notify()
+
+    def close(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.done.set()
+        self._events.put(None)
+        self._notify()
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    # caller side
+    def cancel(self) -> None:
+        if not self.done.is_set() and not self.cancelled:
+            self.cancelled = True
+            self._on_cancel(self)
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while (text := self._events.get()) is not None:
+                yield text
+        finally:
+            self.cancel()  # a consumer that leaves early frees the sequence
+        if self.error is not None:
+            raise self.error
+
+    def result(self) -> Completion:
+        """Wait for the end and return the completion."""
+        for _ in self:
+            pass
+        return self.completion
+
+    async def stream(self) -> AsyncIterator[str]:
+        """Async iteration for servers: deltas arrive without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        self._listeners.append(lambda: loop.call_soon_threadsafe(wake.set))
+        try:
+            while True:
+                try:
+                    text = self._events.get_nowait()
+                except queue.Empty:
+                    await wake.wait()
+                    wake.clear()
+                    continue
+                if text is None:
+                    break
+                yield text
+        finally:
+            self.cancel()
+        if self.error is not None:
+            raise self.error

@@ -1,0 +1,242 @@
+"""The serving engine: continuous batching must not change any sequence's tokens, prefix
+blocks are shared, memory pressure degrades to recomputation, cancellation frees blocks."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from hexin.engine import Engine, EngineBusy
+from hexin.engine.blocks import BlockPool, PagedBatch
+from hexin.errors import HexinError
+from hexin.generate import TextStream
+from hexin.model import Llama
+from hexin.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0)
+STORY_PROMPTS = [
+    "Once upon a time",
+    "The little dog",
+    "Tom and Sue went to the park and saw a big tree. They",
+    "A big red ball",
+    "One day, a girl named Lily found a shiny stone in the garden. She",
+    "The sun was hot",
+    "Ben had a toy car",
+    "In a small town there lived an old man who liked to sing. Every morning he",
+]
+
+
+@pytest.fixture(scope="module")
+def story(story_model):
+    return Llama(story_model.config, story_model.weights), story_model.tokenizer
+
+
+@pytest.fixture(scope="module")
+def smol(default_model):
+    return Llama(default_model.config, default_model.weights), default_model.tokenizer
+
+
+def alone(model, tok, prompt_ids, params):
+    return TextStream(model, tok, prompt_ids, params).run()
+
+
+def requests_16(tok):
+    """16 requests of different prompt lengths and token budgets."""
+    out = []
+    for i in range(16):
+        text = STORY_PROMPTS[i % len(STORY_PROMPTS)] + " and then" * (i // 8)
+        out.append((tok.encode(text), GREEDY.with_(max_tokens=8 + 5 * i)))
+    return out
+
+
+def test_paged_batch_attention_equals_contiguous_cache(story):
+    """The paged view gives the same logits as the contiguous cache, padding included."""
+    model, tok = story
+    pool = BlockPool(model.config, 32, block_size=4)
+    a, b = tok.encode("Once upon a time there was a cat"), tok.encode("The dog")
+    tables = [[pool.allocate() for _ in range(4)], [pool.allocate() for _ in range(2)]]
+    for ids, table in ((a, tables[0]), (b, tables[1])):
+        model.forward(torch.tensor([ids]), PagedBatch(pool, [table], [0], [len(ids)]))
+    nxt = torch.tensor([[5], [9]])
+    view = PagedBatch(pool, tables, [len(a), len(b)], [1, 1])
+    batched = model.forward(nxt, view)
+    for i, ids in enumerate((a, b)):
+        ref = model.forward(torch.tensor([[*ids, int(nxt[i])]]), model.new_cache())[0]
+        assert (batched[i] - ref).abs().max().item() < 1e-4
+
+
+def test_16_concurrent_requests_give_the_tokens_each_gives_alone(story):
+    model, tok = story
+    reqs = requests_16(tok)
+    expected = [alone(model, tok, ids, p).token_ids for ids, p in reqs]
+    with Engine(model, tok, prefill_chunk=16) as engine:
+        handles = [engine.submit(ids, p) for ids, p in reqs]
+        results = [h.result() for h in handles]
+        assert engine.stats().steps < sum(len(e) for e in expected)  # batched, not serial
+    assert [r.token_ids for r in results] == expected
+    assert all(r.stop_reason in ("length", "eos") for r in results)
+
+
+def test_concurrent_requests_on_default_model_match_alone(smol):
+    model, tok = smol
+    prompts = ["What is 2+2?", "Name a color.", "Write a haiku about rain.", "Say hi."]
+    reqs = [
+        (tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])), i)
+        for i, p in enumerate(prompts)
+    ]
+    params = [GREEDY.with_(max_tokens=10 + 4 * i) for i in range(len(prompts))]
+    expected = [alone(model, tok, ids, params[i]).token_ids for ids, i in reqs]
+    with Engine(model, tok) as engine:
+        handles = [engine.submit(ids, params[i]) for ids, i in reqs]
+        assert [h.result().token_ids for h in handles] == expected
+
+
+def test_seeded_sampling_is_independent_of_batch_neighbours(story):
+    model, tok = story
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=11, max_tokens=30)
+    ids = tok.encode("Once upon a time")
+    expected = alone(model, tok, ids, params).token_ids
+    with Engine(model, tok) as engine:
+        noise = [engine.submit(tok.encode(p), params.with_(seed=i)) for i, p in enumerate("abc")]
+        got = engine.submit(ids, params).result().token_ids
+        for h in noise:
+            h.result()
+    assert got == expected
+
+
+def test_shared_system_prompt_blocks_are_computed_once(smol):
+    model, tok = smol
+    system = "You are a careful assistant. " + "Answer briefly and politely. " * 100
+    chats = [
+        tok.encode(
+            tok.apply_chat_template(
+                [{"role": "system", "content": system}, {"role": "user", "content": q}]
+            )
+        )
+        for q in ("Hello!", "Good morning!")
+    ]
+    assert len(chats[0]) > 500
+    with Engine(model, tok) as engine:
+        first = engine.generate(chats[0], GREEDY.with_(max_tokens=2), cache_key="a")
+        computed = engine.stats().prefill_tokens
+        second = engine.generate(chats[1], GREEDY.with_(max_tokens=2), cache_key="b")
+        stats = engine.stats()
+    bs = engine.pool.block_size
+    shared = next(i for i, (x, y) in enumerate(zip(*chats, strict=False)) if x != y)
+    assert first.cached_tokens == 0
+    assert second.cached_tokens == shared // bs * bs >= 496
+    # the second request prefilled only what follows the shared blocks
+    assert stats.prefill_tokens - computed == len(chats[1]) - second.cached_tokens
+    assert stats.prefix_cache_hit_rate == pytest.approx(
+        second.cached_tokens / (len(chats[0]) + len(chats[1]))
+    )
+
+
+def test_cache_key_resumes_the_whole_previous_sequence(story):
+    """A session's next turn reuses everything, the partial last block included."""
+    model, tok = story
+    ids = tok.encode("Once upon a time")
+    with Engine(model, tok) as engine:
+        turn = engine.generate(ids, GREEDY.with_(max_tokens=9), cache_key="s", cache_tail=True)
+        follow = [*ids, *turn.token_ids, *tok.encode(" Then", add_bos=False)]
+        nxt = engine.submit(follow, GREEDY.with_(max_tokens=5), cache_key="s").result()
+    assert nxt.cached_tokens == len(ids) + len(turn.token_ids)
+    assert nxt.token_ids == alone(model, tok, follow, GREEDY.with_(max_tokens=5)).token_ids
+
+
+def test_pool_too_small_for_all_requests_still_completes_correctly(story):
+    model, tok = story
+    reqs = requests_16(tok)
+    expected = [alone(model, tok, ids, p).token_ids for ids, p in reqs]
+    per_block = BlockPool.bytes_per_block(model.config)
+    with Engine(model, tok, kv_memory=14 * per_block) as engine:  # 13 usable blocks
+        handles = [engine.submit(ids, p) for ids, p in reqs]
+        results = [h.result() for h in handles]
+        stats = engine.stats()
+    assert [r.token_ids for r in results] == expected
+    assert stats.preemptions > 0
+    assert stats.kv_blocks_used == 0
+
+
+def test_cancel_frees_blocks_within_a_step(story):
+    model, tok = story
+    with Engine(model, tok) as engine:
+        handle = engine.submit(tok.encode("Once upon a time"), GREEDY.with_(max_tokens=400))
+        stream = iter(handle)
+        next(stream)
+        assert engine.stats().kv_blocks_used > 0
+        handle.cancel()
+        assert handle.done.wait(5)
+        completion = handle.completion
+        assert completion.stop_reason == "cancelled"
+        assert 0 < completion.completion_tokens < 400
+        assert engine.stats().kv_blocks_used == 0 and engine.stats().running == 0
+
+
+def test_consumer_leaving_early_cancels_the_request(story):
+    model, tok = story
+    with Engine(model, tok) as engine:
+        handle = engine.submit(tok.encode("The little dog"), GREEDY.with_(max_tokens=400))
+        for _ in handle:
+            break  # the generator closes: the request is cancelled
+        assert handle.done.wait(5)
+        assert handle.completion.stop_reason == "cancelled"
+        assert engine.stats().kv_blocks_used == 0
+
+
+def test_queue_limit_gives_busy_error_not_a_hang(story):
+    model, tok = story
+    engine = Engine(model, tok, max_waiting=2)  # not started: nothing leaves the queue
+    ids = tok.encode("Once")
+    engine.submit(ids, GREEDY.with_(max_tokens=2))
+    engine.submit(ids, GREEDY.with_(max_tokens=2))
+    with pytest.raises(EngineBusy, match="busy"):
+        engine.submit(ids, GREEDY.with_(max_tokens=2))
+    engine.shutdown()
+
+
+def test_max_running_limits_the_batch(story):
+    model, tok = story
+    with Engine(model, tok, max_running=3) as engine:
+        handles = [engine.submit(tok.encode(p), GREEDY.with_(max_tokens=20)) for p in "abcdef"]
+        seen = 0
+        while not all(h.done.is_set() for h in handles):
+            seen = max(seen, engine.stats().running)
+            time.sleep(0.001)
+    assert 0 < seen <= 3
+
+
+def test_bad_requests_are_refused_clearly(story):
+    model, tok = story
+    per_block = BlockPool.bytes_per_block(model.config)
+    with Engine(model, tok, kv_memory=4 * per_block) as engine:
+        with pytest.raises(HexinError, match="KV blocks"):
+            engine.submit(list(range(3, 200)), GREEDY)
+        with pytest.raises(HexinError, match="context limit"):
+            engine.submit([1] * 600, GREEDY)
+        with pytest.raises(ValueError, match="empty prompt"):
+            engine.submit([], GREEDY)
+        # max_tokens is bounded by the context
+        c = engine.submit([1, 2, 3], GREEDY.with_(max_tokens=10_000)).result()
+        assert c.completion_tokens <= 512 - 3
+
+
+def test_requests_from_many_threads(story):
+    model, tok = story
+    ids = tok.encode("Once upon a time")
+    expected = alone(model, tok, ids, GREEDY.with_(max_tokens=12)).token_ids
+    results: list[list[int]] = []
+    with Engine(model, tok) as engine:
+
+        def client() -> None:
+            results.append(engine.generate(ids, GREEDY.with_(max_tokens=12)).token_ids)
+
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert results == [expected] * 6
