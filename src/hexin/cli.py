@@ -80,22 +80,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from hexin.chat.repl import run_once, run_repl
     from hexin.chat.service import ChatService
     from hexin.chat.store import Store
+    from hexin.chat.tree import check_id
+    from hexin.engine import Engine
     from hexin.model import Llama
+    from hexin.sampling import SamplingParams
     from hexin.weights import load_model
 
     changes = _sampling_changes(args)
+    if args.session is not None:
+        check_id(args.session)
     store = Store(args.db)
     loaded = load_model(args.model)
-    service = ChatService(
-        Llama(loaded.config, loaded.weights),
-        loaded.tokenizer,
-        store,
-        model_name=loaded.name,
-        context_limit=args.context,
-    )
-    if args.once is not None:
-        return run_once(service, args.once, args.session, changes, system=args.system)
-    return run_repl(service, args.session, changes, system=args.system)
+    model = Llama(loaded.config, loaded.weights)
+    with Engine(model, loaded.tokenizer, context_limit=args.context) as engine:
+        service = ChatService(
+            engine, store, model_name=loaded.name, default_params=SamplingParams(**changes)
+        )
+        if args.once is not None:
+            return run_once(service, args.once, args.session, changes, system=args.system)
+        return run_repl(service, args.session, changes, system=args.system)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

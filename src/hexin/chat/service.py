@@ -1,28 +1,26 @@
 """ChatService: the operations on sessions that the terminal, the server and the web UI share.
 
-It owns text and ids (through the store) and asks the model for replies. Each session's
-KV cache survives between turns, so a turn prefills only what the cache does not already
-hold: after a rollback, regenerate, edit or branch switch, the cache is cut back to the
-longest common prefix with the new prompt instead of being recomputed.
+It owns text and ids (through the store) and asks the serving engine for replies, with the
+session id as the cache key: the engine keeps each session's KV blocks between turns
+(while memory allows), so a turn prefills only what is not already cached. After a
+rollback, regenerate, edit or branch switch, the longest common prefix with the new
+prompt is reused instead of being recomputed.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import fields
 from typing import Any
 
 from hexin.chat.store import Store
 from hexin.chat.tree import ChatError, Message, Session, check_id, new_id, now
-from hexin.chat.window import build_prompt
-from hexin.generate import TextStream
-from hexin.kvcache import CacheLRU
-from hexin.model import Llama
+from hexin.chat.window import Prompt, build_prompt
+from hexin.engine import Engine, RequestHandle
 from hexin.sampling import InvalidParams, SamplingParams
-from hexin.tokenizer import Tokenizer
 
-DEFAULT_CACHE_BUDGET = 1 << 30  # 1 GiB of idle session caches
 MAX_TITLE = 60
 PARAM_NAMES = {f.name for f in fields(SamplingParams)}
 
@@ -46,33 +44,53 @@ def merge_params(base: SamplingParams, changes: dict[str, Any] | None) -> Sampli
 class Reply:
     """A reply being generated: iterate for text deltas, ``stop()`` to interrupt it.
 
-    The assistant message is committed to the store when the stream ends, whether it ran
-    to completion, was stopped, or its consumer went away (then it is kept as stopped).
+    The engine generates whether or not anyone reads; when the reply ends (complete,
+    stopped, or abandoned by a consumer that went away) the assistant message is saved
+    before ``wait()`` returns.
     """
 
     def __init__(
         self,
         service: ChatService,
         session: Session,
-        parent: Message,
-        stream: TextStream,
+        user_message: Message,
+        handle: RequestHandle,
         dropped_turns: int,
     ) -> None:
-        self.session, self.user_message = session, parent
+        self.session, self.user_message = session, user_message
         self.message: Message | None = None  # the saved reply, once finished
+        self.error: BaseException | None = None
         self.dropped_turns = dropped_turns
-        self._service, self._stream = service, stream
-        self._cancel = stream.cancel
+        self.handle = handle
+        me = weakref.ref(self)  # the engine must not keep an abandoned Reply alive
+
+        def finished() -> None:
+            message, error = service._finish(handle, session, user_message, dropped_turns)
+            if (reply := me()) is not None:
+                reply.message, reply.error = message, error
+
+        handle.on_close(finished)
 
     def stop(self) -> None:
         """Ask the reply to end after the current token; safe from any thread."""
-        self._cancel.set()
+        self.handle.cancel()
 
     def __iter__(self) -> Iterator[str]:
         try:
-            yield from self._stream
+            yield from self.handle  # leaving the loop early stops the reply
         finally:
-            self.message = self._service._finish(self)
+            self.handle.done.wait()  # saved (complete or stopped) before control returns
+
+    async def stream(self) -> AsyncIterator[str]:
+        async for text in self.handle.stream():
+            yield text
+
+    def wait(self) -> Message:
+        """Block until the reply is saved; return it."""
+        self.handle.done.wait()
+        if self.message is None:
+            raise ChatError(f"the reply could not be saved: {self.error or self.handle.error}")
+        return self.message
 
     def text(self) -> str:
         """Run to the end and return the whole reply."""
@@ -82,26 +100,26 @@ class Reply:
     def usage(self) -> dict[str, Any]:
         return dict(self.message.meta) if self.message else {}
 
+    def __del__(self) -> None:
+        self.handle.cancel()  # nobody can read this reply any more
+
 
 class ChatService:
     def __init__(
         self,
-        model: Llama,
-        tokenizer: Tokenizer,
+        engine: Engine,
         store: Store,
         *,
         model_name: str = "",
-        context_limit: int | None = None,
-        cache_budget_bytes: int = DEFAULT_CACHE_BUDGET,
         default_params: SamplingParams | None = None,
     ) -> None:
-        self.model, self.tokenizer, self.store = model, tokenizer, store
+        self.engine, self.store = engine, store
+        self.tokenizer = engine.tokenizer
+        self.context_limit = engine.context_limit
         self.model_name = model_name
-        model_limit = model.config.max_position_embeddings
-        self.context_limit = min(context_limit or model_limit, model_limit)
-        self.caches = CacheLRU(cache_budget_bytes)
         self.default_params = default_params or SamplingParams()
-        self._busy: set[str] = set()
+        #: session id -> its reply in flight (None while the request is being set up)
+        self._active: dict[str, RequestHandle | None] = {}
         self._lock = threading.Lock()
 
     # -- sessions -----------------------------------------------------------------------
@@ -154,9 +172,9 @@ class ChatService:
         return self.update(session_id, title=title)
 
     def delete(self, session_id: str) -> None:
+        self._check_idle(session_id)
         if not self.store.delete_session(session_id):
             raise ChatError(f"unknown session {session_id!r}")
-        self.caches.drop(session_id)
 
     # -- turns --------------------------------------------------------------------------
     def send(self, session_id: str, content: str, params: dict[str, Any] | None = None) -> Reply:
@@ -228,14 +246,31 @@ class ChatService:
     def import_(self, data: dict[str, Any], *, keep_id: bool = True) -> Session:
         session = Session.from_dict(data)
         if not keep_id or self.store.exists(session.id):
+            # message ids are unique across the store too: a copy gets fresh ones
             session.id = new_id()
+            ids = {mid: new_id() for mid in session.messages}
+            for m in session.messages.values():
+                m.id, m.parent_id = ids[m.id], ids.get(m.parent_id or "")
+            session.messages = {m.id: m for m in session.messages.values()}
+            session.active_id = ids.get(session.active_id or "")
         self.store.import_session(session)
         return session
 
     # -- internals ----------------------------------------------------------------------
     def _check_idle(self, session_id: str) -> None:
-        if session_id in self._busy:
+        handle = self._active.get(session_id)
+        if handle is not None and handle.cancelled:
+            handle.done.wait(10)  # a stopped reply is saved within a step
+        if session_id in self._active:
             raise ChatError(f"session {session_id!r} is busy with a reply; stop it first")
+
+    def _claim(self, session_id: str) -> None:
+        """Mark a session busy, atomically, before anything is saved for the new turn."""
+        self._check_idle(session_id)
+        with self._lock:
+            if session_id in self._active:
+                raise ChatError(f"session {session_id!r} is busy with a reply; stop it first")
+            self._active[session_id] = None
 
     def _ask(
         self, session: Session, parent_id: str | None, content: str, params: dict[str, Any] | None
@@ -243,11 +278,9 @@ class ChatService:
         if not content.strip():
             raise ChatError("empty message")
         merged = merge_params(session.params, params)
-        self._check_idle(session.id)
-        user = Message(id=new_id(), parent_id=parent_id, role="user", content=content)
-        # check the window before anything is saved: an oversize message changes nothing
         history = session.path(parent_id) if parent_id else []
-        build_prompt(
+        # the window is checked before anything is saved: an oversize message changes nothing
+        prompt = build_prompt(
             self.tokenizer,
             session.system_prompt,
             history,
@@ -255,13 +288,19 @@ class ChatService:
             max_tokens=merged.max_tokens,
             limit=self.context_limit,
         )
-        session.messages[user.id] = user
-        session.active_id = user.id
-        session.updated_at = user.created_at
-        if not session.title:
-            session.title = content.strip().splitlines()[0][:MAX_TITLE]
-        self.store.add_message(session, user)
-        return self._reply(session, user, merged)
+        self._claim(session.id)
+        try:
+            user = Message(id=new_id(), parent_id=parent_id, role="user", content=content)
+            session.messages[user.id] = user
+            session.active_id = user.id
+            session.updated_at = user.created_at
+            if not session.title:
+                session.title = content.strip().splitlines()[0][:MAX_TITLE]
+            self.store.add_message(session, user)
+            return self._submit(session, user, merged, prompt)
+        except BaseException:
+            self._active.pop(session.id, None)
+            raise
 
     def _reply(self, session: Session, user: Message, params: SamplingParams) -> Reply:
         history = session.path(user.parent_id) if user.parent_id else []
@@ -273,34 +312,36 @@ class ChatService:
             max_tokens=params.max_tokens,
             limit=self.context_limit,
         )
-        with self._lock:
-            self._check_idle(session.id)
-            self._busy.add(session.id)
+        self._claim(session.id)
         try:
-            cache = self.caches.get(
-                session.id, lambda: self.model.new_cache(max_tokens=self.context_limit)
-            )
-            stream = TextStream(
-                self.model,
-                self.tokenizer,
-                prompt.ids,
-                params.with_(max_tokens=prompt.reply_budget),
-                cache,
-                cache_tail=True,
-            )
+            return self._submit(session, user, params, prompt)
         except BaseException:
-            self._busy.discard(session.id)
+            self._active.pop(session.id, None)
             raise
-        session.active_id = user.id
-        return Reply(self, session, user, stream, prompt.dropped_turns)
 
-    def _finish(self, reply: Reply) -> Message:
-        """Save the reply (complete or stopped) and release the session."""
-        c = reply._stream.completion
+    def _submit(
+        self, session: Session, user: Message, params: SamplingParams, prompt: Prompt
+    ) -> Reply:
+        handle = self.engine.submit(
+            prompt.ids,
+            params.with_(max_tokens=prompt.reply_budget),
+            cache_key=session.id,
+            cache_tail=True,
+        )
+        self._active[session.id] = handle
+        session.active_id = user.id
+        return Reply(self, session, user, handle, prompt.dropped_turns)
+
+    def _finish(
+        self, handle: RequestHandle, session: Session, user: Message, dropped_turns: int
+    ) -> tuple[Message | None, Exception | None]:
+        """Save the reply (complete or stopped) and release the session. Runs in the
+        engine thread as the request ends."""
+        c = handle.completion
         stopped = c.stop_reason in ("", "cancelled")
         message = Message(
             id=new_id(),
-            parent_id=reply.user_message.id,
+            parent_id=user.id,
             role="assistant",
             content=c.text,
             status="stopped" if stopped else "complete",
@@ -309,18 +350,18 @@ class ChatService:
                 "cached_tokens": c.cached_tokens,
                 "completion_tokens": c.completion_tokens,
                 "stop_reason": c.stop_reason or "cancelled",
-                "dropped_turns": reply.dropped_turns,
+                "dropped_turns": dropped_turns,
                 "ttft_ms": round(c.ttft_s * 1000, 2),
                 "tokens_per_s": round(c.decode_tokens_per_s, 2),
             },
         )
-        session = reply.session
         session.messages[message.id] = message
         session.active_id = message.id
         session.updated_at = message.created_at
         try:
             self.store.add_message(session, message)
+            return message, None
+        except Exception as e:
+            return None, e
         finally:
-            self._busy.discard(session.id)
-            self.caches.trim()
-        return message
+            self._active.pop(session.id, None)

@@ -75,14 +75,25 @@ class RequestHandle:
         self._events: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._on_cancel = on_cancel
         self._listeners: list[Callable[[], None]] = []
+        self._on_close: list[Callable[[], None]] = []
 
     # engine side
     def push(self, text: str) -> None:
         self._events.put(text)
         self._notify()
 
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` (in the engine thread) when the request ends, before ``done``
+        is set: whoever waits on the handle then sees its effects."""
+        self._on_close.append(callback)
+
     def close(self, error: BaseException | None = None) -> None:
         self.error = error
+        for callback in self._on_close:
+            try:
+                callback()
+            except Exception as e:  # the engine must survive a failing consumer
+                self.error = self.error or e
         self.done.set()
         self._events.put(None)
         self._notify()
