@@ -10,9 +10,6 @@ without touching the model.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
@@ -115,40 +112,3 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
-
-
-class CacheLRU:
-    """Caches of idle sequences (e.g. chat sessions) kept within a memory budget.
-
-    Keeping a finished turn's cache means the next turn prefills only its new tokens.
-    When the caches outgrow ``budget_bytes`` the least recently used are dropped; their
-    owners lose nothing but time, since a dropped cache is recomputed on next use.
-    """
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
-        self._caches: OrderedDict[str, KVCache] = OrderedDict()
-
-    def get(self, key: str, factory: Callable[[], KVCache]) -> KVCache:
-        """The cache of ``key`` (made by ``factory`` if absent), marked most recent."""
-        cache = self._caches.pop(key, None) or factory()
-        self._caches[key] = cache
-        return cache
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._caches
-
-    def drop(self, key: str) -> None:
-        self._caches.pop(key, None)
-
-    def trim(self) -> list[str]:
-        """Evict least recently used caches (never the most recent) until within budget."""
-        evicted = []
-        while len(self._caches) > 1 and self.nbytes > self.budget_bytes:
-            key, _ = self._caches.popitem(last=False)
-            evicted.append(key)
-        return evicted
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self._caches.values())
