@@ -10,10 +10,25 @@ without touching the model.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
 from hexin.config import ModelConfig
+
+
+class KVView(Protocol):
+    """What the model needs of a cache for one forward step."""
+
+    @property
+    def offsets(self) -> Tensor: ...
+
+    def reserve(self, num_new: int) -> None: ...
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def advance(self, tokens: Tensor) -> None: ...
 
 
 class KVCache:

@@ -11,7 +11,7 @@ from torch import Tensor
 from hexin import ops
 from hexin.config import ModelConfig
 from hexin.errors import ModelFormatError
-from hexin.kvcache import KVCache
+from hexin.kvcache import KVCache, KVView
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Llama:
         return KVCache(self.config, max_tokens=max_tokens, dtype=self.dtype, device=self.device)
 
     @torch.inference_mode()
-    def forward(self, tokens: Tensor, cache: KVCache, *, all_logits: bool = False) -> Tensor:
+    def forward(self, tokens: Tensor, cache: KVView, *, all_logits: bool = False) -> Tensor:
         """Run ``tokens`` (B, T) after what ``cache`` holds and append them to it.
 
         Prefill is one call with the whole prompt; decode is one call per token (T = 1).

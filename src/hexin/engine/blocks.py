@@ -210,9 +210,13 @@ class PagedBatch:
         new_pos = torch.where(valid, new_pos, 0)
         scatter = table.gather(1, new_pos // bs) * bs + new_pos % bs
         scatter = torch.where(valid, scatter, NULL_BLOCK * bs)  # padding writes the null block
-        self.offsets = torch.tensor(offsets, device=device)
+        self._offsets = torch.tensor(offsets, device=device)
         self._gather = gather.to(device)
         self._scatter = scatter.flatten().to(device)
+
+    @property
+    def offsets(self) -> Tensor:
+        return self._offsets
 
     def reserve(self, num_new: int) -> None:
         """Blocks were allocated by the scheduler before the step."""
