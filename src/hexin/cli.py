@@ -101,6 +101,42 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return run_repl(service, args.session, changes, system=args.system)
 
 
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1048576' -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the chat WebSocket, the sessions and OpenAI APIs, and the web UI."""
+    import logging
+
+    import uvicorn
+
+    from hexin.server.app import ServerConfig, create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = ServerConfig(
+        model=args.model,
+        db=args.db,
+        api_key=args.api_key or os.environ.get("HEXIN_API_KEY"),
+        max_running=args.max_running,
+        kv_memory=args.kv_memory,
+        context=args.context,
+        cors=args.cors,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        print(f"hexin: warning: serving on {args.host} without --api-key", file=sys.stderr)
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """List registered models and what is in the cache."""
     from hexin.weights import registry
@@ -146,6 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--context", type=int, default=None, help="context limit in tokens")
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="HTTP server: web UI, chat WebSocket, REST, OpenAI API")
+    _add_model_arg(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--db", default=None, help="chat database (default: per-user data folder)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--max-running", type=int, default=64, help="sequences decoded at once")
+    serve.add_argument("--kv-memory", type=parse_size, default=1 << 30, help="KV pool, e.g. 1G")
+    serve.add_argument("--context", type=int, default=None, help="context limit in tokens")
+    serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN")
+    serve.set_defaults(func=cmd_serve)
 
     models = sub.add_parser("models", help="list registered and cached models")
     models.set_defaults(func=cmd_models)

@@ -1,0 +1,1 @@
+"""hexin serve: the HTTP and WebSocket server."""

@@ -1,0 +1,227 @@
+"""The OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions.
+
+Requests are stateless, but they still share cached prefixes through the engine's block
+digests: a repeated system prompt or a conversation resent with one more message is
+prefilled only past what is cached, and ``usage.prompt_tokens_details.cached_tokens``
+says how much was reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from hexin.engine import RequestHandle
+from hexin.generate import Completion
+from hexin.sampling import SamplingParams
+from hexin.server.app import MAX_MESSAGE_CHARS, ApiError, State, api_error_from, get_state
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str = Field(max_length=MAX_MESSAGE_CHARS)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    model: str | None = None
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, ge=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1)
+
+    def sampling(self, default_max: int) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > 4 or any(len(s) > 200 for s in stop):
+            raise ApiError(400, "stop: at most 4 strings of up to 200 characters", param="stop")
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k or None,  # 0 means "off", as in the llama.cpp server
+            max_tokens=self.max_completion_tokens or self.max_tokens or default_max,
+            seed=self.seed,
+            stop=tuple(stop),
+        )
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] = Field(max_length=MAX_MESSAGE_CHARS)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    max_tokens: int | None = Field(default=16, ge=1)
+
+
+def finish_reason(c: Completion) -> str:
+    return "length" if c.stop_reason == "length" else "stop"
+
+
+def usage(c: Completion) -> dict[str, Any]:
+    return {
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "total_tokens": c.prompt_tokens + c.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": c.cached_tokens},
+    }
+
+
+def submit(state: State, prompt: str, req: SamplingFields) -> RequestHandle:
+    engine, _ = state.require()  # any "model" is accepted: one model is served
+    ids = engine.tokenizer.encode(prompt)
+    try:
+        params = req.sampling(default_max=max(1, engine.context_limit - len(ids)))
+        return engine.submit(ids, params)
+    except ApiError:
+        raise
+    except Exception as e:
+        raise api_error_from(e) from None
+
+
+def record(state: State, c: Completion) -> None:
+    state.metrics.completion(
+        c.prompt_tokens, c.cached_tokens, c.completion_tokens, c.ttft_s, c.decode_s
+    )
+
+
+async def sse(
+    state: State, handle: RequestHandle, chunk: Any, include_usage: bool
+) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per text delta, a final chunk with the finish
+    reason, the usage chunk if asked for, then [DONE]. A client that disconnects
+    cancels the request (the generator is closed)."""
+    try:
+        first = chunk(role=True)
+        if first is not None:
+            yield f"data: {json.dumps(first)}\n\n"
+        async for text in handle.stream():
+            yield f"data: {json.dumps(chunk(text=text))}\n\n"
+        c = handle.completion
+        record(state, c)
+        yield f"data: {json.dumps(chunk(finish=finish_reason(c)))}\n\n"
+        if include_usage:
+            yield f"data: {json.dumps(chunk(usage=usage(c)))}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        handle.cancel()
+
+
+@router.get("/models")
+async def models(request: Request) -> dict[str, Any]:
+    state: State = get_state(request)
+    state.require()
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": state.model_name,
+                "object": "model",
+                "created": state.started,
+                "owned_by": "hexin",
+            }
+        ],
+    }
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request, req: ChatRequest):
+    state: State = get_state(request)
+    engine, _ = state.require()
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+        for m in req.messages
+    ]
+    try:
+        prompt = engine.tokenizer.apply_chat_template(messages)
+    except Exception as e:
+        raise api_error_from(e) from None
+    handle = submit(state, prompt, req)
+    rid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
+
+    def chunk(*, role=False, text=None, finish=None, usage=None) -> dict[str, Any]:
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created}
+        base["model"] = state.model_name
+        if usage is not None:
+            return base | {"choices": [], "usage": usage}
+        delta: dict[str, Any] = {}
+        if role:
+            delta = {"role": "assistant", "content": ""}
+        elif text is not None:
+            delta = {"content": text}
+        return base | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    if req.stream:
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(sse(state, handle, chunk, include), media_type="text/event-stream")
+    c = await asyncio.to_thread(handle.result)
+    record(state, c)
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": state.model_name,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": finish_reason(c),
+            }
+        ],
+        "usage": usage(c),
+    }
+
+
+@router.post("/completions")
+async def completions(request: Request, req: CompletionRequest):
+    state: State = get_state(request)
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if len(prompts) != 1:
+        raise ApiError(400, "prompt: exactly one prompt per request", param="prompt")
+    handle = submit(state, prompts[0], req)
+    rid, created = "cmpl-" + secrets.token_hex(12), int(time.time())
+
+    def chunk(*, role=False, text=None, finish=None, usage=None) -> dict[str, Any] | None:
+        if role:
+            return None
+        base = {"id": rid, "object": "text_completion", "created": created}
+        base["model"] = state.model_name
+        if usage is not None:
+            return base | {"choices": [], "usage": usage}
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return base | {"choices": [choice]}
+
+    if req.stream:
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(sse(state, handle, chunk, include), media_type="text/event-stream")
+    c = await asyncio.to_thread(handle.result)
+    record(state, c)
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": state.model_name,
+        "choices": [
+            {"index": 0, "text": c.text, "logprobs": None, "finish_reason": finish_reason(c)}
+        ],
+        "usage": usage(c),
+    }

@@ -1,0 +1,176 @@
+"""REST API for sessions under /api/sessions. Operations that generate return the finished
+reply; the WebSocket at /c/{session_id} is the streaming path."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, Field
+
+from hexin.chat.service import ChatService, Reply
+from hexin.chat.tree import Session, check_id
+from hexin.server.app import MAX_MESSAGE_CHARS, ApiError, State, api_error_from, get_state
+
+router = APIRouter(prefix="/api/sessions", tags=["sessions"])
+
+
+class SessionCreate(BaseModel):
+    id: str | None = Field(default=None, max_length=64)
+    title: str = Field(default="", max_length=200)
+    system_prompt: str | None = Field(default=None, max_length=MAX_MESSAGE_CHARS)
+    params: dict[str, Any] | None = None
+
+
+class SessionUpdate(BaseModel):
+    title: str | None = Field(default=None, max_length=200)
+    system_prompt: str | None = Field(default=None, max_length=MAX_MESSAGE_CHARS)
+    params: dict[str, Any] | None = None
+
+
+class MessageIn(BaseModel):
+    content: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS)
+    params: dict[str, Any] | None = None
+
+
+class EditIn(MessageIn):
+    message_id: str = Field(max_length=64)
+
+
+class RegenerateIn(BaseModel):
+    params: dict[str, Any] | None = None
+
+
+class SwitchIn(BaseModel):
+    message_id: str = Field(max_length=64)
+
+
+def service(request: Request) -> ChatService:
+    state: State = get_state(request)
+    return state.require()[1]
+
+
+async def call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """Run a service call off the event loop (it may wait for the store or a stopping
+    reply) and turn hexin errors into HTTP errors."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kw)
+    except ApiError:
+        raise
+    except Exception as e:
+        raise api_error_from(e) from None
+
+
+def session_view(session: Session) -> dict[str, Any]:
+    """The whole tree plus the active path, with each message's version (i of n)."""
+    data = session.to_dict()
+    data["path"] = []
+    for m in session.path():
+        i, n = session.version(m.id)
+        data["path"].append(m.to_dict() | {"version": i, "versions": n})
+    return data
+
+
+async def finished(request: Request, reply: Reply) -> dict[str, Any]:
+    message = await asyncio.to_thread(reply.wait)
+    state: State = get_state(request)
+    u = message.meta
+    state.metrics.completion(
+        u["prompt_tokens"],
+        u["cached_tokens"],
+        u["completion_tokens"],
+        reply.handle.completion.ttft_s,
+        reply.handle.completion.decode_s,
+    )
+    return {"message": message.to_dict(), "user_message": reply.user_message.to_dict()}
+
+
+Svc = Annotated[ChatService, Depends(service)]
+
+
+def valid_id(session_id: str) -> str:
+    try:
+        return check_id(session_id)
+    except Exception as e:
+        raise ApiError(400, str(e), param="session_id") from None
+
+
+@router.get("")
+async def list_sessions(
+    svc: Svc, q: Annotated[str | None, Query(max_length=200)] = None
+) -> dict[str, Any]:
+    return {"sessions": await call(svc.list, q)}
+
+
+@router.post("", status_code=201)
+async def create_session(body: SessionCreate, svc: Svc):
+    session = await call(
+        svc.create,
+        title=body.title,
+        system_prompt=body.system_prompt,
+        params=body.params,
+        session_id=body.id,
+    )
+    return session_view(session)
+
+
+@router.post("/import", status_code=201)
+async def import_session(body: dict[str, Any], svc: Svc):
+    return session_view(await call(svc.import_, body))
+
+
+@router.get("/{session_id}")
+async def read_session(session_id: str, svc: Svc):
+    return session_view(await call(svc.get, valid_id(session_id)))
+
+
+@router.patch("/{session_id}")
+async def update_session(session_id: str, body: SessionUpdate, svc: Svc):
+    session = await call(
+        svc.update,
+        valid_id(session_id),
+        title=body.title,
+        system_prompt=body.system_prompt,
+        params=body.params,
+    )
+    return session_view(session)
+
+
+@router.delete("/{session_id}", status_code=204)
+async def delete_session(session_id: str, svc: Svc) -> None:
+    await call(svc.delete, valid_id(session_id))
+
+
+@router.get("/{session_id}/export")
+async def export_session(session_id: str, svc: Svc):
+    return await call(svc.export, valid_id(session_id))
+
+
+@router.post("/{session_id}/messages")
+async def send_message(request: Request, session_id: str, body: MessageIn, svc: Svc):
+    reply = await call(svc.send, valid_id(session_id), body.content, body.params)
+    return await finished(request, reply)
+
+
+@router.post("/{session_id}/regenerate")
+async def regenerate(request: Request, session_id: str, svc: Svc, body: RegenerateIn | None = None):
+    reply = await call(svc.regenerate, valid_id(session_id), body.params if body else None)
+    return await finished(request, reply)
+
+
+@router.post("/{session_id}/edit")
+async def edit(request: Request, session_id: str, body: EditIn, svc: Svc):
+    reply = await call(svc.edit, valid_id(session_id), body.message_id, body.content, body.params)
+    return await finished(request, reply)
+
+
+@router.post("/{session_id}/rollback")
+async def rollback(session_id: str, svc: Svc):
+    return session_view(await call(svc.rollback, valid_id(session_id)))
+
+
+@router.post("/{session_id}/switch")
+async def switch(session_id: str, body: SwitchIn, svc: Svc):
+    return session_view(await call(svc.switch, valid_id(session_id), body.message_id))

@@ -1,0 +1,171 @@
+"""WebSocket chat at /c/{session_id}: JSON messages both ways, replies streamed as tokens.
+
+Client -> server: {"type": "user", "content", "params"}, {"type": "stop"},
+{"type": "regenerate", "params"}, {"type": "rollback"}, {"type": "edit", "message_id",
+"content", "params"}, {"type": "switch", "message_id"}, {"type": "session"} (resend state).
+Server -> client: {"type": "session", "session"} on connect and after tree changes;
+{"type": "user_message", "message"} and {"type": "reply_start", "parent_id"} as a turn
+begins; {"type": "token", "text"} while it streams; {"type": "done", "message", "usage",
+"stop_reason", "dropped_turns", "timing"}; {"type": "error", "message"} for anything
+wrong, the connection staying open. An unknown session id is created on first use. A
+closed socket stops its reply (which is saved as stopped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from hexin.chat.service import ChatService, Reply
+from hexin.chat.tree import ChatError, check_id
+from hexin.server.app import MAX_MESSAGE_CHARS, State, api_error_from
+from hexin.server.sessions import session_view
+
+router = APIRouter()
+
+
+class Connection:
+    def __init__(self, ws: WebSocket, state: State, service: ChatService, session_id: str):
+        self.ws, self.state, self.service, self.sid = ws, state, service, session_id
+        self.reply: Reply | None = None
+        self.task: asyncio.Task | None = None
+
+    async def send(self, payload: dict[str, Any]) -> None:
+        await self.ws.send_text(json.dumps(payload, ensure_ascii=False))
+
+    async def error(self, message: str) -> None:
+        await self.send({"type": "error", "message": message})
+
+    async def send_session(self) -> None:
+        session = await asyncio.to_thread(self.service.get, self.sid)
+        await self.send({"type": "session", "session": session_view(session)})
+
+    async def handle(self, raw: str) -> None:
+        try:
+            msg = json.loads(raw)
+        except json.JSONDecodeError as e:
+            return await self.error(f"malformed JSON: {e.msg}")
+        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+            return await self.error('expected an object with a "type" field')
+        kind, svc = msg["type"], self.service
+        if kind == "stop":
+            if self.reply is not None:
+                self.reply.stop()
+            return None
+        if kind == "session":
+            return await self.send_session()
+        if self.task is not None and not self.task.done():
+            return await self.error("a reply is still streaming; stop it first")
+        params = msg.get("params")
+        if params is not None and not isinstance(params, dict):
+            return await self.error('"params" must be an object')
+        content = msg.get("content")
+        if kind in ("user", "edit"):
+            if not isinstance(content, str) or not content.strip():
+                return await self.error('"content" must be a non-empty string')
+            if len(content) > MAX_MESSAGE_CHARS:
+                return await self.error(f'"content" is over {MAX_MESSAGE_CHARS} characters')
+        if kind in ("edit", "switch") and not isinstance(msg.get("message_id"), str):
+            return await self.error('"message_id" must be a string')
+        if kind == "user":
+            await self.start(svc.send, self.sid, content, params)
+        elif kind == "regenerate":
+            await self.start(svc.regenerate, self.sid, params)
+        elif kind == "edit":
+            await self.start(svc.edit, self.sid, msg["message_id"], content, params)
+        elif kind == "rollback":
+            await asyncio.to_thread(svc.rollback, self.sid)
+            await self.send_session()
+        elif kind == "switch":
+            await asyncio.to_thread(svc.switch, self.sid, msg["message_id"])
+            await self.send_session()
+        else:
+            await self.error(f"unknown message type {kind!r}")
+        return None
+
+    async def start(self, fn, *args: Any) -> None:
+        reply: Reply = await asyncio.to_thread(fn, *args)
+        self.reply = reply
+        await self.send({"type": "user_message", "message": reply.user_message.to_dict()})
+        await self.send({"type": "reply_start", "parent_id": reply.user_message.id})
+        self.task = asyncio.create_task(self.stream(reply))
+
+    async def stream(self, reply: Reply) -> None:
+        try:
+            async for text in reply.stream():
+                await self.send({"type": "token", "text": text})
+            message = await asyncio.to_thread(reply.wait)
+            c = reply.handle.completion
+            self.state.metrics.completion(
+                c.prompt_tokens, c.cached_tokens, c.completion_tokens, c.ttft_s, c.decode_s
+            )
+            meta = message.meta
+            await self.send(
+                {
+                    "type": "done",
+                    "message": message.to_dict(),
+                    "usage": {
+                        "prompt_tokens": meta["prompt_tokens"],
+                        "cached_tokens": meta["cached_tokens"],
+                        "completion_tokens": meta["completion_tokens"],
+                    },
+                    "stop_reason": meta["stop_reason"],
+                    "dropped_turns": meta["dropped_turns"],
+                    "timing": {"ttft_ms": meta["ttft_ms"], "tokens_per_s": meta["tokens_per_s"]},
+                }
+            )
+        except (WebSocketDisconnect, RuntimeError):
+            reply.stop()
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                await self.error(api_error_from(e).message)
+        finally:
+            self.reply = None
+
+    def close(self) -> None:
+        if self.reply is not None:
+            self.reply.stop()
+
+
+@router.websocket("/c/{session_id}")
+async def chat_socket(ws: WebSocket, session_id: str) -> None:
+    state: State = ws.app.state.hexin
+    header = ws.headers.get("authorization")
+    if not state.authorized(header, ws.query_params.get("api_key")):
+        await ws.close(code=4401, reason="missing or wrong API key")
+        return
+    try:
+        check_id(session_id)
+    except Exception as e:
+        await ws.close(code=4400, reason=str(e)[:120])
+        return
+    await ws.accept()
+    if state.service is None:
+        await ws.send_text(json.dumps({"type": "error", "message": "model is loading"}))
+        await ws.close(code=1013)
+        return
+    service = state.service
+    if not await asyncio.to_thread(service.store.exists, session_id):
+        with contextlib.suppress(ChatError):  # another socket may create it first
+            await asyncio.to_thread(service.create, session_id=session_id)
+    state.metrics.request("/c/{session_id}", 101)
+    conn = Connection(ws, state, service, session_id)
+    try:
+        await conn.send_session()
+        while True:
+            raw = await ws.receive_text()
+            try:
+                await conn.handle(raw)
+            except Exception as e:
+                await conn.error(api_error_from(e).message)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        conn.close()
+        if conn.task is not None:
+            with contextlib.suppress(BaseException):
+                await conn.task
