@@ -219,6 +219,17 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
             state.metrics.render(stats), media_type="text/plain; version=0.0.4"
         )
 
+    @app.get("/api/config")
+    async def server_config() -> dict[str, Any]:
+        """What a client needs to set itself up: the model, its context, the defaults."""
+        engine, service = state.require()
+        return {
+            "model": state.model_name,
+            "context_limit": engine.context_limit,
+            "defaults": service.default_params.to_dict(),
+            "has_chat_template": bool(engine.tokenizer.chat_template),
+        }
+
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         engine, _ = state.require()

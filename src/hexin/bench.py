@@ -1,0 +1,654 @@
+"""``hexin bench``: hexin's speed beside llama.cpp's, on the same GGUF file, in one process.
+
+These machines are shared and noisy, so absolute figures drift from run to run; what a run
+can be trusted for is the ratio of two engines measured minutes apart on the same cores.
+That is why llama.cpp (through llama-cpp-python, an optional extra that hexin never
+imports elsewhere) runs inside the same command, with the same thread count, the same
+token ids and the same shapes of work:
+
+- ``pp``: prompt processing, one forward of ``--pp`` tokens through an empty cache;
+- ``tg``: single-stream greedy decode of ``--tg`` tokens after a short prompt, with TTFT
+  and the time per output token;
+- ``streams``: N concurrent requests of ``--prompt-tokens`` distinct prompt tokens and
+  ``--new-tokens`` new tokens each, reported as decode throughput (decode tokens over the
+  time spent in decode steps) and end to end (all tokens generated over wall time).
+
+EOS is switched off for every measurement (a copy of the tokenizer without EOS ids for
+hexin, plain argmax for llama.cpp), so each engine does exactly the work asked of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_OUT = "benchmarks/results"
+TG_PROMPT = "Once upon a time, in a village by the sea,"
+
+
+def _say(message: str) -> None:
+    """Progress goes to stderr, so stdout carries only the final table."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _parse_streams(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"stream counts must be positive, got {text!r}")
+    return sorted(dict.fromkeys(values))
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+# -- token ids ----------------------------------------------------------------------------
+def _random_prompts(
+    vocab_size: int, special: frozenset[int], count: int, length: int, seed: int
+) -> list[list[int]]:
+    """``count`` distinct prompts of ordinary (non-special) token ids. Distinct from the
+    first token on, so the prefix cache cannot share a single block between them and
+    every prompt token is really computed."""
+    g = torch.Generator().manual_seed(seed)
+    ordinary = torch.tensor([i for i in range(vocab_size) if i not in special])
+    prompts: list[list[int]] = []
+    firsts: set[int] = set()
+    while len(prompts) < count:
+        ids = ordinary[torch.randint(len(ordinary), (length,), generator=g)].tolist()
+        if ids[0] in firsts and len(firsts) < len(ordinary):
+            continue
+        firsts.add(ids[0])
+        prompts.append(ids)
+    return prompts
+
+
+# -- hexin --------------------------------------------------------------------------------
+def _without_eos(tokenizer: Any) -> Any:
+    """A shallow copy of the tokenizer that knows no EOS, so greedy decoding runs its full
+    budget; the model itself is untouched."""
+    tok = copy.copy(tokenizer)
+    tok.eos_token_ids = ()
+    return tok
+
+
+def _hexin_pp(model: Any, ids: list[int], repeats: int) -> dict[str, float]:
+    """One forward of the whole prompt through a fresh cache; warm-up, then best of N."""
+    tokens = torch.tensor([ids])
+    times = []
+    for i in range(repeats + 1):
+        cache = model.new_cache(max_tokens=len(ids) + 1)
+        t0 = time.perf_counter()
+        model.forward(tokens, cache)
+        elapsed = time.perf_counter() - t0
+        if i:  # the first run pays for allocator and kernel warm-up
+            times.append(elapsed)
+    best = min(times)
+    return {"tokens": len(ids), "best_s": best, "tok_s": len(ids) / best}
+
+
+def _hexin_tg(
+    model: Any, tokenizer: Any, prompt: list[int], new_tokens: int, repeats: int
+) -> dict[str, float]:
+    """Single-stream greedy decode through ``TextStream`` (the path ``hexin story`` uses):
+    sampling, detokenization and stop checks included, as a user would see them."""
+    from hexin.generate import TextStream
+    from hexin.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens)
+    runs = []
+    for i in range(repeats + 1):
+        c = TextStream(model, tokenizer, prompt, params).run()
+        if c.completion_tokens != new_tokens:
+            raise RuntimeError(f"decode stopped after {c.completion_tokens} of {new_tokens}")
+        if i:
+            runs.append(c)
+    best = max(runs, key=lambda c: c.decode_tokens_per_s)
+    steps = best.completion_tokens - 1
+    return {
+        "prompt_tokens": len(prompt),
+        "new_tokens": new_tokens,
+        "tok_s": best.decode_tokens_per_s,
+        "ttft_ms": min(c.ttft_s for c in runs) * 1000,
+        "tpot_ms": best.decode_s / steps * 1000 if steps else 0.0,
+    }
+
+
+def _decode_time(stats: Any) -> float:
+    """Seconds spent in decode steps so far, recovered from the engine's public counters."""
+    rate = stats.decode_tokens_per_s
+    return stats.decode_tokens / rate if rate else 0.0
+
+
+def _hexin_streams(
+    engine: Any, prompts: list[list[int]], new_tokens: int
+) -> dict[str, float | int]:
+    """All requests submitted at once; the engine batches them (continuous batching)."""
+    from hexin.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=new_tokens)
+    before = engine.stats()
+    t0 = time.perf_counter()
+    handles = [engine.submit(p, params) for p in prompts]
+    completions = [h.result() for h in handles]
+    wall = time.perf_counter() - t0
+    after = engine.stats()
+    short = [c.completion_tokens for c in completions if c.completion_tokens != new_tokens]
+    if short:
+        raise RuntimeError(f"{len(short)} streams stopped early ({short[:4]} tokens)")
+    generated = sum(c.completion_tokens for c in completions)
+    decode_tokens = after.decode_tokens - before.decode_tokens
+    decode_s = _decode_time(after) - _decode_time(before)
+    return {
+        "streams": len(prompts),
+        "decode_tokens": decode_tokens,
+        "decode_s": decode_s,
+        "decode_tok_s": decode_tokens / decode_s if decode_s else 0.0,
+        "generated_tokens": generated,
+        "wall_s": wall,
+        "e2e_tok_s": generated / wall,
+        "mean_ttft_ms": sum(c.ttft_s for c in completions) / len(completions) * 1000,
+        "steps": after.steps - before.steps,
+        "preemptions": after.preemptions - before.preemptions,
+    }
+
+
+def _run_hexin(
+    args: argparse.Namespace, loaded: Any, pp_ids: list[int], tg_prompt: list[int]
+) -> dict[str, Any]:
+    from hexin.engine import Engine
+    from hexin.engine.blocks import BlockPool
+    from hexin.model import Llama
+
+    model = Llama(loaded.config, loaded.weights)
+    tok = _without_eos(loaded.tokenizer)
+    _say(f"hexin pp{args.pp} ...")
+    pp = _hexin_pp(model, pp_ids, args.repeats)
+    _say(f"hexin pp{args.pp}: {pp['tok_s']:.1f} tok/s")
+    _say(f"hexin tg{args.tg} ...")
+    tg = _hexin_tg(model, tok, tg_prompt, args.tg, args.repeats)
+    _say(f"hexin tg{args.tg}: {tg['tok_s']:.1f} tok/s, TTFT {tg['ttft_ms']:.1f} ms")
+
+    # one engine for every concurrency: its pool holds the largest run, the counters are
+    # read as deltas, and each run's prompts are new, so nothing is served from cache
+    block = 16
+    top = max(args.streams)
+    blocks = top * -(-(args.prompt_tokens + args.new_tokens + 1) // block) + 2
+    memory = blocks * BlockPool.bytes_per_block(loaded.config, block, model.dtype)
+    streams = []
+    with Engine(model, tok, kv_memory=memory, block_size=block, max_running=top) as engine:
+        special = loaded.tokenizer.special_ids
+        warm = _random_prompts(loaded.config.vocab_size, special, 2, args.prompt_tokens, 7)
+        _hexin_streams(engine, warm, min(4, args.new_tokens))  # first batched shapes
+        for n in args.streams:
+            prompts = _random_prompts(
+                loaded.config.vocab_size, special, n, args.prompt_tokens, 1000 + n
+            )
+            _say(f"hexin {n} streams ...")
+            r = _hexin_streams(engine, prompts, args.new_tokens)
+            _say(
+                f"hexin {n} streams: decode {r['decode_tok_s']:.1f} tok/s, "
+                f"end to end {r['e2e_tok_s']:.1f} tok/s"
+            )
+            streams.append(r)
+    return {"pp": pp, "tg": tg, "streams": streams, "dtype": str(model.dtype)}
+
+
+# -- llama.cpp ----------------------------------------------------------------------------
+class LlamaCpp:
+    """The low-level llama.cpp API (through llama-cpp-python's ctypes bindings): one model,
+    a fresh context per measurement sized for it, greedy argmax done here in NumPy, so
+    the comparison is between the two engines' forward passes, not between samplers."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import llama_cpp
+
+        self.lib, self.threads = llama_cpp, threads
+        self._quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(self._quiet, ctypes.c_void_p())  # keep stderr for progress
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+
+    def close(self) -> None:
+        self.lib.llama_model_free(self.model)
+
+    @contextlib.contextmanager
+    def context(self, n_ctx: int, n_seq: int, n_batch: int) -> Iterator[Any]:
+        p = self.lib.llama_context_default_params()
+        p.n_ctx = -(-n_ctx // 256) * 256
+        p.n_batch = p.n_ubatch = max(n_batch, 512)
+        p.n_seq_max = n_seq
+        p.n_threads = p.n_threads_batch = self.threads
+        ctx = self.lib.llama_init_from_model(self.model, p)
+        if not ctx:
+            raise RuntimeError("llama.cpp could not create a context")
+        try:
+            yield ctx
+        finally:
+            self.lib.llama_free(ctx)
+
+    def _decode(self, ctx: Any, entries: Sequence[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, position, sequence, wants logits) entries."""
+        batch = self.lib.llama_batch_init(len(entries), 0, 1)
+        try:
+            batch.n_tokens = len(entries)
+            for i, (token, pos, seq, logits) in enumerate(entries):
+                batch.token[i], batch.pos[i] = token, pos
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = logits
+            if (rc := self.lib.llama_decode(ctx, batch)) != 0:
+                raise RuntimeError(f"llama_decode failed with code {rc}")
+        finally:
+            self.lib.llama_batch_free(batch)
+
+    def _argmax(self, ctx: Any, i: int) -> int:
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(ctx, i), (self.n_vocab,))
+        return int(logits.argmax())
+
+    def _prefill(self, ctx: Any, ids: list[int], seq: int) -> int:
+        """Decode a prompt into sequence ``seq``; return its first greedy token."""
+        last = len(ids) - 1
+        self._decode(ctx, [(t, p, seq, p == last) for p, t in enumerate(ids)])
+        return self._argmax(ctx, -1)
+
+    def pp(self, ids: list[int], repeats: int) -> dict[str, float]:
+        times = []
+        for i in range(repeats + 1):
+            with self.context(len(ids) + 1, 1, len(ids)) as ctx:
+                t0 = time.perf_counter()
+                self._prefill(ctx, ids, 0)
+                elapsed = time.perf_counter() - t0
+            if i:
+                times.append(elapsed)
+        best = min(times)
+        return {"tokens": len(ids), "best_s": best, "tok_s": len(ids) / best}
+
+    def tg(self, prompt: list[int], new_tokens: int, repeats: int) -> dict[str, float]:
+        runs = []
+        for i in range(repeats + 1):
+            with self.context(len(prompt) + new_tokens + 1, 1, len(prompt)) as ctx:
+                t0 = time.perf_counter()
+                token = self._prefill(ctx, prompt, 0)
+                ttft = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                for pos in range(len(prompt), len(prompt) + new_tokens - 1):
+                    self._decode(ctx, [(token, pos, 0, True)])
+                    token = self._argmax(ctx, 0)
+                decode_s = time.perf_counter() - t1
+            if i:
+                runs.append((ttft, decode_s))
+        steps = new_tokens - 1
+        best = min(d for _, d in runs)
+        return {
+            "prompt_tokens": len(prompt),
+            "new_tokens": new_tokens,
+            "tok_s": steps / best if steps and best else 0.0,
+            "ttft_ms": min(t for t, _ in runs) * 1000,
+            "tpot_ms": best / steps * 1000 if steps else 0.0,
+        }
+
+    def streams(self, prompts: list[list[int]], new_tokens: int) -> dict[str, float | int]:
+        """N sequences in one context: each prompt decoded on its own, then one batch of N
+        tokens (one per sequence, at its own position) per generation step."""
+        n, length = len(prompts), len(prompts[0])
+        with self.context(n * (length + new_tokens + 1), n, max(n, length)) as ctx:
+            t0 = time.perf_counter()
+            tokens = [self._prefill(ctx, ids, s) for s, ids in enumerate(prompts)]
+            t1 = time.perf_counter()
+            for step in range(new_tokens - 1):
+                pos = length + step
+                self._decode(ctx, [(tokens[s], pos, s, True) for s in range(n)])
+                tokens = [self._argmax(ctx, s) for s in range(n)]
+            t2 = time.perf_counter()
+        decode_tokens = n * (new_tokens - 1)
+        decode_s = t2 - t1
+        return {
+            "streams": n,
+            "decode_tokens": decode_tokens,
+            "decode_s": decode_s,
+            "decode_tok_s": decode_tokens / decode_s if decode_s else 0.0,
+            "generated_tokens": n * new_tokens,
+            "wall_s": t2 - t0,
+            "e2e_tok_s": n * new_tokens / (t2 - t0),
+            "prefill_s": t1 - t0,
+        }
+
+
+def _llama_cpp_version() -> str | None:
+    try:
+        import llama_cpp
+    except Exception:  # missing, or a build that fails to load its library
+        return None
+    return str(getattr(llama_cpp, "__version__", "unknown"))
+
+
+def _run_llama_cpp(
+    args: argparse.Namespace,
+    path: Path,
+    vocab_size: int,
+    special: frozenset[int],
+    pp_ids: list[int],
+    tg_prompt: list[int],
+) -> dict[str, Any]:
+    lc = LlamaCpp(path, args.threads)
+    try:
+        _say(f"llama.cpp pp{args.pp} ...")
+        pp = lc.pp(pp_ids, args.repeats)
+        _say(f"llama.cpp pp{args.pp}: {pp['tok_s']:.1f} tok/s")
+        _say(f"llama.cpp tg{args.tg} ...")
+        tg = lc.tg(tg_prompt, args.tg, args.repeats)
+        _say(f"llama.cpp tg{args.tg}: {tg['tok_s']:.1f} tok/s, TTFT {tg['ttft_ms']:.1f} ms")
+        lc.streams(_random_prompts(vocab_size, special, 2, args.prompt_tokens, 7), 4)
+        streams = []
+        for n in args.streams:
+            _say(f"llama.cpp {n} streams ...")
+            prompts = _random_prompts(vocab_size, special, n, args.prompt_tokens, 1000 + n)
+            r = lc.streams(prompts, args.new_tokens)
+            _say(
+                f"llama.cpp {n} streams: decode {r['decode_tok_s']:.1f} tok/s, "
+                f"end to end {r['e2e_tok_s']:.1f} tok/s"
+            )
+            streams.append(r)
+    finally:
+        lc.close()
+    return {"pp": pp, "tg": tg, "streams": streams}
+
+
+# -- the record ---------------------------------------------------------------------------
+def _machine() -> dict[str, Any]:
+    """Enough to tell two machines (or one machine in two moods) apart."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "logical_cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    with contextlib.suppress(AttributeError):
+        info["usable_cpus"] = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
+    return info
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The run as a command line someone can paste to repeat it."""
+    parts = ["hexin", "bench"]
+    if args.model is not None:
+        parts += ["--model", str(args.model)]
+    parts += ["--streams", ",".join(map(str, args.streams))]
+    for flag in ("prompt_tokens", "new_tokens", "pp", "tg", "threads", "repeats"):
+        parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.no_llama_cpp:
+        parts.append("--no-llama-cpp")
+    parts += ["--out", str(args.out)]
+    return shlex.join(parts)
+
+
+def _ratios(hexin: dict[str, Any], llama: dict[str, Any] | None) -> dict[str, float]:
+    if not llama:
+        return {}
+    out = {
+        "pp": hexin["pp"]["tok_s"] / llama["pp"]["tok_s"],
+        "tg": hexin["tg"]["tok_s"] / llama["tg"]["tok_s"],
+    }
+    for h, c in zip(hexin["streams"], llama["streams"], strict=True):
+        out[f"decode_{h['streams']}"] = h["decode_tok_s"] / c["decode_tok_s"]
+        out[f"e2e_{h['streams']}"] = h["e2e_tok_s"] / c["e2e_tok_s"]
+    return out
+
+
+def format_table(record: dict[str, Any]) -> str:
+    """The run's figures side by side, one line per measurement."""
+    cfg = record["config"]
+    hexin, llama, ratios = record["hexin"], record.get("llama_cpp"), record["ratios"]
+    rows: list[tuple[str, float, float | None, float | None]] = [
+        (f"pp{cfg['pp']} tok/s", hexin["pp"]["tok_s"], None, ratios.get("pp")),
+        (f"tg{cfg['tg']} tok/s", hexin["tg"]["tok_s"], None, ratios.get("tg")),
+        ("  TTFT ms", hexin["tg"]["ttft_ms"], None, None),
+        ("  ms per token", hexin["tg"]["tpot_ms"], None, None),
+    ]
+    for h in hexin["streams"]:
+        rows.append((f"{h['streams']} streams decode tok/s", h["decode_tok_s"], None, None))
+        rows.append((f"{h['streams']} streams end-to-end tok/s", h["e2e_tok_s"], None, None))
+    if llama:
+        figures = [
+            llama["pp"]["tok_s"],
+            llama["tg"]["tok_s"],
+            llama["tg"]["ttft_ms"],
+            llama["tg"]["tpot_ms"],
+        ]
+        for c in llama["streams"]:
+            figures += [c["decode_tok_s"], c["e2e_tok_s"]]
+        keys = ["pp", "tg", None, None]
+        for h in hexin["streams"]:
+            keys += [f"decode_{h['streams']}", f"e2e_{h['streams']}"]
+        rows = [
+            (name, ours, theirs, ratios.get(key) if key else None)
+            for (name, ours, _, _), theirs, key in zip(rows, figures, keys, strict=True)
+        ]
+    lines = [
+        f"hexin bench  {record['date']}  model {record['model']['name']}  "
+        f"threads {cfg['threads']}  "
+        f"({cfg['prompt_tokens']} prompt + {cfg['new_tokens']} new tokens per stream)",
+        f"{'':34}{'hexin':>10}{'llama.cpp':>12}{'hexin/llama.cpp':>18}",
+    ]
+    for name, ours, theirs, ratio in rows:
+        theirs_s = f"{theirs:12.1f}" if theirs is not None else f"{'-':>12}"
+        ratio_s = f"{ratio:17.2f}x" if ratio is not None else f"{'-':>18}"
+        lines.append(f"{name:34}{ours:10.1f}{theirs_s}{ratio_s}")
+    if not llama:
+        lines.append(f"llama.cpp: {record.get('llama_cpp_skipped', 'not run')}")
+    return "\n".join(lines)
+
+
+def _plot(record: dict[str, Any], path: Path) -> bool:
+    """Aggregate decode tok/s against concurrency; False (with a notice) without
+    matplotlib, which is an optional extra (``pip install hexin[bench]``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _say("matplotlib is not installed: no plot (pip install 'hexin[bench]')")
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = [("hexin", record["hexin"], "tab:blue")]
+    if record.get("llama_cpp"):
+        series.append(("llama.cpp", record["llama_cpp"], "tab:orange"))
+    for label, data, colour in series:
+        ns = [s["streams"] for s in data["streams"]]
+        decode = [s["decode_tok_s"] for s in data["streams"]]
+        e2e = [s["e2e_tok_s"] for s in data["streams"]]
+        ax.plot(ns, decode, "o-", color=colour, label=f"{label} decode")
+        ax.plot(ns, e2e, "s--", color=colour, alpha=0.6, label=f"{label} end to end")
+    ax.set_xscale("log", base=2)
+    ns = [s["streams"] for s in record["hexin"]["streams"]]
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate tokens/s")
+    cfg = record["config"]
+    ax.set_title(
+        f"{record['model']['name']}: {cfg['prompt_tokens']} prompt + {cfg['new_tokens']} new "
+        f"tokens per stream, {cfg['threads']} threads ({record['date'][:10]})",
+        fontsize=9,
+    )
+    ax.grid(True, alpha=0.3)
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _write(record: dict[str, Any], out: Path) -> dict[str, str]:
+    """The dated record and plot, plus ``bench-latest`` copies for links that must not
+    change."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.fromisoformat(record["date"]).strftime("%Y%m%d-%H%M%S")
+    json_path, png_path = out / f"bench-{stamp}.json", out / f"bench-{stamp}.png"
+    files = {"json": str(json_path)}
+    if _plot(record, png_path):
+        shutil.copyfile(png_path, out / "bench-latest.png")
+        files["png"] = str(png_path)
+    record["files"] = files
+    text = json.dumps(record, indent=2) + "\n"
+    json_path.write_text(text)
+    (out / "bench-latest.json").write_text(text)
+    return files
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure, print the table to stdout, write the JSON record (and plot) into
+    ``args.out``; return the record."""
+    from hexin.weights import load_model
+
+    torch.set_num_threads(args.threads)
+    date = datetime.now().astimezone().isoformat(timespec="seconds")
+    load_before = os.getloadavg()
+    _say(f"loading {args.model or 'the default model'} ...")
+    loaded = load_model(args.model)
+    cfg = loaded.config
+    special = loaded.tokenizer.special_ids
+    pp_ids = _random_prompts(cfg.vocab_size, special, 1, args.pp, 1)[0]
+    tg_prompt = loaded.tokenizer.encode(TG_PROMPT)
+
+    hexin = _run_hexin(args, loaded, pp_ids, tg_prompt)
+
+    llama: dict[str, Any] | None = None
+    skipped = ""
+    version = _llama_cpp_version()
+    is_gguf = loaded.path.is_file()
+    if args.no_llama_cpp:
+        skipped = "skipped (--no-llama-cpp)"
+    elif version is None:
+        skipped = "skipped (llama-cpp-python is not installed)"
+    elif not is_gguf:
+        skipped = "skipped (the model is not a GGUF file)"
+    else:
+        llama = _run_llama_cpp(args, loaded.path, cfg.vocab_size, special, pp_ids, tg_prompt)
+    if skipped:
+        _say(f"llama.cpp {skipped}")
+
+    record: dict[str, Any] = {
+        "benchmark": "hexin bench",
+        "date": date,
+        "command": _command(args),
+        "argv": sys.argv,
+        "config": {
+            "streams": args.streams,
+            "prompt_tokens": args.prompt_tokens,
+            "new_tokens": args.new_tokens,
+            "pp": args.pp,
+            "tg": args.tg,
+            "threads": args.threads,
+            "repeats": args.repeats,
+        },
+        "model": {
+            "name": loaded.name,
+            "path": str(loaded.path),
+            "file_bytes": loaded.path.stat().st_size if is_gguf else None,
+            "layers": cfg.num_layers,
+            "hidden": cfg.hidden_size,
+            "vocab": cfg.vocab_size,
+        },
+        "machine": {**_machine(), "load_before": load_before, "load_after": os.getloadavg()},
+        "versions": {
+            "hexin": _hexin_version(),
+            "torch": torch.__version__,
+            "llama_cpp": version,
+        },
+        "hexin": hexin,
+        "llama_cpp": llama,
+        "ratios": _ratios(hexin, llama),
+    }
+    if skipped:
+        record["llama_cpp_skipped"] = skipped
+    files = _write(record, Path(args.out))
+    print(format_table(record))
+    for kind, path in files.items():
+        _say(f"wrote {kind}: {path}")
+    return record
+
+
+def _hexin_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hexin")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    run_bench(args)
+    return 0
+
+
+def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``hexin bench`` on the CLI's subparsers (its ``func`` runs the bench)."""
+    p = subparsers.add_parser(
+        "bench",
+        help="measure prompt, decode and batched throughput (beside llama.cpp if installed)",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+    )
+    p.add_argument("--model", "-m", default=None, help="model folder, .gguf file or name")
+    p.add_argument(
+        "--streams",
+        type=_parse_streams,
+        default=[1, 8, 32],
+        help="concurrencies to measure, comma-separated (default: 1,8,32)",
+    )
+    p.add_argument("--prompt-tokens", type=_positive, default=128, help="per stream")
+    p.add_argument("--new-tokens", type=_positive, default=128, help="per stream")
+    p.add_argument("--pp", type=_positive, default=512, help="prompt-processing tokens")
+    p.add_argument("--tg", type=_positive, default=128, help="single-stream decode tokens")
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=torch.get_num_threads(),
+        help="threads for both engines (default: torch's count)",
+    )
+    p.add_argument("--repeats", type=_positive, default=3, help="best of N after a warm-up")
+    p.add_argument("--no-llama-cpp", action="store_true", help="measure hexin only")
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder for the JSON record and plot")
+    p.set_defaults(func=_cmd_bench)
+    return p
