@@ -8,7 +8,8 @@ Server -> client: {"type": "session", "session"} on connect and after tree chang
 begins; {"type": "token", "text"} while it streams; {"type": "done", "message", "usage",
 "stop_reason", "dropped_turns", "timing"}; {"type": "error", "message"} for anything
 wrong, the connection staying open. An unknown session id is created on first use. A
-closed socket stops its reply (which is saved as stopped).
+closed socket stops its reply (which is saved as stopped). Close codes: 4401 missing or
+wrong API key, 4400 invalid session id, 1013 the model is still loading (retry).
 """
 
 from __future__ import annotations
@@ -134,6 +135,9 @@ class Connection:
 @router.websocket("/c/{session_id}")
 async def chat_socket(ws: WebSocket, session_id: str) -> None:
     state: State = ws.app.state.hexin
+    # accept first, then close with a reason: a refused handshake looks like a dead
+    # server to a browser, which could not tell "wrong key" from "down"
+    await ws.accept()
     header = ws.headers.get("authorization")
     if not state.authorized(header, ws.query_params.get("api_key")):
         await ws.close(code=4401, reason="missing or wrong API key")
@@ -143,7 +147,6 @@ async def chat_socket(ws: WebSocket, session_id: str) -> None:
     except Exception as e:
         await ws.close(code=4400, reason=str(e)[:120])
         return
-    await ws.accept()
     if state.service is None:
         await ws.send_text(json.dumps({"type": "error", "message": "model is loading"}))
         await ws.close(code=1013)

@@ -1,0 +1,779 @@
+// The conversation view: one WebSocket per open session (/c/{id}), streamed replies,
+// versions (regenerate / edit) with a < i/n > pager, rollback, copy, auto-scroll.
+
+import { api, ApiError, backoff, net, wsUrl } from "./api.js";
+import { renderMarkdown } from "./markdown.js";
+import { clearReplyStats, setConnection, showReplyStats, statsFromMeta } from "./status.js";
+import { $, copyText, h, toast } from "./util.js";
+
+const STOP_GRACE_MS = 8000;
+
+/** A WebSocket to one session that reconnects with exponential backoff. The connection
+ * counts as up once the server's first "session" message arrives. */
+class ChatSocket {
+  constructor({ onMessage, onState }) {
+    this.onMessage = onMessage;
+    this.onState = onState;
+    this.ws = null;
+    this.id = null;
+    this.ready = false;
+    this.attempt = 0;
+    this.timer = null;
+  }
+
+  open(id) {
+    this.close();
+    this.id = id;
+    this.attempt = 0;
+    this.connect();
+  }
+
+  connect() {
+    clearTimeout(this.timer);
+    this.timer = null;
+    if (!this.id) return;
+    const ws = new WebSocket(wsUrl(`c/${encodeURIComponent(this.id)}`));
+    this.ws = ws;
+    this.ready = false;
+    this.onState(this.attempt ? "reconnecting" : "connecting");
+    let loading = false;
+    ws.addEventListener("message", (ev) => {
+      if (ws !== this.ws) return;
+      let msg;
+      try {
+        msg = JSON.parse(ev.data);
+      } catch {
+        return;
+      }
+      if (msg.type === "error" && msg.message === "model is loading") loading = true;
+      if (!this.ready && msg.type === "session") {
+        this.ready = true;
+        this.attempt = 0;
+        net.setAuthProblem(false);
+        net.note = "";
+        net.report("ws", "ok");
+        this.onState("open");
+      }
+      this.onMessage(msg);
+    });
+    ws.addEventListener("close", (ev) => {
+      if (ws !== this.ws) return;
+      this.ws = null;
+      const wasReady = this.ready;
+      this.ready = false;
+      this.onState("closed", { wasReady });
+      if (ev.code === 4401) {
+        // wrong or missing API key: retrying cannot help until the key changes
+        net.report("ws", null);
+        net.setAuthProblem(true);
+        this.onState("unauthorized");
+        return;
+      }
+      if (ev.code === 4400) {
+        net.report("ws", null);
+        this.onState("invalid");
+        return;
+      }
+      net.note = loading || ev.code === 1013 ? "The model is still loading." : "";
+      net.report("ws", "down");
+      this.schedule();
+    });
+  }
+
+  schedule() {
+    const delay = backoff(this.attempt++);
+    net.setRetryAt(Date.now() + delay);
+    this.onState("reconnecting");
+    this.timer = setTimeout(() => this.connect(), delay);
+  }
+
+  retryNow() {
+    if (this.id && !this.ws) this.connect();
+  }
+
+  close() {
+    clearTimeout(this.timer);
+    this.timer = null;
+    const ws = this.ws;
+    this.ws = null;
+    this.id = null;
+    this.ready = false;
+    if (ws) ws.close(1000);
+    net.report("ws", null);
+  }
+
+  send(payload) {
+    if (!this.ws || !this.ready || this.ws.readyState !== WebSocket.OPEN) return false;
+    this.ws.send(JSON.stringify(payload));
+    return true;
+  }
+}
+
+export class ChatView {
+  constructor({ onSessionsChanged, onSession }) {
+    this.onSessionsChanged = onSessionsChanged; // the sidebar should refresh
+    this.onSession = onSession; // the open session (or null) changed
+    this.sessionId = null;
+    this.session = null;
+    this.byId = new Map();
+    this.path = [];
+    this.streaming = null; // {parentId, text, el, body, frame}
+    this.busy = false; // a generating request was sent and its "done" has not come
+    this.stopTimer = null;
+    this.editing = null; // {id, draft}
+    this.pendingSend = null; // {id, text}: first message of a conversation just created
+    this.preloaded = null;
+    this.routeToken = 0;
+    this.stick = true;
+    this.draft = { system_prompt: "", params: null }; // settings of a chat not yet created
+
+    this.el = {
+      view: $("#chat-view"),
+      scroller: $("#messages"),
+      inner: $("#messages-inner"),
+      input: $("#input"),
+      form: $("#composer"),
+      send: $("#send"),
+      stop: $("#stop"),
+      jump: $("#jump"),
+      title: $("#title"),
+    };
+    this.socket = new ChatSocket({
+      onMessage: (msg) => this.handle(msg),
+      onState: (state, info) => this.socketState(state, info),
+    });
+    this.bind();
+    this.updateComposer();
+  }
+
+  bind() {
+    const { form, input, stop, scroller, jump } = this.el;
+    form.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      this.submit();
+    });
+    input.addEventListener("keydown", (ev) => {
+      if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing && ev.keyCode !== 229) {
+        ev.preventDefault();
+        this.submit();
+      }
+    });
+    input.addEventListener("input", () => this.autosize());
+    stop.addEventListener("click", () => this.stop());
+    scroller.addEventListener("scroll", () => {
+      const gap = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight;
+      this.stick = gap < 48;
+      jump.hidden = this.stick;
+    });
+    scroller.addEventListener("wheel", (ev) => {
+      if (ev.deltaY < 0) {
+        this.stick = false;
+        jump.hidden = false;
+      }
+    });
+    jump.addEventListener("click", () => {
+      this.stick = true;
+      jump.hidden = true;
+      this.scrollToBottom();
+    });
+  }
+
+  autosize() {
+    const { input } = this.el;
+    input.style.height = "auto";
+    input.style.height = `${Math.min(input.scrollHeight, 240)}px`;
+  }
+
+  // -- routing --------------------------------------------------------------------------
+  /** Show a new, empty chat; it is created on the server when its first message is sent. */
+  showNew() {
+    this.routeToken++;
+    this.socket.close();
+    this.reset(null);
+    setConnection("idle", "ready");
+    this.onSession(null);
+    this.render();
+    this.el.input.focus();
+  }
+
+  async open(id) {
+    if (id === this.sessionId && this.socket.id === id) return;
+    const token = ++this.routeToken;
+    this.socket.close();
+    this.reset(id);
+    this.onSession(null);
+    this.render();
+    let view = this.preloaded && this.preloaded.id === id ? this.preloaded : null;
+    this.preloaded = null;
+    if (!view) {
+      try {
+        view = await api(`api/sessions/${encodeURIComponent(id)}`);
+      } catch (e) {
+        if (token !== this.routeToken) return;
+        if (e instanceof ApiError && e.status === 404) {
+          this.showMissing(id);
+          return;
+        }
+        // unreachable or loading: the socket below retries and brings the state
+        if (e instanceof ApiError && e.status !== 0 && e.status !== 503) {
+          toast(e.message, "error");
+        }
+      }
+    }
+    if (token !== this.routeToken) return;
+    if (view) this.setSession(view);
+    this.socket.open(id);
+  }
+
+  reset(id) {
+    this.sessionId = id;
+    this.session = null;
+    this.byId = new Map();
+    this.path = [];
+    this.streaming = null;
+    this.busy = false;
+    this.editing = null;
+    this.stick = true;
+    this.missing = false;
+    clearTimeout(this.stopTimer);
+    clearReplyStats();
+    this.el.title.textContent = "New chat";
+    this.updateComposer();
+  }
+
+  showMissing(id) {
+    this.missing = true;
+    this.sessionId = null;
+    setConnection("idle", "ready");
+    this.el.title.textContent = "Conversation not found";
+    this.el.inner.replaceChildren(
+      h(
+        "div",
+        { class: "empty", "data-testid": "missing" },
+        h("h2", {}, "This conversation does not exist"),
+        h("p", {}, `No session “${id}” on this server; it may have been deleted.`),
+        h("p", {}, h("a", { href: "#/", class: "btn btn-primary" }, "Start a new chat")),
+      ),
+    );
+  }
+
+  retryNow() {
+    this.socket.retryNow();
+  }
+
+  reconnect() {
+    // after the API key changed
+    if (this.sessionId && !this.missing) {
+      const id = this.sessionId;
+      this.sessionId = null;
+      this.open(id);
+    }
+  }
+
+  // -- server messages ------------------------------------------------------------------
+  socketState(state, info) {
+    if (state === "open") setConnection("open", "connected");
+    else if (state === "connecting") setConnection("connecting", "connecting");
+    else if (state === "reconnecting") setConnection("down", "reconnecting");
+    else if (state === "unauthorized") setConnection("down", "API key needed");
+    else if (state === "invalid") setConnection("down", "invalid session id");
+    else if (state === "closed" && info?.wasReady && (this.streaming || this.busy)) {
+      // the server saves an interrupted reply as stopped; the next "session" shows it
+      this.streaming = null;
+      this.busy = false;
+      this.render();
+      this.updateComposer();
+    }
+  }
+
+  handle(msg) {
+    switch (msg.type) {
+      case "session":
+        this.setSession(msg.session);
+        this.flushPending();
+        break;
+      case "user_message":
+        this.addUserMessage(msg.message);
+        this.onSessionsChanged();
+        break;
+      case "reply_start":
+        this.beginStream(msg.parent_id);
+        break;
+      case "token":
+        this.appendToken(msg.text);
+        break;
+      case "done":
+        this.finishStream(msg);
+        break;
+      case "error":
+        this.serverError(msg.message);
+        break;
+      default:
+        break;
+    }
+  }
+
+  setSession(session) {
+    if (session.id !== this.sessionId) return;
+    this.session = session;
+    this.byId = new Map(session.messages.map((m) => [m.id, m]));
+    this.path = session.path.slice();
+    if (!this.busy) this.streaming = null;
+    this.el.title.textContent = session.title || "New chat";
+    document.title = session.title ? `${session.title} · hexin` : "hexin";
+    this.onSession(session);
+    const last = [...this.path].reverse().find((m) => m.role === "assistant");
+    const stats = last && statsFromMeta(last.meta);
+    if (stats) showReplyStats(stats);
+    else clearReplyStats();
+    this.render();
+    this.updateComposer();
+  }
+
+  flushPending() {
+    const pending = this.pendingSend;
+    if (!pending || pending.id !== this.sessionId) return;
+    this.pendingSend = null;
+    if (!this.socket.send({ type: "user", content: pending.text })) {
+      this.el.input.value = pending.text;
+      toast("Not connected; message not sent", "error");
+      return;
+    }
+    this.busy = true;
+    this.updateComposer();
+  }
+
+  addUserMessage(message) {
+    this.byId.set(message.id, message);
+    const idx = this.path.findIndex((m) => m.id === message.id);
+    if (idx >= 0) {
+      this.path = this.path.slice(0, idx + 1); // regenerate: the reply below is replaced
+    } else {
+      const parent = message.parent_id
+        ? this.path.findIndex((m) => m.id === message.parent_id)
+        : -1;
+      this.path = [...this.path.slice(0, parent + 1), message];
+    }
+    this.busy = true;
+    this.stick = true;
+    this.render();
+    this.updateComposer();
+  }
+
+  beginStream(parentId) {
+    const body = h("div", { class: "msg-body md", "data-testid": "message-content" });
+    const el = h(
+      "article",
+      {
+        class: "msg msg-assistant streaming",
+        "data-testid": "message",
+        "data-role": "assistant",
+        "data-streaming": "true",
+        "aria-busy": "true",
+      },
+      h("div", { class: "msg-role" }, "Assistant"),
+      body,
+      h("span", { class: "cursor", "aria-hidden": "true" }),
+    );
+    this.streaming = { parentId, text: "", el, body, frame: 0 };
+    this.busy = true;
+    this.el.inner.querySelector(".empty")?.remove();
+    this.el.inner.append(el);
+    this.updateComposer();
+    this.afterContentChange();
+  }
+
+  appendToken(text) {
+    const s = this.streaming;
+    if (!s) return;
+    s.text += text;
+    if (!s.frame) {
+      s.frame = requestAnimationFrame(() => {
+        s.frame = 0;
+        s.body.replaceChildren(renderMarkdown(s.text));
+        this.afterContentChange();
+      });
+    }
+  }
+
+  finishStream(msg) {
+    clearTimeout(this.stopTimer);
+    if (this.streaming?.frame) cancelAnimationFrame(this.streaming.frame);
+    this.streaming = null;
+    this.busy = false;
+    const message = msg.message;
+    if (message) {
+      this.byId.set(message.id, message);
+      const parent = this.path.findIndex((m) => m.id === message.parent_id);
+      this.path = [...this.path.slice(0, parent + 1), message];
+    }
+    showReplyStats(msg);
+    this.render();
+    this.updateComposer();
+    this.onSessionsChanged();
+    this.socket.send({ type: "session" }); // versions and title, as the server has them
+  }
+
+  serverError(message) {
+    toast(message, "error", 6000);
+    if (this.busy && !this.streaming) {
+      this.busy = false; // the request was refused before a reply started
+      this.updateComposer();
+    }
+  }
+
+  // -- actions --------------------------------------------------------------------------
+  async submit() {
+    const { input } = this.el;
+    const text = input.value;
+    if (!text.trim() || this.busy || this.creating) return;
+    if (!this.sessionId) {
+      await this.createAndSend(text);
+      return;
+    }
+    if (!this.socket.send({ type: "user", content: text })) {
+      toast("Not connected to the server; try again in a moment", "error");
+      return;
+    }
+    this.busy = true;
+    input.value = "";
+    this.autosize();
+    this.updateComposer();
+  }
+
+  async createAndSend(text) {
+    this.creating = true;
+    this.updateComposer();
+    try {
+      const body = {};
+      if (this.draft.system_prompt) body.system_prompt = this.draft.system_prompt;
+      if (this.draft.params) body.params = this.draft.params;
+      const view = await api("api/sessions", { method: "POST", body });
+      this.draft = { system_prompt: "", params: null };
+      this.el.input.value = "";
+      this.autosize();
+      this.pendingSend = { id: view.id, text };
+      this.preloaded = view;
+      this.onSessionsChanged();
+      location.hash = `#/c/${view.id}`;
+    } catch (e) {
+      toast(`Could not start the conversation: ${e.message}`, "error");
+    } finally {
+      this.creating = false;
+      this.updateComposer();
+    }
+  }
+
+  stop() {
+    if (!this.busy) return;
+    this.socket.send({ type: "stop" });
+    clearTimeout(this.stopTimer);
+    // if no "done" comes (the reply failed), do not leave the page stuck
+    this.stopTimer = setTimeout(() => {
+      if (!this.busy) return;
+      this.busy = false;
+      this.streaming = null;
+      this.updateComposer();
+      this.socket.send({ type: "session" });
+    }, STOP_GRACE_MS);
+  }
+
+  request(payload) {
+    if (this.busy) return false;
+    if (!this.socket.send(payload)) {
+      toast("Not connected to the server", "error");
+      return false;
+    }
+    return true;
+  }
+
+  regenerate() {
+    if (this.request({ type: "regenerate" })) {
+      this.busy = true;
+      this.updateComposer();
+    }
+  }
+
+  rollback() {
+    this.request({ type: "rollback" });
+  }
+
+  switchTo(messageId) {
+    this.request({ type: "switch", message_id: messageId });
+  }
+
+  submitEdit(message, content) {
+    if (!content.trim()) return;
+    if (this.request({ type: "edit", message_id: message.id, content })) {
+      this.editing = null;
+      this.busy = true;
+      this.updateComposer();
+    }
+  }
+
+  // -- rendering ------------------------------------------------------------------------
+  /** Versions of a message: the messages with the same parent and role, oldest first. */
+  siblings(message) {
+    const out = [];
+    for (const m of this.byId.values()) {
+      if (m.parent_id === message.parent_id && m.role === message.role) out.push(m);
+    }
+    out.sort((a, b) => a.created_at - b.created_at || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+    return out;
+  }
+
+  render() {
+    const items = this.path.map((m, i) => this.messageEl(m, i === this.path.length - 1));
+    if (this.streaming) items.push(this.streaming.el);
+    if (!items.length && !this.missing) items.push(this.emptyEl());
+    if (!this.missing) this.el.inner.replaceChildren(...items);
+    this.afterContentChange();
+  }
+
+  emptyEl() {
+    return h(
+      "div",
+      { class: "empty", "data-testid": "empty-chat" },
+      h("h2", {}, "What shall we talk about?"),
+      h(
+        "p",
+        {},
+        "Enter sends, Shift+Enter starts a new line, Esc stops a reply. ",
+        "Sampling settings and the system prompt are under ⚙.",
+      ),
+    );
+  }
+
+  messageEl(m, isLast) {
+    const role = m.role === "user" ? "user" : "assistant";
+    const editing = this.editing && this.editing.id === m.id;
+    const body = h("div", {
+      class: role === "user" ? "msg-body plain" : "msg-body md",
+      "data-testid": "message-content",
+    });
+    if (editing) {
+      body.append(this.editorEl(m));
+    } else if (role === "user") {
+      body.textContent = m.content;
+    } else if (m.content) {
+      body.append(renderMarkdown(m.content));
+    } else {
+      body.append(h("em", { class: "muted" }, "(no text)"));
+    }
+    const el = h(
+      "article",
+      {
+        class: `msg msg-${role}`,
+        "data-testid": "message",
+        "data-role": role,
+        "data-id": m.id,
+        "data-status": m.status,
+      },
+      h("div", { class: "msg-role" }, role === "user" ? "You" : "Assistant"),
+      body,
+    );
+    if (!editing) el.append(this.actionsEl(m, isLast));
+    return el;
+  }
+
+  actionsEl(m, isLast) {
+    const bar = h("div", { class: "msg-actions" });
+    const disabled = this.busy;
+    const sibs = this.siblings(m);
+    if (sibs.length > 1) {
+      const i = sibs.findIndex((s) => s.id === m.id);
+      bar.append(
+        h(
+          "span",
+          { class: "pager", "data-testid": "version-pager" },
+          h(
+            "button",
+            {
+              type: "button",
+              class: "icon-btn small",
+              "aria-label": "Previous version",
+              "data-testid": "version-prev",
+              disabled: disabled || i <= 0,
+              onclick: () => this.switchTo(sibs[i - 1].id),
+            },
+            "‹",
+          ),
+          h("span", { class: "pager-label", "data-testid": "version-label" }, `${i + 1}/${sibs.length}`),
+          h(
+            "button",
+            {
+              type: "button",
+              class: "icon-btn small",
+              "aria-label": "Next version",
+              "data-testid": "version-next",
+              disabled: disabled || i >= sibs.length - 1,
+              onclick: () => this.switchTo(sibs[i + 1].id),
+            },
+            "›",
+          ),
+        ),
+      );
+    }
+    if (m.status === "stopped") {
+      bar.append(h("span", { class: "badge", "data-testid": "stopped-badge" }, "stopped"));
+    }
+    const copy = h(
+      "button",
+      { type: "button", class: "act", "aria-label": "Copy message", "data-testid": "copy-message" },
+      "Copy",
+    );
+    copy.addEventListener("click", async () => {
+      const ok = await copyText(m.content);
+      copy.textContent = ok ? "Copied" : "Copy failed";
+      setTimeout(() => (copy.textContent = "Copy"), 1500);
+    });
+    bar.append(copy);
+    if (m.role === "user") {
+      bar.append(
+        h(
+          "button",
+          {
+            type: "button",
+            class: "act",
+            "aria-label": "Edit message",
+            "data-testid": "edit-message",
+            disabled,
+            onclick: () => {
+              this.editing = { id: m.id, draft: m.content };
+              this.render();
+              this.el.inner.querySelector("[data-testid=edit-input]")?.focus();
+            },
+          },
+          "Edit",
+        ),
+      );
+    }
+    if (m.role === "assistant" && isLast) {
+      bar.append(
+        h(
+          "button",
+          {
+            type: "button",
+            class: "act",
+            "aria-label": "Regenerate reply",
+            "data-testid": "regenerate",
+            disabled,
+            onclick: () => this.regenerate(),
+          },
+          "Regenerate",
+        ),
+      );
+    }
+    if (m.role === "user" && isLast) {
+      // a question left without an answer (its reply was rolled back): answer it
+      bar.append(
+        h(
+          "button",
+          {
+            type: "button",
+            class: "act",
+            "aria-label": "Generate a reply",
+            "data-testid": "reply",
+            disabled,
+            onclick: () => this.regenerate(),
+          },
+          "Reply",
+        ),
+      );
+    }
+    if (isLast) {
+      bar.append(
+        h(
+          "button",
+          {
+            type: "button",
+            class: "act",
+            "aria-label": m.role === "assistant" ? "Roll back the last reply" : "Roll back the last message",
+            "data-testid": "rollback",
+            title: "Remove this message from the conversation",
+            disabled,
+            onclick: () => this.rollback(),
+          },
+          "Roll back",
+        ),
+      );
+    }
+    return bar;
+  }
+
+  editorEl(m) {
+    const area = h("textarea", {
+      class: "edit-input",
+      "data-testid": "edit-input",
+      "aria-label": "Edit message",
+      rows: 3,
+    });
+    area.value = this.editing.draft;
+    area.addEventListener("input", () => {
+      if (this.editing) this.editing.draft = area.value;
+    });
+    const cancel = () => {
+      this.editing = null;
+      this.render();
+    };
+    area.addEventListener("keydown", (ev) => {
+      if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+        ev.preventDefault();
+        this.submitEdit(m, area.value);
+      } else if (ev.key === "Escape") {
+        ev.preventDefault();
+        ev.stopPropagation();
+        cancel();
+      }
+    });
+    return h(
+      "div",
+      { class: "editor" },
+      area,
+      h(
+        "div",
+        { class: "editor-actions" },
+        h(
+          "button",
+          { type: "button", class: "btn", "data-testid": "edit-cancel", onclick: cancel },
+          "Cancel",
+        ),
+        h(
+          "button",
+          {
+            type: "button",
+            class: "btn btn-primary",
+            "data-testid": "edit-save",
+            "aria-label": "Save and send the edited message",
+            onclick: () => this.submitEdit(m, area.value),
+          },
+          "Save & send",
+        ),
+      ),
+    );
+  }
+
+  updateComposer() {
+    const { send, stop, input } = this.el;
+    const busy = this.busy;
+    send.hidden = busy;
+    stop.hidden = !busy;
+    send.disabled = !!this.creating || this.missing;
+    input.disabled = this.missing;
+    this.el.view.dataset.busy = busy ? "true" : "false";
+    for (const b of this.el.inner.querySelectorAll(".msg-actions button")) {
+      if (b.dataset.testid !== "copy-message") {
+        if (busy) b.disabled = true;
+      }
+    }
+  }
+
+  afterContentChange() {
+    if (this.stick) this.scrollToBottom();
+  }
+
+  scrollToBottom() {
+    const { scroller } = this.el;
+    scroller.scrollTop = scroller.scrollHeight;
+  }
+}

@@ -1,0 +1,190 @@
+// The conversations sidebar: newest first, search, rename inline, delete with a confirm.
+
+import { api } from "./api.js";
+import { icon } from "./icons.js";
+import { $, debounce, formatWhen, h, toast } from "./util.js";
+
+/** A modal yes/no question; resolves true when the user confirms. */
+export function confirmDialog(text, okLabel = "Delete") {
+  const dialog = $("#confirm-dialog");
+  $("#confirm-text").textContent = text;
+  $("#confirm-ok").textContent = okLabel;
+  dialog.returnValue = "";
+  dialog.showModal();
+  $("#confirm-ok").focus();
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
+  });
+}
+
+export class Sidebar {
+  constructor({ onDeleted, onNavigate }) {
+    this.onDeleted = onDeleted;
+    this.onNavigate = onNavigate;
+    this.list = $("#session-list");
+    this.empty = $("#session-empty");
+    this.search = $("#session-search");
+    this.activeId = null;
+    this.sessions = [];
+    this.renaming = null;
+    this.seq = 0;
+    const later = debounce(() => this.refresh(), 200);
+    this.search.addEventListener("input", later);
+    this.search.addEventListener("keydown", (ev) => {
+      if (ev.key === "Escape" && this.search.value) {
+        ev.stopPropagation();
+        this.search.value = "";
+        this.refresh();
+      }
+    });
+    this.refreshSoon = debounce(() => this.refresh(), 150);
+  }
+
+  async refresh() {
+    const seq = ++this.seq;
+    const q = this.search.value.trim();
+    let data;
+    try {
+      data = await api(q ? `api/sessions?q=${encodeURIComponent(q)}` : "api/sessions");
+    } catch {
+      return; // the banner tells about connectivity; keep the list we have
+    }
+    if (seq !== this.seq) return; // a newer refresh is under way
+    this.sessions = [...data.sessions].sort((a, b) => b.updated_at - a.updated_at);
+    this.render();
+  }
+
+  setActive(id) {
+    this.activeId = id;
+    for (const li of this.list.children) {
+      const active = li.dataset.id === id;
+      li.classList.toggle("active", active);
+      const link = li.querySelector("a");
+      if (link) {
+        if (active) link.setAttribute("aria-current", "page");
+        else link.removeAttribute("aria-current");
+      }
+    }
+  }
+
+  render() {
+    const q = this.search.value.trim();
+    this.list.replaceChildren(...this.sessions.map((s) => this.itemEl(s)));
+    this.empty.hidden = this.sessions.length > 0;
+    this.empty.textContent = q ? "No conversation matches." : "No conversations yet.";
+  }
+
+  itemEl(s) {
+    const active = s.id === this.activeId;
+    const title = s.title || "Untitled";
+    const li = h("li", {
+      class: active ? "session active" : "session",
+      "data-testid": "session-item",
+      "data-id": s.id,
+    });
+    if (this.renaming === s.id) {
+      const input = h("input", {
+        type: "text",
+        class: "rename-input",
+        "data-testid": "rename-input",
+        "aria-label": "New title",
+        maxlength: 200,
+      });
+      input.value = s.title;
+      let done = false;
+      const finish = async (save) => {
+        if (done) return;
+        done = true;
+        this.renaming = null;
+        if (save && input.value.trim() !== s.title) {
+          try {
+            await api(`api/sessions/${encodeURIComponent(s.id)}`, {
+              method: "PATCH",
+              body: { title: input.value.trim() },
+            });
+            s.title = input.value.trim();
+            this.onNavigate?.("renamed", s);
+          } catch (e) {
+            toast(`Rename failed: ${e.message}`, "error");
+          }
+        }
+        this.render();
+        this.refresh();
+      };
+      input.addEventListener("keydown", (ev) => {
+        if (ev.key === "Enter") {
+          ev.preventDefault();
+          finish(true);
+        } else if (ev.key === "Escape") {
+          ev.preventDefault();
+          ev.stopPropagation();
+          finish(false);
+        }
+      });
+      input.addEventListener("blur", () => finish(true));
+      li.append(input);
+      queueMicrotask(() => {
+        input.focus();
+        input.select();
+      });
+      return li;
+    }
+    const link = h(
+      "a",
+      {
+        href: `#/c/${s.id}`,
+        class: "session-link",
+        "data-testid": "session-link",
+        "aria-current": active ? "page" : null,
+        title,
+        onclick: () => this.onNavigate?.("open", s),
+      },
+      h("span", { class: "session-title", "data-testid": "session-title" }, title),
+      h("span", { class: "session-when" }, formatWhen(s.updated_at)),
+    );
+    const rename = h(
+      "button",
+      {
+        type: "button",
+        class: "icon-btn small",
+        "aria-label": `Rename “${title}”`,
+        "data-testid": "session-rename",
+        title: "Rename",
+        onclick: () => {
+          this.renaming = s.id;
+          this.render();
+        },
+      },
+      icon("pencil"),
+    );
+    const del = h(
+      "button",
+      {
+        type: "button",
+        class: "icon-btn small",
+        "aria-label": `Delete “${title}”`,
+        "data-testid": "session-delete",
+        title: "Delete",
+        onclick: () => this.remove(s),
+      },
+      icon("trash"),
+    );
+    li.append(link, h("span", { class: "session-tools" }, rename, del));
+    return li;
+  }
+
+  async remove(s) {
+    const title = s.title || "Untitled";
+    if (!(await confirmDialog(`Delete “${title}”? This cannot be undone.`))) return;
+    try {
+      await api(`api/sessions/${encodeURIComponent(s.id)}`, { method: "DELETE" });
+    } catch (e) {
+      toast(`Delete failed: ${e.message}`, "error");
+      return;
+    }
+    this.sessions = this.sessions.filter((x) => x.id !== s.id);
+    this.render();
+    this.onDeleted(s.id);
+    this.refresh();
+  }
+}

@@ -1,0 +1,662 @@
+"""End-to-end tests of the web UI (src/hexin/web) in a real browser.
+
+A real ``hexin serve`` runs in a subprocess on the default GGUF model; headless Chromium
+(Debian's /usr/bin/chromium, driven by Playwright for Python) uses the page the way a
+person would. Replies are greedy and short: the model decodes a few dozen tokens a second
+on a CPU shared with everything else, so waits for generated text are generous.
+
+Screenshots land in tests/artifacts/ (git-ignored): desktop and phone width, light and dark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+try:
+    from playwright.sync_api import Browser, Page, expect, sync_playwright
+    from playwright.sync_api import Error as PlaywrightError
+except ImportError:  # pragma: no cover - depends on the machine
+    pytest.skip(
+        "the web UI tests need Playwright for Python: pip install playwright",
+        allow_module_level=True,
+    )
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.is_file():  # pragma: no cover - depends on the machine
+    pytest.skip(
+        "the web UI tests need Debian's Chromium at /usr/bin/chromium: apt-get install chromium",
+        allow_module_level=True,
+    )
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "tests" / "artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+GEN_MS = 180_000  # waiting for a reply on a busy CPU
+UI_MS = 15_000  # waiting for the page to react
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+
+
+# -- the server ------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: str, log: Path) -> None:
+        self.base, self.log = base, log
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=60) as res:
+            raw = res.read()
+        return json.loads(raw) if raw else None
+
+    def status(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=10) as res:
+                return res.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def new_session(self, **params: Any) -> str:
+        body = {"params": {"temperature": 0, "max_tokens": 8, **params}}
+        return self.request("POST", "/api/sessions", body)["id"]
+
+    def import_session(
+        self, title: str, turns: list[tuple[str, str]], last_meta: dict | None = None
+    ) -> str:
+        """A finished conversation, without generating: (user, assistant) pairs; the last
+        reply may carry usage figures (``meta``) as the server records them."""
+        messages, parent, t = [], None, time.time()
+        for i, (user, reply) in enumerate(turns):
+            for role, content in (("user", user), ("assistant", reply)):
+                mid = uuid.uuid4().hex[:16]
+                messages.append(
+                    {
+                        "id": mid,
+                        "parent_id": parent,
+                        "role": role,
+                        "content": content,
+                        "created_at": t + i * 0.01 + (0.005 if role == "assistant" else 0),
+                    }
+                )
+                parent = mid
+        if last_meta:
+            messages[-1]["meta"] = last_meta
+        body = {
+            "id": "imp" + uuid.uuid4().hex[:12],
+            "title": title,
+            "messages": messages,
+            "active_id": parent,
+            "params": {"temperature": 0, "max_tokens": 8},
+        }
+        return self.request("POST", "/api/sessions/import", body)["id"]
+
+
+@pytest.fixture(scope="module")
+def server(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    home = tmp_path_factory.mktemp("hexin-web")
+    port = free_port()
+    log = home / "server.log"
+    env = dict(os.environ, HEXIN_HOME=str(home))
+    cmd = [sys.executable, "-m", "hexin.cli", "serve", "--model", str(default_gguf)]
+    cmd += ["--port", str(port), "--db", str(home / "chat.db")]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=home)
+    srv = Server(f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"hexin serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+            with contextlib.suppress(OSError):
+                if srv.status("/health") == 200:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"hexin serve not healthy in time:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        assert srv.status("/") == 200, "the server does not serve the web UI at /"
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- the browser -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Browser, server: Server) -> Iterator[Page]:
+    context = browser.new_context(viewport=DESKTOP, color_scheme="light", base_url=server.base)
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.base)
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    yield pg
+    context.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+def shot(pg: Page, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
+    pg.screenshot(path=str(path))
+    assert path.stat().st_size > 5000
+    return path
+
+
+def open_chat(pg: Page, session_id: str) -> None:
+    pg.goto(f"/#/c/{session_id}")
+    expect(pg.get_by_test_id("connection")).to_have_attribute("data-state", "open", timeout=UI_MS)
+
+
+def assistant_done(pg: Page):
+    return pg.locator("[data-testid=message][data-role=assistant]:not([data-streaming])")
+
+
+def wait_replies(pg: Page, count: int) -> None:
+    """Wait until the path shows ``count`` finished replies and the composer is idle."""
+    expect(assistant_done(pg)).to_have_count(count, timeout=GEN_MS)
+    expect(pg.get_by_test_id("send")).to_be_visible(timeout=GEN_MS)
+
+
+def watch_growth(pg: Page, steps: int = 3) -> list[int]:
+    """Sample the streaming reply until its text has grown ``steps`` times; the lengths."""
+    body = pg.locator("[data-testid=message][data-streaming=true] [data-testid=message-content]")
+    lengths: list[int] = []
+    deadline = time.monotonic() + GEN_MS / 1000
+    while len(lengths) < steps:
+        assert time.monotonic() < deadline, f"the reply did not stream: {lengths}"
+        with contextlib.suppress(PlaywrightError):
+            if body.count():
+                n = len(body.inner_text(timeout=1000))
+                if n and (not lengths or n > lengths[-1]):
+                    lengths.append(n)
+        pg.wait_for_timeout(40)
+    return lengths
+
+
+def set_sampling(pg: Page, *, temperature: str = "0", max_tokens: str) -> None:
+    pg.get_by_test_id("open-settings").click()
+    dialog = pg.get_by_test_id("settings-dialog")
+    expect(dialog).to_be_visible()
+    pg.get_by_test_id("set-temperature").fill(temperature)
+    pg.get_by_test_id("set-max-tokens").fill(max_tokens)
+    pg.get_by_test_id("settings-save").click()
+    expect(dialog).to_be_hidden()
+
+
+def session_id_from_url(pg: Page) -> str:
+    match = re.search(r"#/c/([A-Za-z0-9_-]+)$", pg.url)
+    assert match, pg.url
+    return match.group(1)
+
+
+# -- tests -----------------------------------------------------------------------------------
+def test_new_chat_streams_stops_and_shows_stats(page: Page, server: Server) -> None:
+    pg = page
+    pg.goto("/")
+    expect(pg.get_by_test_id("status-model")).to_contain_text("SmolLM2", timeout=UI_MS)
+    expect(pg.get_by_test_id("empty-chat")).to_be_visible()
+    # settings of a chat not yet created are applied when it is
+    set_sampling(pg, max_tokens="400")
+    box = pg.get_by_test_id("chat-input")
+    box.fill("Tell me a long story about a brave little dragon")
+    box.press("Shift+Enter")  # a new line, not a send
+    box.press_sequentially("and a wise old owl.")
+    assert box.input_value().count("\n") == 1
+    box.press("Enter")
+
+    expect(pg).to_have_url(re.compile(r"#/c/[A-Za-z0-9_-]+$"), timeout=UI_MS)
+    sid = session_id_from_url(pg)
+    user = pg.locator("[data-testid=message][data-role=user]")
+    expect(user).to_have_count(1, timeout=UI_MS)
+    expect(user.get_by_test_id("message-content")).to_have_text(
+        "Tell me a long story about a brave little dragon\nand a wise old owl."
+    )
+    lengths = watch_growth(pg)
+    assert lengths == sorted(lengths) and len(set(lengths)) == 3
+    expect(pg.get_by_test_id("stop")).to_be_visible()
+    pg.get_by_test_id("stop").click()
+    wait_replies(pg, 1)
+    reply = assistant_done(pg).last
+    expect(reply).to_have_attribute("data-status", "stopped")
+    expect(reply.get_by_test_id("stopped-badge")).to_be_visible()
+
+    stored = server.request("GET", f"/api/sessions/{sid}")
+    assert stored["params"]["temperature"] == 0 and stored["params"]["max_tokens"] == 400
+    last = stored["path"][-1]
+    assert last["role"] == "assistant" and last["status"] == "stopped"
+    assert 0 < last["meta"]["completion_tokens"] < 400
+
+    # the status bar describes the last reply
+    expect(pg.get_by_test_id("status-speed")).to_contain_text("tok/s")
+    expect(pg.get_by_test_id("status-ttft")).to_contain_text(re.compile(r"TTFT \d+ ms"))
+    expect(pg.get_by_test_id("status-context-text")).to_contain_text("/ 8,192 tokens")
+    expect(pg.get_by_test_id("status-cached")).to_contain_text("cached")
+    assert float(pg.get_by_test_id("status-context").get_attribute("aria-valuenow")) > 0
+    expect(pg.get_by_test_id("status-dropped")).to_be_hidden()
+
+    # Esc stops a reply too
+    box.fill("And then what happened to the dragon?")
+    box.press("Enter")
+    watch_growth(pg, steps=2)
+    pg.keyboard.press("Escape")
+    wait_replies(pg, 2)
+    expect(assistant_done(pg).last).to_have_attribute("data-status", "stopped")
+
+    # the sidebar lists the new conversation, highlighted, titled by its first message
+    item = pg.locator(f"[data-testid=session-item][data-id='{sid}']")
+    expect(item).to_have_class(re.compile(r"\bactive\b"))
+    expect(item.get_by_test_id("session-title")).to_have_text(
+        "Tell me a long story about a brave little dragon"
+    )
+
+
+def test_regenerate_pager_edit_branch_rollback_reload(page: Page, server: Server) -> None:
+    pg = page
+    sid = server.new_session(max_tokens=6)
+    open_chat(pg, sid)
+    pg.get_by_test_id("chat-input").fill("Name a colour.")
+    pg.get_by_test_id("chat-input").press("Enter")
+    wait_replies(pg, 1)
+    expect(pg.get_by_test_id("version-pager")).to_have_count(0)
+
+    # regenerate: a second version of the reply, with a < 2/2 > pager
+    pg.get_by_test_id("regenerate").click()
+    wait_replies(pg, 1)
+    reply = assistant_done(pg)
+    expect(reply.get_by_test_id("version-label")).to_have_text("2/2", timeout=UI_MS)
+    stored = server.request("GET", f"/api/sessions/{sid}")["messages"]
+    replies = [m["id"] for m in stored if m["role"] == "assistant"]  # oldest first
+    assert len(replies) == 2
+    reply.get_by_test_id("version-prev").click()
+    expect(reply.get_by_test_id("version-label")).to_have_text("1/2", timeout=UI_MS)
+    expect(reply.get_by_test_id("version-prev")).to_be_disabled()
+    assert server.request("GET", f"/api/sessions/{sid}")["active_id"] == replies[0]
+    reply.get_by_test_id("version-next").click()
+    expect(reply.get_by_test_id("version-label")).to_have_text("2/2", timeout=UI_MS)
+
+    # edit the user message: a new branch, the old one behind the user message's pager
+    user = pg.locator("[data-testid=message][data-role=user]")
+    user.get_by_test_id("edit-message").click()
+    editor = pg.get_by_test_id("edit-input")
+    expect(editor).to_have_value("Name a colour.")
+    editor.fill("Name an animal.")
+    pg.get_by_test_id("edit-save").click()
+    wait_replies(pg, 1)
+    expect(user.get_by_test_id("message-content")).to_have_text("Name an animal.")
+    expect(user.get_by_test_id("version-label")).to_have_text("2/2", timeout=UI_MS)
+    expect(assistant_done(pg).get_by_test_id("version-pager")).to_have_count(0)
+    user.get_by_test_id("version-prev").click()
+    expect(user.get_by_test_id("message-content")).to_have_text("Name a colour.", timeout=UI_MS)
+    expect(user.get_by_test_id("version-label")).to_have_text("1/2")
+    expect(assistant_done(pg).get_by_test_id("version-label")).to_have_text("2/2")
+    user.get_by_test_id("version-next").click()
+    expect(user.get_by_test_id("message-content")).to_have_text("Name an animal.", timeout=UI_MS)
+
+    # a second turn, then roll it back
+    pg.get_by_test_id("chat-input").fill("Another one?")
+    pg.get_by_test_id("chat-input").press("Enter")
+    wait_replies(pg, 2)
+    messages = pg.get_by_test_id("message")
+    expect(messages).to_have_count(4)
+    assistant_done(pg).last.get_by_test_id("rollback").click()
+    expect(messages).to_have_count(3, timeout=UI_MS)
+    expect(messages.last).to_have_attribute("data-role", "user")
+    path = server.request("GET", f"/api/sessions/{sid}")["path"]
+    assert [m["role"] for m in path] == ["user", "assistant", "user"]
+
+    # reload: the URL carries the session, which comes back as it was
+    pg.reload()
+    expect(pg.get_by_test_id("connection")).to_have_attribute("data-state", "open", timeout=UI_MS)
+    expect(messages).to_have_count(3)
+    expect(messages.nth(0).get_by_test_id("message-content")).to_have_text("Name an animal.")
+    expect(messages.nth(0).get_by_test_id("version-label")).to_have_text("2/2")
+    expect(messages.nth(2).get_by_test_id("message-content")).to_have_text("Another one?")
+    expect(pg.get_by_test_id("chat-title")).to_have_text("Name a colour.")
+    expect(messages.last.get_by_test_id("rollback")).to_have_count(1)
+    # the question left without an answer can be answered again
+    messages.last.get_by_test_id("reply").click()
+    wait_replies(pg, 2)
+    expect(messages).to_have_count(4)
+    assert len(server.request("GET", f"/api/sessions/{sid}")["path"]) == 4
+
+
+def test_sidebar_navigation_search_rename_delete(page: Page, server: Server) -> None:
+    pg = page
+    tag = uuid.uuid4().hex[:6]
+    older = server.import_session(
+        f"Volcano notes {tag}", [("Tell me about lava", "Lava is molten rock.")]
+    )
+    newer = server.import_session(
+        f"Penguin facts {tag}", [("What do penguins eat?", f"Mostly krill{tag} and fish.")]
+    )
+    pg.goto("/")
+    items = pg.get_by_test_id("session-item")
+    expect(items.first).to_have_attribute("data-id", newer, timeout=UI_MS)  # newest first
+    expect(items.nth(1)).to_have_attribute("data-id", older)
+
+    # open one from the list: the URL follows, the item is highlighted
+    pg.locator(f"[data-testid=session-item][data-id='{older}'] a").click()
+    expect(pg).to_have_url(re.compile(f"#/c/{older}$"))
+    expect(pg.get_by_test_id("message").last).to_contain_text("Lava is molten rock.")
+    active = pg.locator("[data-testid=session-item].active")
+    expect(active).to_have_attribute("data-id", older)
+    expect(active.locator("a")).to_have_attribute("aria-current", "page")
+    pg.locator(f"[data-testid=session-item][data-id='{newer}'] a").click()
+    expect(pg.get_by_test_id("message").last).to_contain_text("Mostly krill")
+    # back and forward move between conversations
+    pg.go_back()
+    expect(pg).to_have_url(re.compile(f"#/c/{older}$"))
+    expect(pg.get_by_test_id("message").last).to_contain_text("Lava is molten rock.")
+    pg.go_forward()
+    expect(pg.get_by_test_id("message").last).to_contain_text("Mostly krill")
+    pg.reload()
+    expect(pg.get_by_test_id("message").last).to_contain_text("Mostly krill", timeout=UI_MS)
+    expect(pg.get_by_test_id("chat-title")).to_have_text(f"Penguin facts {tag}")
+
+    # search matches titles and message text
+    search = pg.get_by_test_id("session-search")
+    search.fill(f"krill{tag}")
+    expect(items).to_have_count(1, timeout=UI_MS)
+    expect(items.first).to_have_attribute("data-id", newer)
+    search.fill(f"volcano notes {tag}")
+    expect(items).to_have_count(1, timeout=UI_MS)
+    expect(items.first).to_have_attribute("data-id", older)
+    search.fill("")
+    expect(pg.locator(f"[data-testid=session-item][data-id='{older}']")).to_have_count(1)
+    expect(items.first).to_have_attribute("data-id", newer, timeout=UI_MS)
+
+    # rename inline
+    item = pg.locator(f"[data-testid=session-item][data-id='{newer}']")
+    item.get_by_test_id("session-rename").click()
+    field = pg.get_by_test_id("rename-input")
+    expect(field).to_be_focused()
+    field.fill(f"Birds {tag}")
+    field.press("Enter")
+    expect(item.get_by_test_id("session-title")).to_have_text(f"Birds {tag}", timeout=UI_MS)
+    expect(pg.get_by_test_id("chat-title")).to_have_text(f"Birds {tag}")
+    assert server.request("GET", f"/api/sessions/{newer}")["title"] == f"Birds {tag}"
+
+    # delete asks first; cancel keeps it, confirm removes it and leaves the open chat
+    item.get_by_test_id("session-delete").click()
+    dialog = pg.get_by_test_id("confirm-dialog")
+    expect(dialog).to_be_visible()
+    expect(dialog).to_contain_text(f"Birds {tag}")
+    pg.get_by_test_id("confirm-cancel").click()
+    expect(dialog).to_be_hidden()
+    assert server.status(f"/api/sessions/{newer}") == 200
+    item.get_by_test_id("session-delete").click()
+    pg.get_by_test_id("confirm-ok").click()
+    expect(item).to_have_count(0, timeout=UI_MS)
+    expect(pg).to_have_url(re.compile(r"#/$"))
+    expect(pg.get_by_test_id("empty-chat")).to_be_visible()
+    assert server.status(f"/api/sessions/{newer}") == 404
+    # an old link to it says so instead of creating it again
+    pg.goto(f"/#/c/{newer}")
+    expect(pg.get_by_test_id("missing")).to_be_visible(timeout=UI_MS)
+    assert server.status(f"/api/sessions/{newer}") == 404
+
+
+def test_model_output_html_renders_as_text(page: Page, server: Server) -> None:
+    pg = page
+    evil = (
+        'Look: <img src=x onerror="window.__xss = 1"> and '
+        "<script>window.__xss = 2</script>\n\n"
+        "<iframe src=javascript:window.__xss=3></iframe>\n\n"
+        "[click](javascript:window.__xss=4) ![pic](x onerror=alert(1))\n\n"
+        "```html\n<b>bold?</b>\n```\n\n**real bold**"
+    )
+    sid = server.import_session("xss check", [('<img src=y onerror="window.__xss = 5">', evil)])
+    open_chat(pg, sid)
+    reply = pg.locator("[data-testid=message][data-role=assistant] [data-testid=message-content]")
+    expect(reply).to_contain_text('<img src=x onerror="window.__xss = 1">')
+    expect(reply).to_contain_text("<script>window.__xss = 2</script>")
+    expect(reply).to_contain_text("<iframe src=javascript:window.__xss=3></iframe>")
+    expect(reply.locator("strong")).to_have_text("real bold")  # markdown still renders
+    expect(reply.locator("pre code")).to_have_text("<b>bold?</b>")
+    content = pg.locator("[data-testid=messages]")
+    for tag in ("img", "script", "iframe", "b"):
+        expect(content.locator(tag)).to_have_count(0)
+    link = reply.locator("a")
+    expect(link).to_have_count(1)
+    assert link.get_attribute("href") is None  # javascript: dropped
+    user = pg.locator("[data-testid=message][data-role=user] [data-testid=message-content]")
+    expect(user).to_have_text('<img src=y onerror="window.__xss = 5">')
+    pg.wait_for_timeout(300)
+    assert pg.evaluate("window.__xss") is None
+    # copy puts the raw text on the clipboard
+    pg.locator("[data-testid=message][data-role=assistant]").get_by_test_id("copy-message").click()
+    expect(pg.locator("[data-testid=message][data-role=assistant]")).to_contain_text("Copied")
+    assert pg.evaluate("navigator.clipboard.readText()") == evil
+
+
+def test_story_mode_streams_and_stops(page: Page, server: Server) -> None:
+    pg = page
+    pg.goto("/#/story")
+    expect(pg.get_by_test_id("story-prompt")).to_be_visible()
+    expect(pg.get_by_test_id("tab-story")).to_have_class(re.compile(r"\bactive\b"))
+    set_sampling(pg, max_tokens="300")
+    pg.get_by_test_id("story-prompt").fill("Once upon a time, a little fox")
+    pg.get_by_test_id("story-generate").click()
+    generated = pg.get_by_test_id("story-generated")
+    lengths: list[int] = []
+    deadline = time.monotonic() + GEN_MS / 1000
+    while len(lengths) < 3:
+        assert time.monotonic() < deadline, f"the story did not stream: {lengths}"
+        with contextlib.suppress(PlaywrightError):
+            if generated.count():
+                n = len(generated.inner_text(timeout=1000))
+                if n and (not lengths or n > lengths[-1]):
+                    lengths.append(n)
+        pg.wait_for_timeout(40)
+    expect(pg.get_by_test_id("story-output")).to_have_attribute("data-streaming", "true")
+    pg.get_by_test_id("story-stop").click()
+    expect(pg.get_by_test_id("story-generate")).to_be_visible(timeout=UI_MS)
+    expect(pg.get_by_test_id("story-stats")).to_contain_text("stopped")
+    expect(pg.get_by_test_id("story-output")).to_contain_text("Once upon a time, a little fox")
+    assert len(generated.inner_text()) >= lengths[-1]
+
+    # a short run ends by itself at max tokens; Append moves it into the prompt
+    set_sampling(pg, max_tokens="5")
+    pg.get_by_test_id("story-generate").click()
+    expect(pg.get_by_test_id("story-stats")).to_contain_text("max tokens reached", timeout=GEN_MS)
+    expect(pg.get_by_test_id("story-stats")).to_contain_text("5 tokens")
+    text = generated.inner_text()
+    assert text.strip()
+    pg.get_by_test_id("story-continue").click()
+    expect(pg.get_by_test_id("story-prompt")).to_have_value("Once upon a time, a little fox" + text)
+
+
+def test_unreachable_banner_and_reconnect(page: Page, server: Server) -> None:
+    """Cut the page off from the server (its WebSocket closed, HTTP refused), then let it
+    through again: the banner comes and goes, and the socket reconnects by itself."""
+    pg = page
+    sid = server.import_session("offline check", [("Hello?", "Hello! How can I help?")])
+    cut = {"down": False}
+    routes = []
+
+    def on_socket(ws) -> None:
+        if cut["down"]:
+            ws.close()
+            return
+        ws.connect_to_server()
+        routes.append(ws)
+
+    pg.route_web_socket(re.compile(r".*/c/[A-Za-z0-9_-]+(\?.*)?$"), on_socket)
+    open_chat(pg, sid)
+    banner = pg.get_by_test_id("offline-banner")
+    expect(banner).to_be_hidden()
+
+    cut["down"] = True
+    http = re.compile(r".*/(api/|health|v1/).*")
+    pg.route(http, lambda route: route.abort())
+    for ws in routes:
+        ws.close()
+    expect(banner).to_be_visible(timeout=UI_MS)
+    expect(banner).to_contain_text("Cannot reach the server")
+    expect(pg.get_by_test_id("connection")).to_have_attribute("data-state", "down")
+    pg.get_by_test_id("session-search").fill("anything")  # an HTTP request fails too
+    pg.wait_for_timeout(1500)
+    expect(banner).to_be_visible()
+
+    cut["down"] = False
+    pg.unroute(http)
+    expect(banner).to_be_hidden(timeout=45_000)
+    expect(pg.get_by_test_id("connection")).to_have_attribute("data-state", "open")
+    assert len(routes) >= 2  # a new socket was opened by the page itself
+    expect(pg.get_by_test_id("message").last).to_contain_text("Hello! How can I help?")
+
+
+def test_api_key_is_sent(page: Page, server: Server) -> None:
+    """A key from the settings goes out as a bearer header and as ?api_key= on the
+    socket (the test server has no key, so it ignores both)."""
+    pg = page
+    sid = server.import_session("key check", [("Hi", "Hello.")])
+    pg.goto("/")
+    pg.get_by_test_id("open-settings").click()
+    pg.get_by_test_id("set-api-key").fill("s3cret")
+    pg.get_by_test_id("settings-save").click()
+    assert pg.evaluate("localStorage.getItem('hexin.apiKey')") == "s3cret"
+    with pg.expect_websocket() as ws_info, pg.expect_request("**/api/sessions/*") as req_info:
+        pg.goto(f"/#/c/{sid}")
+    assert "api_key=s3cret" in ws_info.value.url
+    assert req_info.value.headers.get("authorization") == "Bearer s3cret"
+    expect(pg.get_by_test_id("connection")).to_have_attribute("data-state", "open", timeout=UI_MS)
+
+
+def test_long_conversation_scrolls_and_reports_dropped_turns(page: Page, server: Server) -> None:
+    pg = page
+    turns = [(f"Question {i}?", "A fairly long answer. " * 30 + f"End {i}.") for i in range(12)]
+    meta = {
+        "prompt_tokens": 7000,
+        "cached_tokens": 6000,
+        "completion_tokens": 500,
+        "stop_reason": "length",
+        "dropped_turns": 3,
+        "ttft_ms": 12.4,
+        "tokens_per_s": 30.14,
+    }
+    sid = server.import_session("long one", turns, last_meta=meta)
+    open_chat(pg, sid)
+    expect(pg.get_by_test_id("message")).to_have_count(24)
+    # the status bar shows the saved figures of the last reply
+    expect(pg.get_by_test_id("status-dropped")).to_have_text(
+        "3 older turns left out to fit the context"
+    )
+    expect(pg.get_by_test_id("status-speed")).to_have_text("30.1 tok/s")
+    expect(pg.get_by_test_id("status-ttft")).to_have_text("TTFT 12 ms")
+    expect(pg.get_by_test_id("status-cached")).to_have_text("6,000 cached")
+    expect(pg.get_by_test_id("status-context-text")).to_have_text("7,500 / 8,192 tokens")
+    expect(pg.get_by_test_id("status-context")).to_have_attribute("data-level", "high")
+    scroller = pg.get_by_test_id("messages")
+    gap = "el => el.scrollHeight - el.scrollTop - el.clientHeight"
+    pg.wait_for_function(f"() => ({gap})(document.querySelector('#messages')) < 4")
+    scroller.hover()
+    pg.mouse.wheel(0, -1500)
+    expect(pg.get_by_test_id("jump-latest")).to_be_visible(timeout=UI_MS)
+    assert scroller.evaluate(gap) > 500
+    pg.get_by_test_id("jump-latest").click()
+    pg.wait_for_function(f"() => ({gap})(document.querySelector('#messages')) < 4")
+    expect(pg.get_by_test_id("jump-latest")).to_be_hidden()
+
+
+def test_themes_phone_layout_and_screenshots(browser: Browser, server: Server) -> None:
+    showcase = server.import_session(
+        "Sorting a list in Python",
+        [
+            (
+                "How do I sort a list of words by length?",
+                "Use `sorted` with a key:\n\n```python\nwords = ['kiwi', 'fig', 'banana']\n"
+                "print(sorted(words, key=len))\n```\n\nThis prints:\n\n"
+                "- `['fig', 'kiwi', 'banana']`\n- shortest first; add `reverse=True` for the "
+                "opposite.\n\n> Ties keep their original order: Python's sort is **stable**.",
+            ),
+        ],
+    )
+    paths = []
+    for scheme in ("light", "dark"):
+        context = browser.new_context(viewport=DESKTOP, color_scheme=scheme, base_url=server.base)
+        pg = context.new_page()
+        open_chat(pg, showcase)
+        expect(pg.locator("pre code")).to_be_visible()
+        # no stored choice: the theme follows the system's preference
+        bg = pg.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert (bg == "rgb(255, 255, 255)") == (scheme == "light"), bg
+        paths.append(shot(pg, f"desktop-{scheme}.png"))
+        context.close()
+
+    # phone width: the sidebar collapses behind a toggle
+    context = browser.new_context(
+        viewport=PHONE, color_scheme="light", base_url=server.base, is_mobile=True, has_touch=True
+    )
+    pg = context.new_page()
+    open_chat(pg, showcase)
+    sidebar = pg.get_by_test_id("sidebar")
+    toggle = pg.get_by_test_id("sidebar-toggle")
+    expect(toggle).to_be_visible()
+    assert sidebar.bounding_box()["x"] + sidebar.bounding_box()["width"] <= 1
+    paths.append(shot(pg, "phone-light.png"))
+    toggle.click()
+    expect(toggle).to_have_attribute("aria-expanded", "true")
+    pg.wait_for_function("() => document.querySelector('#sidebar').getBoundingClientRect().x >= -1")
+    paths.append(shot(pg, "phone-light-sidebar.png"))
+    pg.get_by_test_id("new-chat").click()
+    expect(toggle).to_have_attribute("aria-expanded", "false")
+    expect(pg.get_by_test_id("empty-chat")).to_be_visible()
+
+    # the toggle switches theme and the choice survives a reload
+    pg.get_by_test_id("theme-toggle").click()
+    assert pg.evaluate("document.documentElement.dataset.theme") == "dark"
+    open_chat(pg, showcase)
+    pg.reload()
+    expect(pg.locator("pre code")).to_be_visible(timeout=UI_MS)
+    assert pg.evaluate("localStorage.getItem('hexin.theme')") == "dark"
+    bg = pg.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert bg != "rgb(255, 255, 255)"
+    paths.append(shot(pg, "phone-dark.png"))
+    pg.goto("/#/story")
+    expect(pg.get_by_test_id("story-prompt")).to_be_visible()
+    paths.append(shot(pg, "phone-dark-story.png"))
+    context.close()
+    assert len(paths) >= 4 and all(p.is_file() for p in paths)
