@@ -38,6 +38,39 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 PROTECTED = ("/api/", "/v1/", "/tokenize", "/detokenize", "/metrics")
 
 
+class BodyLimit:
+    """Counts the bytes of every request body as it is read, so the limit also holds for
+    a chunked body that declares no Content-Length."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY_BYTES:
+                raise StarletteHTTPException(413, f"request body over {MAX_BODY_BYTES} bytes")
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+class WebFiles(StaticFiles):
+    """The web UI's files; anything but GET/HEAD of a path that is no route is "not
+    found" (StaticFiles would say 405, e.g. to POST /v1/embeddings)."""
+
+    async def get_response(self, path, scope):
+        if scope["method"] not in ("GET", "HEAD"):
+            raise StarletteHTTPException(404, "Not Found")
+        return await super().get_response(path, scope)
+
+
 @dataclass
 class ServerConfig:
     model: str | None = None
@@ -163,6 +196,8 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
             allow_headers=["*"],
         )
 
+    app.add_middleware(BodyLimit)
+
     @app.middleware("http")
     async def guard(request: Request, call_next):
         path = request.url.path
@@ -251,7 +286,7 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
     app.include_router(openai_api.router)
     app.include_router(websocket.router)
     if (WEB_DIR / "index.html").is_file():
-        app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
+        app.mount("/", WebFiles(directory=WEB_DIR, html=True), name="web")
     return app
 
 

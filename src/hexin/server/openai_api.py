@@ -12,7 +12,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -126,6 +126,51 @@ async def sse(
         handle.cancel()
 
 
+async def wait_unless_disconnected(request: Request | None, handle: RequestHandle) -> Completion:
+    """The finished completion; a client that goes away first cancels the request, so
+    the engine does not generate for nobody (nor hold up a graceful shutdown)."""
+
+    async def watch() -> None:
+        # the body is read: what the server sends next is the client's disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        handle.cancel()
+
+    watcher = asyncio.ensure_future(watch()) if request is not None else None
+    try:
+        return await asyncio.to_thread(handle.result)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        handle.cancel()  # a no-op once finished
+
+
+async def respond(
+    state: State,
+    handle: RequestHandle,
+    req: SamplingFields,
+    chunk: Callable[..., dict[str, Any] | None],
+    rid: str,
+    kind: str,
+    choice: Callable[[Completion], dict[str, Any]],
+    request: Request | None = None,
+):
+    """The answer to a generation request: an event stream, or the finished object."""
+    if req.stream:
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(sse(state, handle, chunk, include), media_type="text/event-stream")
+    c = await wait_unless_disconnected(request, handle)
+    record(state, c)
+    return {
+        "id": rid,
+        "object": kind,
+        "created": int(time.time()),
+        "model": state.model_name,
+        "choices": [choice(c)],
+        "usage": usage(c),
+    }
+
+
 @router.get("/models")
 async def models(request: Request) -> dict[str, Any]:
     state: State = get_state(request)
@@ -170,25 +215,11 @@ async def chat_completions(request: Request, req: ChatRequest):
             delta = {"content": text}
         return base | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
-    if req.stream:
-        include = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(sse(state, handle, chunk, include), media_type="text/event-stream")
-    c = await asyncio.to_thread(handle.result)
-    record(state, c)
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": state.model_name,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": c.text},
-                "finish_reason": finish_reason(c),
-            }
-        ],
-        "usage": usage(c),
-    }
+    def choice(c: Completion) -> dict[str, Any]:
+        message = {"role": "assistant", "content": c.text}
+        return {"index": 0, "message": message, "finish_reason": finish_reason(c)}
+
+    return await respond(state, handle, req, chunk, rid, "chat.completion", choice, request)
 
 
 @router.post("/completions")
@@ -210,18 +241,7 @@ async def completions(request: Request, req: CompletionRequest):
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         return base | {"choices": [choice]}
 
-    if req.stream:
-        include = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(sse(state, handle, chunk, include), media_type="text/event-stream")
-    c = await asyncio.to_thread(handle.result)
-    record(state, c)
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": state.model_name,
-        "choices": [
-            {"index": 0, "text": c.text, "logprobs": None, "finish_reason": finish_reason(c)}
-        ],
-        "usage": usage(c),
-    }
+    def choice(c: Completion) -> dict[str, Any]:
+        return {"index": 0, "text": c.text, "logprobs": None, "finish_reason": finish_reason(c)}
+
+    return await respond(state, handle, req, chunk, rid, "text_completion", choice, request)
