@@ -30,7 +30,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,34 @@ TG_PROMPT = "Once upon a time, in a village by the sea,"
 def _say(message: str) -> None:
     """Progress goes to stderr, so stdout carries only the final table."""
     print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+class Neighbours:
+    """CPU time the rest of the machine used while a measurement ran, in cores: busy time
+    from /proc/stat less this process's own. On a shared 2-core machine one busy
+    neighbour halves a figure, so every figure carries this next to it."""
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / hz  # all but idle and iowait
+        own = os.times()
+        return time.monotonic(), busy, own.user + own.system
+
+    def cores(self) -> float | None:
+        end = self._sample()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return None
+        elapsed = end[0] - self._start[0]
+        others = (end[1] - self._start[1]) - (end[2] - self._start[2])
+        return round(max(others, 0.0) / elapsed, 2)
 
 
 def _parse_streams(text: str) -> list[int]:
@@ -173,47 +201,6 @@ def _hexin_streams(
         "steps": after.steps - before.steps,
         "preemptions": after.preemptions - before.preemptions,
     }
-
-
-def _run_hexin(
-    args: argparse.Namespace, loaded: Any, pp_ids: list[int], tg_prompt: list[int]
-) -> dict[str, Any]:
-    from hexin.engine import Engine
-    from hexin.engine.blocks import BlockPool
-    from hexin.model import Llama
-
-    model = Llama(loaded.config, loaded.weights)
-    tok = _without_eos(loaded.tokenizer)
-    _say(f"hexin pp{args.pp} ...")
-    pp = _hexin_pp(model, pp_ids, args.repeats)
-    _say(f"hexin pp{args.pp}: {pp['tok_s']:.1f} tok/s")
-    _say(f"hexin tg{args.tg} ...")
-    tg = _hexin_tg(model, tok, tg_prompt, args.tg, args.repeats)
-    _say(f"hexin tg{args.tg}: {tg['tok_s']:.1f} tok/s, TTFT {tg['ttft_ms']:.1f} ms")
-
-    # one engine for every concurrency: its pool holds the largest run, the counters are
-    # read as deltas, and each run's prompts are new, so nothing is served from cache
-    block = 16
-    top = max(args.streams)
-    blocks = top * -(-(args.prompt_tokens + args.new_tokens + 1) // block) + 2
-    memory = blocks * BlockPool.bytes_per_block(loaded.config, block, model.dtype)
-    streams = []
-    with Engine(model, tok, kv_memory=memory, block_size=block, max_running=top) as engine:
-        special = loaded.tokenizer.special_ids
-        warm = _random_prompts(loaded.config.vocab_size, special, 2, args.prompt_tokens, 7)
-        _hexin_streams(engine, warm, min(4, args.new_tokens))  # first batched shapes
-        for n in args.streams:
-            prompts = _random_prompts(
-                loaded.config.vocab_size, special, n, args.prompt_tokens, 1000 + n
-            )
-            _say(f"hexin {n} streams ...")
-            r = _hexin_streams(engine, prompts, args.new_tokens)
-            _say(
-                f"hexin {n} streams: decode {r['decode_tok_s']:.1f} tok/s, "
-                f"end to end {r['e2e_tok_s']:.1f} tok/s"
-            )
-            streams.append(r)
-    return {"pp": pp, "tg": tg, "streams": streams, "dtype": str(model.dtype)}
 
 
 # -- llama.cpp ----------------------------------------------------------------------------
@@ -352,36 +339,109 @@ def _llama_cpp_version() -> str | None:
     return str(getattr(llama_cpp, "__version__", "unknown"))
 
 
-def _run_llama_cpp(
-    args: argparse.Namespace,
-    path: Path,
-    vocab_size: int,
-    special: frozenset[int],
-    pp_ids: list[int],
-    tg_prompt: list[int],
-) -> dict[str, Any]:
-    lc = LlamaCpp(path, args.threads)
-    try:
-        _say(f"llama.cpp pp{args.pp} ...")
-        pp = lc.pp(pp_ids, args.repeats)
-        _say(f"llama.cpp pp{args.pp}: {pp['tok_s']:.1f} tok/s")
-        _say(f"llama.cpp tg{args.tg} ...")
-        tg = lc.tg(tg_prompt, args.tg, args.repeats)
-        _say(f"llama.cpp tg{args.tg}: {tg['tok_s']:.1f} tok/s, TTFT {tg['ttft_ms']:.1f} ms")
-        lc.streams(_random_prompts(vocab_size, special, 2, args.prompt_tokens, 7), 4)
-        streams = []
+def _show_rate(r: dict[str, Any]) -> str:
+    ttft = f", TTFT {r['ttft_ms']:.1f} ms" if "ttft_ms" in r else ""
+    return f"{r['tok_s']:.1f} tok/s{ttft}"
+
+
+def _show_streams(r: dict[str, Any]) -> str:
+    return f"decode {r['decode_tok_s']:.1f} tok/s, end to end {r['e2e_tok_s']:.1f} tok/s"
+
+
+def _pair(
+    label: str,
+    ours: Callable[[], dict[str, Any]],
+    theirs: Callable[[], dict[str, Any]] | None,
+    show: Callable[[dict[str, Any]], str],
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One figure from each engine, back to back, with progress on stderr."""
+    _say(f"{label} ...")
+    h = _watched(ours)
+    _say(f"  hexin     {show(h)}{_noise_note(h)}")
+    c = _watched(theirs) if theirs is not None else None
+    if c is not None:
+        _say(f"  llama.cpp {show(c)}{_noise_note(c)}")
+    return h, c
+
+
+def _watched(measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    watch = Neighbours()
+    result = measure()
+    result["neighbour_cores"] = watch.cores()
+    return result
+
+
+def _noise_note(result: dict[str, Any]) -> str:
+    busy = result.get("neighbour_cores")
+    return f"  (noisy: other processes used {busy:.1f} cores)" if busy and busy > 0.1 else ""
+
+
+def _measure(
+    args: argparse.Namespace, loaded: Any, lc: LlamaCpp | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Both engines, section by section: each figure of hexin is taken within a minute of
+    llama.cpp's, so a neighbour's burst of load skews one pair, not a whole side."""
+    from hexin.engine import Engine
+    from hexin.engine.blocks import BlockPool
+    from hexin.model import Llama
+
+    cfg, special = loaded.config, loaded.tokenizer.special_ids
+    model = Llama(cfg, loaded.weights)
+    tok = _without_eos(loaded.tokenizer)
+    pp_ids = _random_prompts(cfg.vocab_size, special, 1, args.pp, 1)[0]
+    tg_prompt = loaded.tokenizer.encode(TG_PROMPT)
+    hexin: dict[str, Any] = {"dtype": str(model.dtype), "streams": []}
+    llama: dict[str, Any] | None = {"streams": []} if lc is not None else None
+
+    def keep(key: str, h: dict[str, Any], c: dict[str, Any] | None) -> None:
+        for side, result in ((hexin, h), (llama, c)):
+            if side is not None and result is not None:
+                if key == "streams":
+                    side[key].append(result)
+                else:
+                    side[key] = result
+
+    keep(
+        "pp",
+        *_pair(
+            f"pp{args.pp}",
+            lambda: _hexin_pp(model, pp_ids, args.repeats),
+            (lambda: lc.pp(pp_ids, args.repeats)) if lc else None,
+            _show_rate,
+        ),
+    )
+    keep(
+        "tg",
+        *_pair(
+            f"tg{args.tg}",
+            lambda: _hexin_tg(model, tok, tg_prompt, args.tg, args.repeats),
+            (lambda: lc.tg(tg_prompt, args.tg, args.repeats)) if lc else None,
+            _show_rate,
+        ),
+    )
+    # one engine for every concurrency: its pool holds the largest run, the counters are
+    # read as deltas, and each run's prompts are new, so nothing is served from cache
+    block, top = 16, max(args.streams)
+    blocks = top * -(-(args.prompt_tokens + args.new_tokens + 1) // block) + 2
+    memory = blocks * BlockPool.bytes_per_block(cfg, block, model.dtype)
+    new = args.new_tokens
+    with Engine(model, tok, kv_memory=memory, block_size=block, max_running=top) as engine:
+        warm = _random_prompts(cfg.vocab_size, special, 2, args.prompt_tokens, 7)
+        _hexin_streams(engine, warm, min(4, new))  # the first batched shapes
+        if lc is not None:
+            lc.streams(warm, min(4, new))
         for n in args.streams:
-            _say(f"llama.cpp {n} streams ...")
-            prompts = _random_prompts(vocab_size, special, n, args.prompt_tokens, 1000 + n)
-            r = lc.streams(prompts, args.new_tokens)
-            _say(
-                f"llama.cpp {n} streams: decode {r['decode_tok_s']:.1f} tok/s, "
-                f"end to end {r['e2e_tok_s']:.1f} tok/s"
+            prompts = _random_prompts(cfg.vocab_size, special, n, args.prompt_tokens, 1000 + n)
+            keep(
+                "streams",
+                *_pair(
+                    f"{n} streams",
+                    lambda p=prompts: _hexin_streams(engine, p, new),
+                    (lambda p=prompts: lc.streams(p, new)) if lc else None,
+                    _show_streams,
+                ),
             )
-            streams.append(r)
-    finally:
-        lc.close()
-    return {"pp": pp, "tg": tg, "streams": streams}
+    return hexin, llama
 
 
 # -- the record ---------------------------------------------------------------------------
@@ -393,6 +453,9 @@ def _machine() -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "python": platform.python_version(),
     }
+    # thread-pool settings change results a lot on a shared machine: record them
+    env = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS")
+    info["env"] = {name: os.environ[name] for name in env if name in os.environ}
     with contextlib.suppress(AttributeError):
         info["usable_cpus"] = len(os.sched_getaffinity(0))
     with contextlib.suppress(OSError):
@@ -435,46 +498,47 @@ def _ratios(hexin: dict[str, Any], llama: dict[str, Any] | None) -> dict[str, fl
 
 
 def format_table(record: dict[str, Any]) -> str:
-    """The run's figures side by side, one line per measurement."""
+    """The run's figures side by side, one line per measurement, with the CPU the rest of
+    the machine took meanwhile (the larger of the two engines' runs)."""
     cfg = record["config"]
     hexin, llama, ratios = record["hexin"], record.get("llama_cpp"), record["ratios"]
-    rows: list[tuple[str, float, float | None, float | None]] = [
-        (f"pp{cfg['pp']} tok/s", hexin["pp"]["tok_s"], None, ratios.get("pp")),
-        (f"tg{cfg['tg']} tok/s", hexin["tg"]["tok_s"], None, ratios.get("tg")),
-        ("  TTFT ms", hexin["tg"]["ttft_ms"], None, None),
-        ("  ms per token", hexin["tg"]["tpot_ms"], None, None),
+    # (label, section, index in streams, field, ratio key)
+    specs: list[tuple[str, str, int | None, str, str | None]] = [
+        (f"pp{cfg['pp']} tok/s", "pp", None, "tok_s", "pp"),
+        (f"tg{cfg['tg']} tok/s", "tg", None, "tok_s", "tg"),
+        ("  TTFT ms", "tg", None, "ttft_ms", None),
+        ("  ms per output token", "tg", None, "tpot_ms", None),
     ]
-    for h in hexin["streams"]:
-        rows.append((f"{h['streams']} streams decode tok/s", h["decode_tok_s"], None, None))
-        rows.append((f"{h['streams']} streams end-to-end tok/s", h["e2e_tok_s"], None, None))
-    if llama:
-        figures = [
-            llama["pp"]["tok_s"],
-            llama["tg"]["tok_s"],
-            llama["tg"]["ttft_ms"],
-            llama["tg"]["tpot_ms"],
-        ]
-        for c in llama["streams"]:
-            figures += [c["decode_tok_s"], c["e2e_tok_s"]]
-        keys = ["pp", "tg", None, None]
-        for h in hexin["streams"]:
-            keys += [f"decode_{h['streams']}", f"e2e_{h['streams']}"]
-        rows = [
-            (name, ours, theirs, ratios.get(key) if key else None)
-            for (name, ours, _, _), theirs, key in zip(rows, figures, keys, strict=True)
-        ]
+    for i, h in enumerate(hexin["streams"]):
+        n = h["streams"]
+        specs.append((f"{n} streams decode tok/s", "streams", i, "decode_tok_s", f"decode_{n}"))
+        specs.append((f"{n} streams end-to-end tok/s", "streams", i, "e2e_tok_s", f"e2e_{n}"))
+
+    def pick(side: dict[str, Any] | None, section: str, i: int | None) -> dict[str, Any] | None:
+        if not side:
+            return None
+        return side[section][i] if i is not None else side[section]
+
     lines = [
         f"hexin bench  {record['date']}  model {record['model']['name']}  "
         f"threads {cfg['threads']}  "
         f"({cfg['prompt_tokens']} prompt + {cfg['new_tokens']} new tokens per stream)",
-        f"{'':34}{'hexin':>10}{'llama.cpp':>12}{'hexin/llama.cpp':>18}",
+        f"{'':32}{'hexin':>10}{'llama.cpp':>11}{'ratio':>9}{'others busy':>13}",
     ]
-    for name, ours, theirs, ratio in rows:
-        theirs_s = f"{theirs:12.1f}" if theirs is not None else f"{'-':>12}"
-        ratio_s = f"{ratio:17.2f}x" if ratio is not None else f"{'-':>18}"
-        lines.append(f"{name:34}{ours:10.1f}{theirs_s}{ratio_s}")
+    for label, section, i, field, key in specs:
+        h, c = pick(hexin, section, i), pick(llama, section, i)
+        assert h is not None
+        theirs = f"{c[field]:11.1f}" if c else f"{'-':>11}"
+        ratio = f"{ratios[key]:8.2f}x" if key and key in ratios else f"{'':>9}"
+        busy = [r.get("neighbour_cores") for r in (h, c) if r]
+        known = [b for b in busy if b is not None]
+        # one note per measurement: TTFT and end-to-end rows share their run's
+        shown = known and field in ("tok_s", "decode_tok_s")
+        noise = f"{max(known):9.2f} cpu" if shown else ""
+        lines.append(f"{label:32}{h[field]:10.1f}{theirs}{ratio}{noise}".rstrip())
     if not llama:
         lines.append(f"llama.cpp: {record.get('llama_cpp_skipped', 'not run')}")
+    lines.append("ratio = hexin / llama.cpp; others busy = CPU cores used by other processes")
     return "\n".join(lines)
 
 
@@ -544,29 +608,27 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     date = datetime.now().astimezone().isoformat(timespec="seconds")
     load_before = os.getloadavg()
+    watch = Neighbours()
     _say(f"loading {args.model or 'the default model'} ...")
     loaded = load_model(args.model)
     cfg = loaded.config
-    special = loaded.tokenizer.special_ids
-    pp_ids = _random_prompts(cfg.vocab_size, special, 1, args.pp, 1)[0]
-    tg_prompt = loaded.tokenizer.encode(TG_PROMPT)
-
-    hexin = _run_hexin(args, loaded, pp_ids, tg_prompt)
-
-    llama: dict[str, Any] | None = None
-    skipped = ""
     version = _llama_cpp_version()
     is_gguf = loaded.path.is_file()
+    skipped = ""
     if args.no_llama_cpp:
         skipped = "skipped (--no-llama-cpp)"
     elif version is None:
         skipped = "skipped (llama-cpp-python is not installed)"
     elif not is_gguf:
         skipped = "skipped (the model is not a GGUF file)"
-    else:
-        llama = _run_llama_cpp(args, loaded.path, cfg.vocab_size, special, pp_ids, tg_prompt)
     if skipped:
         _say(f"llama.cpp {skipped}")
+    lc = None if skipped else LlamaCpp(loaded.path, args.threads)
+    try:
+        hexin, llama = _measure(args, loaded, lc)
+    finally:
+        if lc is not None:
+            lc.close()
 
     record: dict[str, Any] = {
         "benchmark": "hexin bench",
@@ -590,7 +652,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "hidden": cfg.hidden_size,
             "vocab": cfg.vocab_size,
         },
-        "machine": {**_machine(), "load_before": load_before, "load_after": os.getloadavg()},
+        "machine": {
+            **_machine(),
+            "load_before": load_before,
+            "load_after": os.getloadavg(),
+            "neighbour_cores": watch.cores(),
+        },
         "versions": {
             "hexin": _hexin_version(),
             "torch": torch.__version__,

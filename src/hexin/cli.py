@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN")
     serve.set_defaults(func=cmd_serve)
 
+    from hexin.bench import add_bench_parser
+
+    add_bench_parser(sub)
+
     models = sub.add_parser("models", help="list registered and cached models")
     models.set_defaults(func=cmd_models)
 
