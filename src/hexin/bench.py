@@ -23,17 +23,20 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import functools
 import json
 import os
 import platform
+import random
 import shlex
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -99,13 +102,13 @@ def _random_prompts(
 ) -> list[list[int]]:
     """``count`` distinct prompts of ordinary (non-special) token ids. Distinct from the
     first token on, so the prefix cache cannot share a single block between them and
-    every prompt token is really computed."""
-    g = torch.Generator().manual_seed(seed)
-    ordinary = torch.tensor([i for i in range(vocab_size) if i not in special])
+    every prompt token is really computed. Plain Python, not torch: see ``_isolated``."""
+    rng = random.Random(seed)
+    ordinary = [i for i in range(vocab_size) if i not in special]
     prompts: list[list[int]] = []
     firsts: set[int] = set()
     while len(prompts) < count:
-        ids = ordinary[torch.randint(len(ordinary), (length,), generator=g)].tolist()
+        ids = rng.choices(ordinary, k=length)
         if ids[0] in firsts and len(firsts) < len(ordinary):
             continue
         firsts.add(ids[0])
@@ -171,12 +174,37 @@ def _decode_time(stats: Any) -> float:
 
 
 def _hexin_streams(
-    engine: Any, prompts: list[list[int]], new_tokens: int
+    model: Any, tokenizer: Any, prompts: list[list[int]], new_tokens: int, warm: list[int]
 ) -> dict[str, float | int]:
-    """All requests submitted at once; the engine batches them (continuous batching)."""
+    """All requests submitted at once to an engine of their own, sized for them, which
+    batches them (continuous batching). ``warm`` runs first, alone: the engine thread's
+    first steps pay for thread-pool and kernel set-up."""
+    from hexin.engine import Engine
+    from hexin.engine.blocks import BlockPool
+
+    block = 16
+    per_seq = -(-(len(prompts[0]) + new_tokens + 1) // block)
+    memory = (len(prompts) * per_seq + 2) * BlockPool.bytes_per_block(
+        model.config, block, model.dtype
+    )
+    # built on a thread that ends (the pool's allocation runs OpenMP), so that the engine
+    # thread's team is the only one alive while it decodes: see ``_isolated``
+    engine = _isolated(
+        lambda: Engine(
+            model, tokenizer, kv_memory=memory, block_size=block, max_running=len(prompts)
+        )
+    )
+    with engine:
+        return _timed_streams(engine, prompts, new_tokens, warm)
+
+
+def _timed_streams(
+    engine: Any, prompts: list[list[int]], new_tokens: int, warm: list[int]
+) -> dict[str, float | int]:
     from hexin.sampling import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=new_tokens)
+    engine.generate(warm, params.with_(max_tokens=2))
     before = engine.stats()
     t0 = time.perf_counter()
     handles = [engine.submit(p, params) for p in prompts]
@@ -348,27 +376,87 @@ def _show_streams(r: dict[str, Any]) -> str:
     return f"decode {r['decode_tok_s']:.1f} tok/s, end to end {r['e2e_tok_s']:.1f} tok/s"
 
 
+Measure = Callable[[int], dict[str, Any]]  # attempt number -> figures
+T = TypeVar("T")
+
+
+def _isolated(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on a thread of its own that ends with it.
+
+    torch and llama.cpp share one GNU OpenMP runtime in this process, and it keeps a
+    thread team alive for every thread that has ever run a parallel region. Once the
+    process holds more OpenMP threads than there are cores, it stops spin-waiting at
+    barriers and every parallel region pays for futex wake-ups: on 2 cores that halves
+    hexin's decode and cuts llama.cpp's to a third. A thread that exits takes its team
+    along, so each measurement here runs with one team, its own.
+    """
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="hexin-bench")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def _pair(
     label: str,
-    ours: Callable[[], dict[str, Any]],
-    theirs: Callable[[], dict[str, Any]] | None,
+    ours: Measure,
+    theirs: Measure | None,
     show: Callable[[dict[str, Any]], str],
+    quiet_wait: float,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """One figure from each engine, back to back, with progress on stderr."""
     _say(f"{label} ...")
-    h = _watched(ours)
+    h = _watched(ours, quiet_wait)
     _say(f"  hexin     {show(h)}{_noise_note(h)}")
-    c = _watched(theirs) if theirs is not None else None
+    c = _watched(theirs, quiet_wait) if theirs is not None else None
     if c is not None:
         _say(f"  llama.cpp {show(c)}{_noise_note(c)}")
     return h, c
 
 
-def _watched(measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    watch = Neighbours()
-    result = measure()
-    result["neighbour_cores"] = watch.cores()
-    return result
+NOISY = 0.3  # cores used by others that make a figure worth taking again
+
+
+def _watched(measure: Measure, quiet_wait: float, retries: int = 2) -> dict[str, Any]:
+    """Run a measurement, noting how busy the rest of the machine was. With a quiet-wait
+    budget, wait for a calm moment first and take a noisy figure again (at most
+    ``retries`` times): with as many threads as cores, one busy neighbour can slow
+    OpenMP code tenfold, because a descheduled worker stalls every barrier."""
+    for attempt in range(retries + 1):
+        if quiet_wait > 0:
+            _wait_for_quiet(quiet_wait)
+        watch = Neighbours()
+        result = _isolated(functools.partial(measure, attempt))
+        result["neighbour_cores"] = busy = watch.cores()
+        if quiet_wait <= 0 or busy is None or busy < NOISY or attempt == retries:
+            return result
+        _say(f"  noisy (other processes used {busy:.1f} cores): measuring again")
+    raise AssertionError("unreachable")
+
+
+def _wait_for_quiet(limit: float, window: float = 2.0, calm: float = 0.15) -> None:
+    """Return once other processes use less than ``calm`` cores over ``window`` seconds,
+    or after ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    told = False
+    while time.monotonic() < deadline:
+        watch = Neighbours()
+        time.sleep(window)
+        busy = watch.cores()
+        if busy is None or busy < calm:
+            return
+        if not told:
+            _say(f"  waiting up to {limit:.0f} s for a quiet machine (others use {busy:.1f})")
+            told = True
 
 
 def _noise_note(result: dict[str, Any]) -> str:
@@ -377,16 +465,11 @@ def _noise_note(result: dict[str, Any]) -> str:
 
 
 def _measure(
-    args: argparse.Namespace, loaded: Any, lc: LlamaCpp | None
+    args: argparse.Namespace, loaded: Any, model: Any, lc: LlamaCpp | None
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Both engines, section by section: each figure of hexin is taken within a minute of
     llama.cpp's, so a neighbour's burst of load skews one pair, not a whole side."""
-    from hexin.engine import Engine
-    from hexin.engine.blocks import BlockPool
-    from hexin.model import Llama
-
     cfg, special = loaded.config, loaded.tokenizer.special_ids
-    model = Llama(cfg, loaded.weights)
     tok = _without_eos(loaded.tokenizer)
     pp_ids = _random_prompts(cfg.vocab_size, special, 1, args.pp, 1)[0]
     tg_prompt = loaded.tokenizer.encode(TG_PROMPT)
@@ -405,42 +488,44 @@ def _measure(
         "pp",
         *_pair(
             f"pp{args.pp}",
-            lambda: _hexin_pp(model, pp_ids, args.repeats),
-            (lambda: lc.pp(pp_ids, args.repeats)) if lc else None,
+            lambda _: _hexin_pp(model, pp_ids, args.repeats),
+            (lambda _: lc.pp(pp_ids, args.repeats)) if lc else None,
             _show_rate,
+            args.quiet_wait,
         ),
     )
     keep(
         "tg",
         *_pair(
             f"tg{args.tg}",
-            lambda: _hexin_tg(model, tok, tg_prompt, args.tg, args.repeats),
-            (lambda: lc.tg(tg_prompt, args.tg, args.repeats)) if lc else None,
+            lambda _: _hexin_tg(model, tok, tg_prompt, args.tg, args.repeats),
+            (lambda _: lc.tg(tg_prompt, args.tg, args.repeats)) if lc else None,
             _show_rate,
+            args.quiet_wait,
         ),
     )
-    # one engine for every concurrency: its pool holds the largest run, the counters are
-    # read as deltas, and each run's prompts are new, so nothing is served from cache
-    block, top = 16, max(args.streams)
-    blocks = top * -(-(args.prompt_tokens + args.new_tokens + 1) // block) + 2
-    memory = blocks * BlockPool.bytes_per_block(cfg, block, model.dtype)
+
+    warm = _random_prompts(cfg.vocab_size, special, 1, args.prompt_tokens, 7)[0]
+    if lc is not None:
+        _isolated(lambda: lc.streams([warm, warm[::-1]], min(4, args.new_tokens)))
+
+    def prompts(n: int, attempt: int) -> list[list[int]]:
+        """The same prompts for both engines; new ones for a retry."""
+        seed = 1000 * (attempt + 1) + n
+        return _random_prompts(cfg.vocab_size, special, n, args.prompt_tokens, seed)
+
     new = args.new_tokens
-    with Engine(model, tok, kv_memory=memory, block_size=block, max_running=top) as engine:
-        warm = _random_prompts(cfg.vocab_size, special, 2, args.prompt_tokens, 7)
-        _hexin_streams(engine, warm, min(4, new))  # the first batched shapes
-        if lc is not None:
-            lc.streams(warm, min(4, new))
-        for n in args.streams:
-            prompts = _random_prompts(cfg.vocab_size, special, n, args.prompt_tokens, 1000 + n)
-            keep(
-                "streams",
-                *_pair(
-                    f"{n} streams",
-                    lambda p=prompts: _hexin_streams(engine, p, new),
-                    (lambda p=prompts: lc.streams(p, new)) if lc else None,
-                    _show_streams,
-                ),
-            )
+    for n in args.streams:
+        keep(
+            "streams",
+            *_pair(
+                f"{n} streams",
+                lambda a, n=n: _hexin_streams(model, tok, prompts(n, a), new, warm),
+                (lambda a, n=n: lc.streams(prompts(n, a), new)) if lc else None,
+                _show_streams,
+                args.quiet_wait,
+            ),
+        )
     return hexin, llama
 
 
@@ -476,7 +561,7 @@ def _command(args: argparse.Namespace) -> str:
     if args.model is not None:
         parts += ["--model", str(args.model)]
     parts += ["--streams", ",".join(map(str, args.streams))]
-    for flag in ("prompt_tokens", "new_tokens", "pp", "tg", "threads", "repeats"):
+    for flag in ("prompt_tokens", "new_tokens", "pp", "tg", "threads", "repeats", "quiet_wait"):
         parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.no_llama_cpp:
         parts.append("--no-llama-cpp")
@@ -610,7 +695,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()
     watch = Neighbours()
     _say(f"loading {args.model or 'the default model'} ...")
-    loaded = load_model(args.model)
+
+    def load() -> tuple[Any, Any]:
+        from hexin.model import Llama
+
+        loaded = load_model(args.model)
+        return loaded, Llama(loaded.config, loaded.weights)
+
+    loaded, model = _isolated(load)
     cfg = loaded.config
     version = _llama_cpp_version()
     is_gguf = loaded.path.is_file()
@@ -623,9 +715,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         skipped = "skipped (the model is not a GGUF file)"
     if skipped:
         _say(f"llama.cpp {skipped}")
-    lc = None if skipped else LlamaCpp(loaded.path, args.threads)
+    lc = None if skipped else _isolated(lambda: LlamaCpp(loaded.path, args.threads))
     try:
-        hexin, llama = _measure(args, loaded, lc)
+        hexin, llama = _measure(args, loaded, model, lc)
     finally:
         if lc is not None:
             lc.close()
@@ -643,6 +735,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "tg": args.tg,
             "threads": args.threads,
             "repeats": args.repeats,
+            "quiet_wait": args.quiet_wait,
         },
         "model": {
             "name": loaded.name,
@@ -715,6 +808,14 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="threads for both engines (default: torch's count)",
     )
     p.add_argument("--repeats", type=_positive, default=3, help="best of N after a warm-up")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="on a shared machine: before each measurement wait up to S seconds for other "
+        "processes to go quiet, and retake figures they disturbed (default: 0, off)",
+    )
     p.add_argument("--no-llama-cpp", action="store_true", help="measure hexin only")
     p.add_argument("--out", default=DEFAULT_OUT, help="folder for the JSON record and plot")
     p.set_defaults(func=_cmd_bench)
