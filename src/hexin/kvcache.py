@@ -123,7 +123,3 @@ class KVCache:
 
     def reset(self) -> None:
         self.truncate(0)
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes

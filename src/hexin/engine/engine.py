@@ -19,7 +19,7 @@ import torch
 from hexin.engine.blocks import BlockPool, PagedBatch
 from hexin.engine.scheduler import Scheduler
 from hexin.engine.sequence import RequestHandle, Sequence
-from hexin.generate import OutputProcessor, check_fits
+from hexin.generate import Completion, OutputProcessor, check_fits
 from hexin.model import Llama
 from hexin.sampling import Sampler, SamplingParams
 from hexin.tokenizer import Tokenizer
@@ -146,9 +146,16 @@ class Engine:
             self._lock.notify()
         return handle
 
-    def generate(self, prompt_ids: Seq[int], params: SamplingParams, **kw: object):
+    def generate(
+        self,
+        prompt_ids: Seq[int],
+        params: SamplingParams,
+        *,
+        cache_key: str | None = None,
+        cache_tail: bool = False,
+    ) -> Completion:
         """Submit and wait: the finished Completion."""
-        return self.submit(prompt_ids, params, **kw).result()  # type: ignore[arg-type]
+        return self.submit(prompt_ids, params, cache_key=cache_key, cache_tail=cache_tail).result()
 
     def _request_cancel(self, handle: RequestHandle) -> None:
         with self._lock:
