@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from hexin.bench import Neighbours, run_isolated, wait_for_quiet
 from hexin.chat.service import ChatService
 from hexin.chat.store import Store
 from hexin.chat.tree import new_id
@@ -46,7 +47,9 @@ TOPICS = [
     "how glaciers carve valleys",
     "why cats purr",
 ]
-WARM_MESSAGE = "Thanks. Can you summarise that in one sentence?"
+#: differs between repeats right after the shared history, so no repeat finds an earlier
+#: one's later turns in the engine's prefix cache: each measures a true second turn
+WARM_MESSAGE = "Thanks (take {take}). Can you summarise that in one sentence?"
 MEASURED_MESSAGE = "Now tell me one surprising fact about it."
 
 
@@ -103,31 +106,48 @@ def history_session(tokenizer: Any, target: int, params: SamplingParams) -> dict
     }
 
 
-def _measured(service: ChatService, session_id: str) -> dict[str, Any]:
+def _measured(service: ChatService, session_id: str, quiet_wait: float) -> dict[str, Any]:
+    if quiet_wait > 0:
+        wait_for_quiet(quiet_wait)
+    watch = Neighbours()
     reply = service.send(session_id, MEASURED_MESSAGE)
     reply.wait()
     u = reply.usage
-    return {k: u[k] for k in ("ttft_ms", "prompt_tokens", "cached_tokens", "completion_tokens")}
+    keys = ("ttft_ms", "prompt_tokens", "cached_tokens", "completion_tokens")
+    return {**{k: u[k] for k in keys}, "neighbour_cores": watch.cores()}
+
+
+def new_engine(model: Llama, tokenizer: Any) -> Engine:
+    """An engine built on a thread that ends, so that its own thread is the only one with
+    an OpenMP team while it runs (see ``hexin.bench.run_isolated``)."""
+    return run_isolated(lambda: Engine(model, tokenizer, kv_memory=KV_MEMORY))
 
 
 def run_size(
-    model: Llama, loaded: Any, target: int, params: SamplingParams, repeats: int, db: Path
+    model: Llama,
+    loaded: Any,
+    target: int,
+    params: SamplingParams,
+    repeats: int,
+    db: Path,
+    quiet_wait: float = 0.0,
 ) -> dict[str, Any]:
     """Warm and cold measurements of the second turn for one history size."""
     base = history_session(loaded.tokenizer, target, params)
     warm_runs, cold_runs = [], []
-    with Engine(model, loaded.tokenizer, kv_memory=KV_MEMORY) as engine:
+    with new_engine(model, loaded.tokenizer) as engine:
         service = ChatService(engine, Store(db), default_params=params)
-        for _ in range(repeats):
+        for take in range(repeats):
             session = service.import_(base, keep_id=False)  # a fresh copy each time
-            service.send(session.id, WARM_MESSAGE).wait()  # the first real turn
+            service.send(session.id, WARM_MESSAGE.format(take=take + 1)).wait()  # first real turn
             before = service.export(session.id)  # history as the measured turn sees it
-            warm_runs.append(_measured(service, session.id))
+            warm_runs.append(_measured(service, session.id, quiet_wait))
             # the same turn, on an engine that has never seen this conversation
-            with Engine(model, loaded.tokenizer, kv_memory=KV_MEMORY) as fresh:
+            with new_engine(model, loaded.tokenizer) as fresh:
                 cold = ChatService(fresh, Store(db), default_params=params)
                 copy = cold.import_(before, keep_id=False)
-                cold_runs.append(_measured(cold, copy.id))
+                cold_runs.append(_measured(cold, copy.id, quiet_wait))
+    noise = [r["neighbour_cores"] for r in warm_runs + cold_runs if r["neighbour_cores"]]
     warm_ttft = [r["ttft_ms"] for r in warm_runs]
     cold_ttft = [r["ttft_ms"] for r in cold_runs]
     last = warm_runs[-1]
@@ -135,6 +155,7 @@ def run_size(
         "history_target": target,
         "prompt_tokens": last["prompt_tokens"],
         "history_tokens": history_tokens(loaded.tokenizer, before),
+        "max_neighbour_cores": max(noise, default=0.0),
         "warm": {
             "ttft_ms_median": statistics.median(warm_ttft),
             "ttft_ms_runs": warm_ttft,
@@ -165,19 +186,26 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="measured turns per size (median)")
     ap.add_argument("--reply-tokens", type=int, default=32, help="max tokens of each reply")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        help="wait up to this many seconds for other processes to go quiet before each "
+        "measured turn (shared machines)",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "chat_ttft.json"))
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    loaded = load_model(args.model)
-    model = Llama(loaded.config, loaded.weights)
+    loaded = run_isolated(lambda: load_model(args.model))
+    model = run_isolated(lambda: Llama(loaded.config, loaded.weights))
     params = SamplingParams(temperature=0, max_tokens=args.reply_tokens)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "chat.db"
         for size in (int(s) for s in args.sizes.split(",")):
             print(f"[chat_ttft] history ~{size} tokens ...", file=sys.stderr, flush=True)
-            results.append(run_size(model, loaded, size, params, args.repeats, db))
+            results.append(run_size(model, loaded, size, params, args.repeats, db, args.quiet_wait))
 
     record = {
         "benchmark": "chat second-turn TTFT, warm (session cache) vs cold (fresh engine)",
@@ -187,6 +215,7 @@ def main() -> None:
         "reply_tokens": args.reply_tokens,
         "repeats": args.repeats,
         "threads": args.threads,
+        "quiet_wait": args.quiet_wait,
         "torch_version": torch.__version__,
         "machine": {
             "processor": platform.processor() or platform.machine(),
@@ -199,11 +228,15 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
 
-    print(f"{'history':>8} {'prompt':>7} {'cached':>7} {'warm TTFT':>10} {'cold TTFT':>10}")
+    print(
+        f"{'history':>8} {'prompt':>7} {'cached':>7} {'warm TTFT':>10} {'cold TTFT':>10}"
+        f" {'others busy':>12}"
+    )
     for r in results:
         print(
             f"{r['history_tokens']:>8} {r['prompt_tokens']:>7} {r['warm']['cached_tokens']:>7} "
             f"{r['warm']['ttft_ms_median']:>8.1f}ms {r['cold']['ttft_ms_median']:>8.1f}ms"
+            f" {r['max_neighbour_cores']:>8.2f} cpu"
         )
     print(f"wrote {out}", file=sys.stderr)
 

@@ -52,7 +52,7 @@ def _say(message: str) -> None:
 class Neighbours:
     """CPU time the rest of the machine used while a measurement ran, in cores: busy time
     from /proc/stat less this process's own. On a shared 2-core machine one busy
-    neighbour halves a figure, so every figure carries this next to it."""
+    neighbour can cut a figure tenfold (see ``_watched``), so every figure carries this."""
 
     def __init__(self) -> None:
         self._start = self._sample()
@@ -102,7 +102,7 @@ def _random_prompts(
 ) -> list[list[int]]:
     """``count`` distinct prompts of ordinary (non-special) token ids. Distinct from the
     first token on, so the prefix cache cannot share a single block between them and
-    every prompt token is really computed. Plain Python, not torch: see ``_isolated``."""
+    every prompt token is really computed. Plain Python, not torch: see ``run_isolated``."""
     rng = random.Random(seed)
     ordinary = [i for i in range(vocab_size) if i not in special]
     prompts: list[list[int]] = []
@@ -188,8 +188,8 @@ def _hexin_streams(
         model.config, block, model.dtype
     )
     # built on a thread that ends (the pool's allocation runs OpenMP), so that the engine
-    # thread's team is the only one alive while it decodes: see ``_isolated``
-    engine = _isolated(
+    # thread's team is the only one alive while it decodes: see ``run_isolated``
+    engine = run_isolated(
         lambda: Engine(
             model, tokenizer, kv_memory=memory, block_size=block, max_running=len(prompts)
         )
@@ -380,7 +380,7 @@ Measure = Callable[[int], dict[str, Any]]  # attempt number -> figures
 T = TypeVar("T")
 
 
-def _isolated(fn: Callable[[], T]) -> T:
+def run_isolated(fn: Callable[[], T]) -> T:
     """Run ``fn`` on a thread of its own that ends with it.
 
     torch and llama.cpp share one GNU OpenMP runtime in this process, and it keeps a
@@ -433,9 +433,9 @@ def _watched(measure: Measure, quiet_wait: float, retries: int = 2) -> dict[str,
     OpenMP code tenfold, because a descheduled worker stalls every barrier."""
     for attempt in range(retries + 1):
         if quiet_wait > 0:
-            _wait_for_quiet(quiet_wait)
+            wait_for_quiet(quiet_wait)
         watch = Neighbours()
-        result = _isolated(functools.partial(measure, attempt))
+        result = run_isolated(functools.partial(measure, attempt))
         result["neighbour_cores"] = busy = watch.cores()
         if quiet_wait <= 0 or busy is None or busy < NOISY or attempt == retries:
             return result
@@ -443,7 +443,7 @@ def _watched(measure: Measure, quiet_wait: float, retries: int = 2) -> dict[str,
     raise AssertionError("unreachable")
 
 
-def _wait_for_quiet(limit: float, window: float = 2.0, calm: float = 0.15) -> None:
+def wait_for_quiet(limit: float, window: float = 2.0, calm: float = 0.15) -> None:
     """Return once other processes use less than ``calm`` cores over ``window`` seconds,
     or after ``limit`` seconds."""
     deadline = time.monotonic() + limit
@@ -507,7 +507,7 @@ def _measure(
 
     warm = _random_prompts(cfg.vocab_size, special, 1, args.prompt_tokens, 7)[0]
     if lc is not None:
-        _isolated(lambda: lc.streams([warm, warm[::-1]], min(4, args.new_tokens)))
+        run_isolated(lambda: lc.streams([warm, warm[::-1]], min(4, args.new_tokens)))
 
     def prompts(n: int, attempt: int) -> list[list[int]]:
         """The same prompts for both engines; new ones for a retry."""
@@ -702,7 +702,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         loaded = load_model(args.model)
         return loaded, Llama(loaded.config, loaded.weights)
 
-    loaded, model = _isolated(load)
+    loaded, model = run_isolated(load)
     cfg = loaded.config
     version = _llama_cpp_version()
     is_gguf = loaded.path.is_file()
@@ -715,7 +715,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         skipped = "skipped (the model is not a GGUF file)"
     if skipped:
         _say(f"llama.cpp {skipped}")
-    lc = None if skipped else _isolated(lambda: LlamaCpp(loaded.path, args.threads))
+    lc = None if skipped else run_isolated(lambda: LlamaCpp(loaded.path, args.threads))
     try:
         hexin, llama = _measure(args, loaded, model, lc)
     finally:
