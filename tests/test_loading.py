@@ -26,8 +26,12 @@ def test_story_model_parameters_load_with_expected_shape(story_model):
     # the file stores only lm_head.weight; the embedding is the same matrix
     assert "model.embed_tokens.weight" not in story_model.weights
     model = Llama(c, story_model.weights)
-    assert torch.equal(model.embed, model.lm_head)
-    assert model.layers[1].wk.shape == (4 * 16, 128)
+    assert torch.equal(model.embed, model.lm_head.weight)
+    # q, k and v stacked into one projection: 8 query heads + 2 x 4 key/value heads of 16
+    qkv = model.layers[1].qkv.weight
+    assert qkv.shape == ((8 + 2 * 4) * 16, 128)
+    k_proj = story_model.weights["model.layers.1.self_attn.k_proj.weight"]
+    assert torch.equal(qkv[8 * 16 : 12 * 16], k_proj)
 
 
 def _random_hf_folder(tmp_path: Path, story_dir: Path, arch: str = "llama", **overrides) -> Path:

@@ -422,6 +422,30 @@ def test_attention_batched_with_int_offset_matches_per_sequence():
         _close(out[b], _naive_attention(q[b], keys[b], values[b], 4), atol=1e-5)
 
 
+@pytest.mark.parametrize(("t", "offset", "h", "k", "d"), ATTN_CASES)
+def test_fused_attention_equals_the_reference_operator(t, offset, h, k, d):
+    q, keys, values = _qkv(t, offset, h, k, d, seed=15)
+    _close(ops.fused_attention(q, keys, values, offset), ops.attention(q, keys, values, offset))
+    one = torch.tensor([offset])  # the model's (B,) offsets for a single sequence
+    _close(
+        ops.fused_attention(q[None], keys[None], values[None], one)[0],
+        _naive_attention(q, keys, values, offset),
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_fused_attention_hides_each_sequences_padding_like_the_reference(t):
+    offsets = torch.tensor([0, 5, 2])
+    g = torch.Generator().manual_seed(16)
+    q = torch.randn(3, t, 8, 8, generator=g)
+    keys = torch.randn(3, int(offsets.max()) + t, 2, 8, generator=g)
+    values = torch.randn_like(keys)
+    keys[0, t:] = 1e4  # padding past the shortest sequence's keys must not leak in
+    expected = ops.attention(q, keys, values, offsets)
+    _close(ops.fused_attention(q, keys, values, offsets), expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("t", [1, 3])
 def test_attention_batch_with_per_sequence_offsets_sees_only_its_own_keys(t):
     h, k, d = 8, 2, 8

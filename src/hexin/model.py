@@ -12,21 +12,28 @@ from hexin import ops
 from hexin.config import ModelConfig
 from hexin.errors import ModelFormatError
 from hexin.kvcache import KVCache, KVView
+from hexin.quant import Int4Linear, Int8Linear, Linear, concat_int4
+from hexin.weights import LoadedModel
 
 
 @dataclass
 class LayerWeights:
-    """One decoder layer's tensors, weight matrices stored (out, in)."""
+    """One decoder layer: norms and its four projections, Q/K/V and gate/up each fused into
+    one matrix so a step runs four matmuls per layer instead of seven."""
 
     attn_norm: Tensor
-    wq: Tensor
-    wk: Tensor
-    wv: Tensor
-    wo: Tensor
+    qkv: Linear
+    wo: Linear
     mlp_norm: Tensor
-    w_gate: Tensor
-    w_up: Tensor
-    w_down: Tensor
+    gate_up: Linear
+    down: Linear
+
+
+#: ``quant`` choices: "none" keeps every matrix dense in ``dtype``; "int8" adds per-row int8
+#: copies for decoding; "q4" uses a GGUF file's Q4_0/Q4_1 blocks as int4 (lossless regroup)
+#: and int8 for the other matrices; "auto" is "q4" for a CPU model from a file with Q4
+#: blocks and "none" otherwise.
+QUANT_MODES = ("auto", "none", "int8", "q4")
 
 
 class Llama:
@@ -40,30 +47,64 @@ class Llama:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        quant: str = "none",
+        quantized: Mapping[str, object] | None = None,
     ) -> None:
+        """``weights`` are the dense tensors under Hugging Face names; ``quantized`` a GGUF
+        file's stored tensors (``LoadedModel.quantized``), used by ``quant="q4"``."""
         self.config = config
         self.dtype, self.device = dtype, torch.device(device)
+        self.quant = resolve_quant(quant, self.device, quantized or {})
         w = _checked_weights(config, weights, dtype, self.device)
+        linear = _LinearFactory(w, quantized or {}, self.quant, self.device)
         self.embed = w["model.embed_tokens.weight"]
         self.norm = w["model.norm.weight"]
-        self.lm_head = w["lm_head.weight"]
-        self.layers = [
-            LayerWeights(
-                attn_norm=w[f"model.layers.{i}.input_layernorm.weight"],
-                wq=w[f"model.layers.{i}.self_attn.q_proj.weight"],
-                wk=w[f"model.layers.{i}.self_attn.k_proj.weight"],
-                wv=w[f"model.layers.{i}.self_attn.v_proj.weight"],
-                wo=w[f"model.layers.{i}.self_attn.o_proj.weight"],
-                mlp_norm=w[f"model.layers.{i}.post_attention_layernorm.weight"],
-                w_gate=w[f"model.layers.{i}.mlp.gate_proj.weight"],
-                w_up=w[f"model.layers.{i}.mlp.up_proj.weight"],
-                w_down=w[f"model.layers.{i}.mlp.down_proj.weight"],
+        self.lm_head = linear(["lm_head.weight"])
+        self.layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            attn, mlp = p + "self_attn.", p + "mlp."
+            self.layers.append(
+                LayerWeights(
+                    attn_norm=w[p + "input_layernorm.weight"],
+                    qkv=linear(
+                        [attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"]
+                    ),
+                    wo=linear([attn + "o_proj.weight"]),
+                    mlp_norm=w[p + "post_attention_layernorm.weight"],
+                    gate_up=linear([mlp + "gate_proj.weight", mlp + "up_proj.weight"]),
+                    down=linear([mlp + "down_proj.weight"]),
+                )
             )
-            for i in range(config.num_layers)
-        ]
         self.inv_freq = ops.rope_inv_freq(
             config.head_dim, config.rope_theta, config.rope_scaling
         ).to(self.device)
+
+    @classmethod
+    def from_loaded(
+        cls,
+        loaded: LoadedModel,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        quant: str = "auto",
+    ) -> Llama:
+        return cls(
+            loaded.config,
+            loaded.weights,
+            dtype=dtype,
+            device=device,
+            quant=quant,
+            quantized=loaded.quantized,
+        )
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights a single-token decode step reads."""
+        mats = [self.lm_head] + [
+            m for ly in self.layers for m in (ly.qkv, ly.wo, ly.gate_up, ly.down)
+        ]
+        return sum(m.nbytes for m in mats)
 
     def new_cache(self, max_tokens: int | None = None) -> KVCache:
         return KVCache(self.config, max_tokens=max_tokens, dtype=self.dtype, device=self.device)
@@ -76,7 +117,8 @@ class Llama:
         Returns fp32 logits (B, V) of the last position, or (B, T, V) with ``all_logits``.
         """
         cfg = self.config
-        b, t = tokens.shape
+        t = tokens.shape[1]
+        h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         offsets = cache.offsets  # (B,)
         cache.reserve(t)
         positions = offsets.unsqueeze(-1) + torch.arange(t, device=self.device)  # (B, T)
@@ -84,17 +126,58 @@ class Llama:
         x = ops.embedding(tokens.to(self.device), self.embed)
         for i, layer in enumerate(self.layers):
             n = ops.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-            q = ops.matmul_transb(n, layer.wq).view(b, t, cfg.num_heads, cfg.head_dim)
-            k = ops.matmul_transb(n, layer.wk).view(b, t, cfg.num_kv_heads, cfg.head_dim)
-            v = ops.matmul_transb(n, layer.wv).view(b, t, cfg.num_kv_heads, cfg.head_dim)
-            q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
-            keys, values = cache.update(i, k, v)
-            x = x + ops.matmul_transb(ops.attention(q, keys, values, offsets), layer.wo)
-            x = ops.mlp(x, layer.mlp_norm, layer.w_gate, layer.w_up, layer.w_down, cfg.rms_norm_eps)
+            q, k, v = layer.qkv(n).split((h * d, kv * d, kv * d), dim=-1)
+            q = ops.rope(q.unflatten(-1, (h, d)), cos, sin)
+            k = ops.rope(k.unflatten(-1, (kv, d)), cos, sin)
+            keys, values = cache.update(i, k, v.unflatten(-1, (kv, d)))
+            x = x + layer.wo(ops.fused_attention(q, keys, values, offsets))
+            gate, up = layer.gate_up(ops.rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)).chunk(2, -1)
+            x = x + layer.down(ops.swiglu(gate, up))
         cache.advance(tokens)
         if not all_logits:
             x = x[:, -1]
-        return ops.matmul_transb(ops.rms_norm(x, self.norm, cfg.rms_norm_eps), self.lm_head).float()
+        return self.lm_head(ops.rms_norm(x, self.norm, cfg.rms_norm_eps)).float()
+
+
+def resolve_quant(quant: str, device: torch.device, quantized: Mapping[str, object]) -> str:
+    """The concrete mode for ``quant`` (see ``QUANT_MODES``) on ``device``."""
+    if quant not in QUANT_MODES:
+        raise ValueError(f"unknown quant mode {quant!r}: choose one of {', '.join(QUANT_MODES)}")
+    probe = quantized.get("model.layers.0.mlp.down_proj.weight")
+    has_q4 = bool(getattr(probe, "is_int4", False))
+    if quant == "auto":
+        return "q4" if device.type == "cpu" and has_q4 else "none"
+    if quant != "none" and device.type != "cpu":
+        raise ValueError(f"quant {quant!r} runs on the CPU only; on {device.type} use --quant none")
+    if quant == "q4" and not has_q4:
+        raise ValueError("quant 'q4' needs a GGUF file with Q4_0 or Q4_1 weights")
+    return quant
+
+
+class _LinearFactory:
+    """Builds each (possibly fused) projection in the form the quant mode asks for."""
+
+    def __init__(
+        self,
+        dense: Mapping[str, Tensor],
+        quantized: Mapping[str, object],
+        mode: str,
+        device: torch.device,
+    ) -> None:
+        self.dense, self.quantized, self.mode, self.device = dense, quantized, mode, device
+
+    def __call__(self, names: list[str]) -> Linear:
+        weight = (
+            torch.cat([self.dense[n] for n in names]) if len(names) > 1 else self.dense[names[0]]
+        )
+        if self.mode == "none":
+            return Linear(weight)
+        if self.mode == "q4":
+            groups = [getattr(self.quantized.get(n), "int4_groups", lambda: None)() for n in names]
+            if all(g is not None for g in groups):
+                q, scale, zero = concat_int4(groups)  # type: ignore[arg-type]
+                return Int4Linear(q, scale, zero, dense=weight)
+        return Int8Linear(weight, keep_dense=True)
 
 
 def _checked_weights(

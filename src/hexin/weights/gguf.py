@@ -266,6 +266,31 @@ class GGUFTensor:
             values = values[rope_unpermute_index(self.shape[0], self.rope_heads)]
         return values.to(dtype).contiguous()
 
+    @property
+    def is_int4(self) -> bool:
+        """Stored as Q4_0 / Q4_1 blocks, which ``int4_groups`` regroups without loss."""
+        return self.ggml_type in (Q.Q4_0, Q.Q4_1) and len(self.shape) == 2
+
+    def int4_groups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Q4_0 / Q4_1 blocks as (q, scale, zero) with w = (q - 8) * scale + zero, q (out, in)
+        in [0, 15] and scale/zero (out, in / 32), RoPE rows restored; ``None`` for other
+        types. Q4_0 is (q - 8) * d, so zero = 0; Q4_1 is q * d + m, so zero = m + 8d."""
+        if not self.is_int4:
+            return None
+        _, type_size = gguf.GGML_QUANT_SIZES[self.ggml_type]
+        blocks = _as_torch_bytes(self.data).reshape(-1, type_size)
+        rows, cols = self.shape
+        d = _f16(blocks, 0).view(rows, cols // 32)
+        if self.ggml_type == Q.Q4_0:
+            q, zero = _nibbles(blocks[:, 2:]), torch.zeros_like(d)
+        else:
+            q, zero = _nibbles(blocks[:, 4:]), _f16(blocks, 2).view(rows, cols // 32) + 8 * d
+        q = q.reshape(rows, cols)
+        if self.rope_heads is not None:
+            index = rope_unpermute_index(rows, self.rope_heads)
+            q, d, zero = q[index], d[index], zero[index]
+        return q, d, zero
+
 
 @dataclass
 class GGUFModel:

@@ -1,0 +1,91 @@
+"""Perplexity guard for the quantized decode modes.
+
+The quantized kernels run only for calls with at most ``DENSE_ABOVE_ROWS`` activation rows
+(bigger calls take the dense fp32 weight), so the passage is fed in chunks of exactly that
+many tokens through one cache: every logit then comes from the decode kernels. Each mode's
+perplexity on a public-domain passage (tests/data/passage.txt) must stay within 2% of the
+fp32 reference, and the mode must actually read fewer weight bytes per step than fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from hexin.model import Llama
+from hexin.quant import DENSE_ABOVE_ROWS
+
+PASSAGE = Path(__file__).parent / "data" / "passage.txt"
+NUM_TOKENS = 512  # enough for a stable mean NLL, few enough for a quick run
+TOLERANCE = 0.02  # relative perplexity drift allowed against fp32
+#: A quantized mode's decode weight bytes must be below this fraction of fp32's.
+MAX_BYTES_RATIO = {"int8": 0.3, "q4": 0.25}
+
+
+def chunked_logits(model: Llama, ids: torch.Tensor) -> torch.Tensor:
+    """(1, T, V) logits from feeding ``ids`` in decode-sized chunks through one cache."""
+    cache = model.new_cache()
+    chunks = [
+        model.forward(ids[:, i : i + DENSE_ABOVE_ROWS], cache, all_logits=True)
+        for i in range(0, ids.shape[1], DENSE_ABOVE_ROWS)
+    ]
+    return torch.cat(chunks, dim=1)
+
+
+def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """exp(mean NLL of token i + 1 given the logits at position i)."""
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    return math.exp(nll.item())
+
+
+@pytest.fixture(scope="module")
+def passage_ids(default_model) -> torch.Tensor:
+    ids = default_model.tokenizer.encode(PASSAGE.read_text(encoding="utf-8"))
+    assert len(ids) >= NUM_TOKENS, f"passage has only {len(ids)} tokens"
+    return torch.tensor([ids[:NUM_TOKENS]], dtype=torch.long)
+
+
+@pytest.fixture(scope="module")
+def reference(default_model, passage_ids):
+    """The fp32 model, its chunked logits and perplexity, computed once for the module."""
+    model = Llama.from_loaded(default_model, quant="none")
+    logits = chunked_logits(model, passage_ids)
+    return model, logits, perplexity(logits, passage_ids)
+
+
+def test_chunked_fp32_matches_full_forward(reference, passage_ids) -> None:
+    """Chunking must be exact, so any drift measured below is the kernels', not the cache's."""
+    model, chunked, _ = reference
+    full = model.forward(passage_ids, model.new_cache(), all_logits=True)
+    diff = (full - chunked).abs().max().item()
+    assert diff < 1e-3, f"chunked vs full-sequence fp32 logits differ by {diff:.2e}"
+
+
+def test_reference_perplexity_is_sane(reference) -> None:
+    """The guard is only meaningful if the reference itself models English: measured ~45.1
+    on this passage (uniform guessing would be ~49k, a broken model hundreds or more)."""
+    ppl = reference[2]
+    print(f"fp32 perplexity: {ppl:.3f}")
+    assert 30 < ppl < 60, f"fp32 reference perplexity {ppl:.3f} outside (30, 60)"
+
+
+@pytest.mark.parametrize("mode", ["int8", "q4"])
+def test_quantized_perplexity_within_2_percent(default_model, reference, passage_ids, mode):
+    """A quantized decode mode may cost at most 2% perplexity, and must earn it by reading
+    markedly fewer weight bytes per step than fp32."""
+    ref_model, _, ref_ppl = reference
+    model = Llama.from_loaded(default_model, quant=mode)
+    ppl = perplexity(chunked_logits(model, passage_ids), passage_ids)
+    drift = ppl / ref_ppl - 1
+    print(f"{mode} perplexity {ppl:.3f} vs fp32 {ref_ppl:.3f} ({drift:+.2%})")
+    assert abs(drift) < TOLERANCE, (
+        f"{mode} perplexity {ppl:.3f} vs fp32 {ref_ppl:.3f}: {drift:+.2%} exceeds ±{TOLERANCE:.0%}"
+    )
+    ratio = model.weight_bytes / ref_model.weight_bytes
+    assert ratio < MAX_BYTES_RATIO[mode], (
+        f"{mode} reads {model.weight_bytes} weight bytes per step, {ratio:.3f}x fp32's "
+        f"{ref_model.weight_bytes}; expected < {MAX_BYTES_RATIO[mode]}x"
+    )
