@@ -31,14 +31,15 @@ import random
 import shlex
 import shutil
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
+
+from hexin.threads import run_isolated
 
 DEFAULT_OUT = "benchmarks/results"
 TG_PROMPT = "Once upon a time, in a village by the sea,"
@@ -377,33 +378,6 @@ def _show_streams(r: dict[str, Any]) -> str:
 
 
 Measure = Callable[[int], dict[str, Any]]  # attempt number -> figures
-T = TypeVar("T")
-
-
-def run_isolated(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on a thread of its own that ends with it.
-
-    torch and llama.cpp share one GNU OpenMP runtime in this process, and it keeps a
-    thread team alive for every thread that has ever run a parallel region. Once the
-    process holds more OpenMP threads than there are cores, it stops spin-waiting at
-    barriers and every parallel region pays for futex wake-ups: on 2 cores that halves
-    hexin's decode and cuts llama.cpp's to a third. A thread that exits takes its team
-    along, so each measurement here runs with one team, its own.
-    """
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as e:
-            box["error"] = e
-
-    thread = threading.Thread(target=run, name="hexin-bench")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
 
 
 def _pair(
@@ -606,7 +580,8 @@ def format_table(record: dict[str, Any]) -> str:
 
     lines = [
         f"hexin bench  {record['date']}  model {record['model']['name']}  "
-        f"threads {cfg['threads']}  "
+        f"({record['model'].get('device', 'cpu')}, {record['model'].get('dtype', 'float32')}, "
+        f"quant {record['model'].get('quant', 'none')})  threads {cfg['threads']}  "
         f"({cfg['prompt_tokens']} prompt + {cfg['new_tokens']} new tokens per stream)",
         f"{'':32}{'hexin':>10}{'llama.cpp':>11}{'ratio':>9}{'others busy':>13}",
     ]
@@ -688,7 +663,6 @@ def _write(record: dict[str, Any], out: Path) -> dict[str, str]:
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Measure, print the table to stdout, write the JSON record (and plot) into
     ``args.out``; return the record."""
-    from hexin.weights import load_model
 
     torch.set_num_threads(args.threads)
     date = datetime.now().astimezone().isoformat(timespec="seconds")
@@ -697,10 +671,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     _say(f"loading {args.model or 'the default model'} ...")
 
     def load() -> tuple[Any, Any]:
-        from hexin.model import Llama
+        from hexin.cli import model_options
+        from hexin.model import load_llama
 
-        loaded = load_model(args.model)
-        return loaded, Llama(loaded.config, loaded.weights)
+        return load_llama(args.model, **model_options(args))
 
     loaded, model = run_isolated(load)
     cfg = loaded.config
@@ -744,6 +718,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "layers": cfg.num_layers,
             "hidden": cfg.hidden_size,
             "vocab": cfg.vocab_size,
+            "device": str(model.device),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "quant": model.quant,
+            "decode_weight_bytes": model.weight_bytes,
         },
         "machine": {
             **_machine(),
@@ -790,7 +768,9 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="measure prompt, decode and batched throughput (beside llama.cpp if installed)",
         description=__doc__.splitlines()[0] if __doc__ else None,
     )
-    p.add_argument("--model", "-m", default=None, help="model folder, .gguf file or name")
+    from hexin.cli import add_model_args
+
+    add_model_args(p)
     p.add_argument(
         "--streams",
         type=_parse_streams,

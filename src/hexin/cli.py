@@ -15,13 +15,33 @@ from typing import Any
 from hexin.errors import HexinError
 
 
-def _add_model_arg(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         "-m",
         default=None,
         help="model folder, .gguf file or registered name (default: smollm2-135m-instruct)",
     )
+    p.add_argument(
+        "--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if present)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights, activations and KV cache (default: float32 on CPU, bfloat16 on GPU)",
+    )
+    p.add_argument(
+        "--quant",
+        default="auto",
+        choices=("auto", "none", "int8", "q4"),
+        help="decode weights: q4 = a GGUF file's Q4 blocks as int4 kernels, int8 = per-row "
+        "int8, none = dense (default: q4 on CPU for Q4 GGUF files, else none)",
+    )
+
+
+def model_options(args: argparse.Namespace) -> dict[str, str]:
+    return {"device": args.device, "dtype": args.dtype, "quant": args.quant}
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -50,13 +70,11 @@ def _sampling_changes(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_story(args: argparse.Namespace) -> int:
     """Stream a continuation of ``--prompt`` to stdout."""
     from hexin.generate import TextStream
-    from hexin.model import Llama
+    from hexin.model import load_llama
     from hexin.sampling import SamplingParams
-    from hexin.weights import load_model
 
     params = SamplingParams(**_sampling_changes(args))
-    loaded = load_model(args.model)
-    model = Llama(loaded.config, loaded.weights)
+    loaded, model = load_llama(args.model, **model_options(args))
     prompt_ids = loaded.tokenizer.encode(args.prompt)
     stream = TextStream(model, loaded.tokenizer, prompt_ids, params)
     for text in stream:
@@ -82,17 +100,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from hexin.chat.store import Store
     from hexin.chat.tree import check_id
     from hexin.engine import Engine
-    from hexin.model import Llama
+    from hexin.model import load_llama
     from hexin.sampling import SamplingParams
-    from hexin.weights import load_model
+    from hexin.threads import run_isolated
 
     changes = _sampling_changes(args)
     if args.session is not None:
         check_id(args.session)
     store = Store(args.db)
-    loaded = load_model(args.model)
-    model = Llama(loaded.config, loaded.weights)
-    with Engine(model, loaded.tokenizer, context_limit=args.context) as engine:
+
+    def build() -> tuple[Any, Engine]:
+        loaded, model = load_llama(args.model, **model_options(args))
+        return loaded, Engine(model, loaded.tokenizer, context_limit=args.context)
+
+    # built on a thread that ends, so the engine thread's OpenMP team is the only one
+    loaded, engine = run_isolated(build)
+    with engine:
         service = ChatService(
             engine, store, model_name=loaded.name, default_params=SamplingParams(**changes)
         )
@@ -124,6 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config = ServerConfig(
         model=args.model,
+        model_options=model_options(args),
         db=args.db,
         api_key=args.api_key or os.environ.get("HEXIN_API_KEY"),
         max_running=args.max_running,
@@ -167,14 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     story = sub.add_parser("story", help="stream a story continuing a prompt")
-    _add_model_arg(story)
+    add_model_args(story)
     story.add_argument("--prompt", "-p", default="Once upon a time", help="text to continue")
     _add_sampling_args(story)
     story.add_argument("--stats", action="store_true", help="print speed figures to stderr")
     story.set_defaults(func=cmd_story)
 
     chat = sub.add_parser("chat", help="chat in the terminal (sessions kept in SQLite)")
-    _add_model_arg(chat)
+    add_model_args(chat)
     chat.add_argument("--db", default=None, help="chat database (default: per-user data folder)")
     chat.add_argument("--session", "-s", default=None, help="session id to continue or create")
     chat.add_argument("--once", default=None, metavar="TEXT", help="send one message and exit")
@@ -184,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="HTTP server: web UI, chat WebSocket, REST, OpenAI API")
-    _add_model_arg(serve)
+    add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--db", default=None, help="chat database (default: per-user data folder)")

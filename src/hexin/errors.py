@@ -11,3 +11,7 @@ class ModelFormatError(HexinError):
 
 class ModelNotFoundError(HexinError):
     """``--model`` names nothing that exists and no registered model of that name."""
+
+
+class UnsupportedOption(HexinError, ValueError):
+    """A device, dtype or quantization choice this machine or model cannot run."""

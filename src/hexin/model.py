@@ -10,7 +10,7 @@ from torch import Tensor
 
 from hexin import ops
 from hexin.config import ModelConfig
-from hexin.errors import ModelFormatError
+from hexin.errors import ModelFormatError, UnsupportedOption
 from hexin.kvcache import KVCache, KVView
 from hexin.quant import Int4Linear, Int8Linear, Linear, concat_int4
 from hexin.weights import LoadedModel
@@ -126,10 +126,9 @@ class Llama:
         x = ops.embedding(tokens.to(self.device), self.embed)
         for i, layer in enumerate(self.layers):
             n = ops.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-            q, k, v = layer.qkv(n).split((h * d, kv * d, kv * d), dim=-1)
-            q = ops.rope(q.unflatten(-1, (h, d)), cos, sin)
-            k = ops.rope(k.unflatten(-1, (kv, d)), cos, sin)
-            keys, values = cache.update(i, k, v.unflatten(-1, (kv, d)))
+            qk, v = layer.qkv(n).unflatten(-1, (h + 2 * kv, d)).split((h + kv, kv), dim=-2)
+            q, k = ops.rope(qk, cos, sin).split((h, kv), dim=-2)  # one rotation for both
+            keys, values = cache.update(i, k, v)
             x = x + layer.wo(ops.fused_attention(q, keys, values, offsets))
             gate, up = layer.gate_up(ops.rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)).chunk(2, -1)
             x = x + layer.down(ops.swiglu(gate, up))
@@ -139,18 +138,62 @@ class Llama:
         return self.lm_head(ops.rms_norm(x, self.norm, cfg.rms_norm_eps)).float()
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """ "auto" is the GPU when torch sees one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UnsupportedOption(f"unknown device {device!r}: use auto, cpu or cuda") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UnsupportedOption("--device cuda: torch sees no CUDA GPU on this machine")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """ "auto" is float32 on a CPU (exact, and fastest for dense matmuls on CPUs without
+    AMX) and bfloat16 on a GPU (tensor cores)."""
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise UnsupportedOption(
+            f"unknown dtype {dtype!r}: choose auto or one of {', '.join(DTYPES)}"
+        )
+    return DTYPES[dtype]
+
+
+def load_llama(
+    spec: str | None = None, *, device: str = "auto", dtype: str = "auto", quant: str = "auto"
+) -> tuple[LoadedModel, Llama]:
+    """Load ``spec`` (see ``load_model``) and build the model the CLI flags ask for."""
+    from hexin.weights import load_model
+
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    loaded = load_model(spec)
+    return loaded, Llama.from_loaded(loaded, dtype=torch_dtype, device=target, quant=quant)
+
+
 def resolve_quant(quant: str, device: torch.device, quantized: Mapping[str, object]) -> str:
     """The concrete mode for ``quant`` (see ``QUANT_MODES``) on ``device``."""
     if quant not in QUANT_MODES:
-        raise ValueError(f"unknown quant mode {quant!r}: choose one of {', '.join(QUANT_MODES)}")
+        raise UnsupportedOption(
+            f"unknown quant mode {quant!r}: choose one of {', '.join(QUANT_MODES)}"
+        )
     probe = quantized.get("model.layers.0.mlp.down_proj.weight")
     has_q4 = bool(getattr(probe, "is_int4", False))
     if quant == "auto":
         return "q4" if device.type == "cpu" and has_q4 else "none"
     if quant != "none" and device.type != "cpu":
-        raise ValueError(f"quant {quant!r} runs on the CPU only; on {device.type} use --quant none")
+        raise UnsupportedOption(
+            f"quant {quant!r} runs on the CPU only; on {device.type} use --quant none"
+        )
     if quant == "q4" and not has_q4:
-        raise ValueError("quant 'q4' needs a GGUF file with Q4_0 or Q4_1 weights")
+        raise UnsupportedOption("quant 'q4' needs a GGUF file with Q4_0 or Q4_1 weights")
     return quant
 
 

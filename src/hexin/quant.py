@@ -80,6 +80,18 @@ class Int4Linear(QuantLinear):
             torch.stack((scale, zero), dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
         )
 
+    @classmethod
+    def quantize(cls, weight: Tensor, *, keep_dense: bool = False) -> Int4Linear:
+        """Round a dense weight to int4 per group of 32 (asymmetric: the group's minimum
+        and maximum map to 0 and 15). Lossy, unlike a GGUF Q4 file's blocks."""
+        out_features, in_features = weight.shape
+        groups = weight.float().reshape(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
+        lo, hi = groups.amin(-1), groups.amax(-1)
+        scale = ((hi - lo) / 15).clamp(min=1e-12)
+        q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15)
+        dense = weight if keep_dense else None
+        return cls(q.reshape(out_features, in_features), scale, lo + 8 * scale, dense=dense)
+
     def _quantized(self, x: Tensor) -> Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, GROUP_SIZE, self.scales_zeros

@@ -74,6 +74,8 @@ class WebFiles(StaticFiles):
 @dataclass
 class ServerConfig:
     model: str | None = None
+    #: device / dtype / quant, as ``hexin.model.load_llama`` takes them
+    model_options: dict[str, str] = field(default_factory=dict)
     db: str | None = None
     api_key: str | None = None
     max_running: int = 64
@@ -128,13 +130,12 @@ class State:
         self.started = int(time.time())
 
     def load(self) -> None:
-        from hexin.model import Llama
-        from hexin.weights import load_model
+        from hexin.model import load_llama
 
         try:
-            loaded = load_model(self.config.model)
+            loaded, model = load_llama(self.config.model, **self.config.model_options)
             engine = Engine(
-                Llama(loaded.config, loaded.weights),
+                model,
                 loaded.tokenizer,
                 kv_memory=self.config.kv_memory,
                 max_running=self.config.max_running,
