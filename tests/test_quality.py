@@ -89,3 +89,38 @@ def test_quantized_perplexity_within_2_percent(default_model, reference, passage
         f"{mode} reads {model.weight_bytes} weight bytes per step, {ratio:.3f}x fp32's "
         f"{ref_model.weight_bytes}; expected < {MAX_BYTES_RATIO[mode]}x"
     )
+
+
+def test_q4_greedy_reply_matches_fp32(default_model) -> None:
+    """The kernels return bf16 logits, coarse enough (steps of 0.125 near 16) to swap the
+    two likeliest tokens: on this prompt they once tied and q4 answered "Hello! I'shine.".
+    The LM head's top candidates are recomputed in fp32, so the greedy reply is fp32's."""
+    tok = default_model.tokenizer
+    chat = [{"role": "user", "content": "Hello"}]
+    ids = tok.encode(tok.apply_chat_template(chat, add_generation_prompt=True))
+    replies = []
+    for mode in ("none", "q4"):
+        model = Llama.from_loaded(default_model, quant=mode)
+        cache, out = model.new_cache(), []
+        logits = model.forward(torch.tensor([ids]), cache)
+        for _ in range(10):
+            out.append(int(logits[0].argmax()))
+            logits = model.forward(torch.tensor([out[-1:]]), cache)
+        replies.append(tok.decode(out))
+    assert replies[1] == replies[0], replies
+    assert replies[0].startswith("Hello! How can I"), replies
+
+
+def test_refined_lm_head_candidates_are_fp32_exact(default_model, passage_ids) -> None:
+    """After ``refine_top`` the likeliest logits equal the dense fp32 head's to fp32
+    rounding, while the rest keep the int8 kernel's approximation."""
+    model = Llama.from_loaded(default_model, quant="q4")
+    head = model.lm_head
+    x = torch.randn(3, default_model.config.hidden_size)
+    dense = x @ head.weight.mT
+    rough = head(x).float()
+    refined = head.refine_top(x, rough)
+    top = refined.topk(8, dim=-1).indices
+    torch.testing.assert_close(refined.gather(-1, top), dense.gather(-1, top))
+    assert torch.equal(refined.argmax(-1), dense.argmax(-1))
+    assert (rough - dense).abs().max() > 1e-3  # the unrefined logits really are approximate

@@ -12,7 +12,7 @@ from hexin import ops
 from hexin.config import ModelConfig
 from hexin.errors import ModelFormatError, UnsupportedOption
 from hexin.kvcache import KVCache, KVView
-from hexin.quant import Int4Linear, Int8Linear, Linear, concat_int4
+from hexin.quant import Int4Linear, Int8Linear, Linear, QuantLinear, concat_int4
 from hexin.weights import LoadedModel
 
 
@@ -135,7 +135,11 @@ class Llama:
         cache.advance(tokens)
         if not all_logits:
             x = x[:, -1]
-        return self.lm_head(ops.rms_norm(x, self.norm, cfg.rms_norm_eps)).float()
+        n = ops.rms_norm(x, self.norm, cfg.rms_norm_eps)
+        logits = self.lm_head(n).float()
+        if isinstance(self.lm_head, QuantLinear):
+            logits = self.lm_head.refine_top(n, logits)
+        return logits
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -60,6 +60,22 @@ class QuantLinear(Linear):
     def _quantized(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def refine_top(self, x: Tensor, y: Tensor, k: int = 32) -> Tensor:
+        """``y`` = self(x) with its ``k`` largest outputs per row recomputed from the dense
+        weight in fp32.
+
+        The kernels return bf16, whose 8-bit mantissa rounds logits near 16 to steps of
+        0.125: enough to tie or swap the two likeliest tokens and change a greedy reply.
+        Recomputing the few candidates that can win costs k dot products, not a pass over
+        the whole vocabulary. A no-op without a dense weight or when ``y`` came from it.
+        """
+        rows = x.numel() // x.shape[-1]
+        if self.weight is None or rows > DENSE_ABOVE_ROWS:
+            return y
+        top = y.topk(min(k, y.shape[-1]), dim=-1).indices  # (..., k)
+        exact = (self.weight[top] @ x.unsqueeze(-1).to(self.weight.dtype)).squeeze(-1)
+        return y.scatter(-1, top, exact.to(y.dtype))
+
 
 class Int4Linear(QuantLinear):
     """Group-quantized int4 weight: w = (q - 8) * scale + zero per group of 32 inputs."""
