@@ -438,7 +438,7 @@ def test_cached_turn_logits_equal_logits_from_scratch(default_chat, tmp_path):
     assert n == u["prompt_tokens"] + u["completion_tokens"] + 1
     assert 0 < n < len(prompt)
     table += [pool.allocate() for _ in range(-(-len(prompt) // pool.block_size) - len(table))]
-    view = PagedBatch(pool, [table], [n], [len(prompt) - n])
+    view = PagedBatch.of(pool, [table], [n], [len(prompt) - n])
     cached = model.forward(torch.tensor([prompt[n:]]), view, all_logits=True)[0]
     scratch = model.forward(torch.tensor([prompt]), model.new_cache(), all_logits=True)[0]
     assert cached.dtype == scratch.dtype == torch.float32

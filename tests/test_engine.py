@@ -59,9 +59,9 @@ def test_paged_batch_attention_equals_contiguous_cache(story):
     a, b = tok.encode("Once upon a time there was a cat"), tok.encode("The dog")
     tables = [[pool.allocate() for _ in range(4)], [pool.allocate() for _ in range(2)]]
     for ids, table in ((a, tables[0]), (b, tables[1])):
-        model.forward(torch.tensor([ids]), PagedBatch(pool, [table], [0], [len(ids)]))
+        model.forward(torch.tensor([ids]), PagedBatch.of(pool, [table], [0], [len(ids)]))
     nxt = torch.tensor([[5], [9]])
-    view = PagedBatch(pool, tables, [len(a), len(b)], [1, 1])
+    view = PagedBatch.of(pool, tables, [len(a), len(b)], [1, 1])
     batched = model.forward(nxt, view)
     for i, ids in enumerate((a, b)):
         ref = model.forward(torch.tensor([[*ids, int(nxt[i])]]), model.new_cache())[0]

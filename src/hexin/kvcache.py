@@ -1,10 +1,10 @@
 """Per-sequence key/value cache.
 
-The model talks to a cache through four calls: ``offsets`` (tokens already cached, per
-sequence), ``reserve(n)`` (room for this step), ``update(layer, k, v)`` (store this
-step's keys and values, return everything attention must see) and ``advance(tokens)``
-once all layers are done. Any layout that provides
-them (this contiguous one, or a paged block pool shared by many sequences) plugs in
+The model talks to a cache through ``offsets`` (tokens already cached, per sequence),
+``padded`` (whether the keys it returns carry padding to mask), ``reserve(n)`` (room for
+this step), ``update(layer, k, v)`` (store this step's keys and values, return everything
+attention must see) and ``advance(tokens)`` once all layers are done. Any layout that
+provides them (this contiguous one, or a paged block pool shared by many sequences) plugs in
 without touching the model.
 """
 
@@ -23,6 +23,10 @@ class KVView(Protocol):
 
     @property
     def offsets(self) -> Tensor: ...
+
+    #: whether ``update`` may return keys past a sequence's own (right padding), which
+    #: attention must then mask even for a single query token
+    padded: bool
 
     def reserve(self, num_new: int) -> None: ...
 
@@ -52,6 +56,7 @@ class KVCache:
         self._shape = (config.num_kv_heads, config.head_dim)
         self._dtype, self._device = dtype, torch.device(device)
         self.length = 0
+        self.padded = False  # one sequence, its keys exactly
         #: ids of the cached tokens, so a later prompt can reuse the longest common prefix
         self.token_ids: list[int] = []
         self._alloc(min(initial_capacity, self.max_tokens))

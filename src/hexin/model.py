@@ -129,7 +129,7 @@ class Llama:
             qk, v = layer.qkv(n).unflatten(-1, (h + 2 * kv, d)).split((h + kv, kv), dim=-2)
             q, k = ops.rope(qk, cos, sin).split((h, kv), dim=-2)  # one rotation for both
             keys, values = cache.update(i, k, v)
-            x = x + layer.wo(ops.fused_attention(q, keys, values, offsets))
+            x = x + layer.wo(ops.fused_attention(q, keys, values, offsets, padded=cache.padded))
             gate, up = layer.gate_up(ops.rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)).chunk(2, -1)
             x = x + layer.down(ops.swiglu(gate, up))
         cache.advance(tokens)

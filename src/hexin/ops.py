@@ -145,19 +145,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, offset: Tensor | int) -> Tensor:
     return out.movedim(-2, -4).reshape(*lead, t, h * d)
 
 
-def fused_attention(q: Tensor, k: Tensor, v: Tensor, offset: Tensor | int) -> Tensor:
+def fused_attention(
+    q: Tensor, k: Tensor, v: Tensor, offset: Tensor | int, *, padded: bool = True
+) -> Tensor:
     """``attention``'s contract through PyTorch's fused scaled-dot-product kernel.
 
     Same inputs and result (to float rounding, tested), but the kernel never materialises
     the (T, L) score tensor and serves grouped-query heads without copies: several times
     faster for decoding, which is why the model runs it while ``attention`` stays the
-    readable reference. A mask is built only when something must be hidden: a single
-    sequence decoding one token sees every key.
+    readable reference. A mask is built only when something must be hidden: one query
+    token over unpadded keys (``padded=False``: exactly offset + 1 of them) sees them all.
     """
     *lead, t, h, d = q.shape
     length = k.shape[-3]
     mask = None
-    if t > 1 or (isinstance(offset, Tensor) and offset.numel() > 1):
+    if t > 1 or padded:
         if isinstance(offset, Tensor):
             offset = offset.view(*offset.shape, 1)  # broadcast over the head axis
         mask = causal_mask(t, length, offset, device=q.device)

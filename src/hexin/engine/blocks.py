@@ -184,35 +184,60 @@ class BlockPool:
 
 class PagedBatch:
     """The KV view of a batch of sequences for one forward step, in the interface the model
-    expects of a cache (``offsets``, ``reserve``, ``update``, ``advance``).
+    expects of a cache (``offsets``, ``padded``, ``reserve``, ``update``, ``advance``).
 
     ``update`` scatters the step's keys and values into each sequence's slots and gathers
-    each sequence's whole history, right-padded to the longest; the causal mask with
-    per-sequence offsets hides the padding.
+    each sequence's history, right-padded to ``width`` tokens; the causal mask with
+    per-sequence offsets hides the padding. Built from tensors already on the pool's
+    device with torch ops only, so a CUDA graph can capture it (see ``graphs``).
     """
 
     def __init__(
-        self, pool: BlockPool, tables: list[list[int]], offsets: list[int], lengths: list[int]
+        self,
+        pool: BlockPool,
+        table: Tensor,
+        offsets: Tensor,
+        width: int,
+        lengths: list[int] | None = None,
     ) -> None:
+        """``table`` (B, W) block ids (NULL_BLOCK past a sequence's own), ``offsets`` (B,)
+        tokens cached before the step, ``width`` positions gathered per sequence
+        (<= W * block size), ``lengths`` new tokens per row of the step's (B, T) tokens
+        (``None``: one each, a decode step)."""
         self.pool = pool
-        device = pool.k.device
         bs = pool.block_size
-        t_max = max(lengths)
+        dev = table.device
+        t_max = max(lengths) if lengths else 1
+        pos = torch.arange(width, device=dev)
+        self._gather = table[:, pos // bs] * bs + pos % bs  # (B, L) flat slot of each position
+        steps = torch.arange(t_max, device=dev)
+        if lengths is None:
+            valid = torch.ones(table.shape[0], 1, dtype=torch.bool, device=dev)
+        else:
+            valid = steps < torch.tensor(lengths, device=dev).unsqueeze(1)
+        new_pos = torch.where(valid, offsets.unsqueeze(1) + steps, 0)  # (B, T)
+        scatter = table.gather(1, new_pos // bs) * bs + new_pos % bs
+        # padding rows write the null block, which no sequence reads unmasked
+        self._scatter = torch.where(valid, scatter, NULL_BLOCK * bs).flatten()
+        self._offsets = offsets
+        self.padded = True
+
+    @classmethod
+    def of(
+        cls, pool: BlockPool, tables: list[list[int]], offsets: list[int], lengths: list[int]
+    ) -> PagedBatch:
+        """The view for sequences given as Python lists, gathered to the longest one."""
+        bs = pool.block_size
         l_max = max(o + n for o, n in zip(offsets, lengths, strict=True))
         width = -(-l_max // bs)
         table = torch.full((len(tables), width), NULL_BLOCK, dtype=torch.long)
         for i, row in enumerate(tables):
             table[i, : len(row)] = torch.tensor(row[:width], dtype=torch.long)
-        pos = torch.arange(l_max)
-        gather = table[:, pos // bs] * bs + pos % bs  # (B, L) flat slot of each position
-        new_pos = torch.tensor(offsets).unsqueeze(1) + torch.arange(t_max)  # (B, T)
-        valid = torch.arange(t_max) < torch.tensor(lengths).unsqueeze(1)
-        new_pos = torch.where(valid, new_pos, 0)
-        scatter = table.gather(1, new_pos // bs) * bs + new_pos % bs
-        scatter = torch.where(valid, scatter, NULL_BLOCK * bs)  # padding writes the null block
-        self._offsets = torch.tensor(offsets, device=device)
-        self._gather = gather.to(device)
-        self._scatter = scatter.flatten().to(device)
+        device = pool.k.device
+        view = cls(pool, table.to(device), torch.tensor(offsets, device=device), l_max, lengths)
+        # a single sequence gathers exactly its own keys: nothing to mask for one query
+        view.padded = len(tables) > 1
+        return view
 
     @property
     def offsets(self) -> Tensor:
@@ -224,8 +249,8 @@ class PagedBatch:
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         kf = self.pool.k[layer].flatten(0, 1)  # (blocks * block_size, K, D)
         vf = self.pool.v[layer].flatten(0, 1)
-        kf.index_copy_(0, self._scatter, k.flatten(0, 1))
-        vf.index_copy_(0, self._scatter, v.flatten(0, 1))
+        kf.index_copy_(0, self._scatter, k.flatten(0, 1).to(kf.dtype))
+        vf.index_copy_(0, self._scatter, v.flatten(0, 1).to(vf.dtype))
         return kf[self._gather], vf[self._gather]
 
     def advance(self, tokens: Tensor) -> None:

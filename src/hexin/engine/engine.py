@@ -206,7 +206,7 @@ class Engine:
             t0 = time.perf_counter()
             start = seq.num_computed
             tokens = torch.tensor([seq.token_ids[start : start + n]], device=self.model.device)
-            view = PagedBatch(self.pool, [seq.block_table], [start], [n])
+            view = PagedBatch.of(self.pool, [seq.block_table], [start], [n])
             logits = self.model.forward(tokens, view)
             self.scheduler.computed(seq, n)
             self._prefill_tokens += n
@@ -217,25 +217,44 @@ class Engine:
             t0 = time.perf_counter()
             batch = step.decode
             tokens = torch.tensor([[s.token_ids[-1]] for s in batch], device=self.model.device)
-            view = PagedBatch(
+            view = PagedBatch.of(
                 self.pool,
                 [s.block_table for s in batch],
                 [s.num_computed for s in batch],
                 [1] * len(batch),
             )
             logits = self.model.forward(tokens, view)
-            for i, seq in enumerate(batch):
+            picks = self._pick(batch, logits)
+            for seq, token in zip(batch, picks, strict=True):
                 self.scheduler.computed(seq, 1)
                 if seq.finishing:  # that was the cache tail
                     self._retire(seq)
                 else:
                     self._decode_tokens += 1
-                    self._sample(seq, logits[i])
+                    self._accept(seq, token)
             self._decode_s += time.perf_counter() - t0
 
+    @staticmethod
+    def _pick(batch: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Each row's next token. Greedy rows share one argmax and one device-to-host copy
+        (on a GPU, a sync per row would cost more than the step); sampled rows draw from
+        their own seeded generator."""
+        greedy = [i for i, seq in enumerate(batch) if seq.sampler.params.greedy]
+        picks = [0] * len(batch)
+        if greedy:
+            rows = logits if len(greedy) == len(batch) else logits[greedy]
+            for i, token in zip(greedy, rows.argmax(-1).tolist(), strict=True):
+                picks[i] = token
+        for i, seq in enumerate(batch):
+            if not seq.sampler.params.greedy:
+                picks[i] = seq.sampler(logits[i])
+        return picks
+
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
+        self._accept(seq, seq.sampler(logits))
+
+    def _accept(self, seq: Sequence, token: int) -> None:
         c = seq.handle.completion
-        token = seq.sampler(logits)
         if not c.ttft_s:
             c.ttft_s = time.perf_counter() - seq.arrived
         if text := seq.output.add(token):
