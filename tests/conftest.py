@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STORY_DIR = REPO.parent / "shared" / "models" / "story"
+#: beside the repository; HEXIN_STORY_DIR points elsewhere (a GPU machine gets a copy)
+STORY_DIR = Path(os.environ.get("HEXIN_STORY_DIR", REPO.parent / "shared" / "models" / "story"))
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import torch
 
 from hexin.engine import Engine, EngineBusy
 from hexin.engine.blocks import BlockPool, PagedBatch
+from hexin.engine.graphs import GraphedDecode, bucket
 from hexin.errors import HexinError
 from hexin.generate import TextStream
 from hexin.model import Llama
@@ -66,6 +67,30 @@ def test_paged_batch_attention_equals_contiguous_cache(story):
     for i, ids in enumerate((a, b)):
         ref = model.forward(torch.tensor([[*ids, int(nxt[i])]]), model.new_cache())[0]
         assert (batched[i] - ref).abs().max().item() < 1e-4
+
+
+def test_graph_buckets_pad_batch_and_history_without_changing_logits(story):
+    """The padding CUDA graphs need (batch rounded up to a power of two with rows over the
+    null block, histories gathered to a power-of-two number of blocks) leaves each real
+    row's logits as the exact-size step gives them. Run eagerly here (no GPU needed)."""
+    model, tok = story
+    pool = BlockPool(model.config, 64, block_size=4)
+    prompts = [tok.encode(p) for p in STORY_PROMPTS[:3]]  # 3 rows -> a bucket of 4
+    tables = []
+    for ids in prompts:
+        table = [pool.allocate() for _ in range(-(-(len(ids) + 1) // 4))]
+        model.forward(torch.tensor([ids]), PagedBatch.of(pool, [table], [0], [len(ids)]))
+        tables.append(table)
+    offsets = [len(ids) for ids in prompts]
+    graphs = GraphedDecode(model, pool, capture=False)
+    # the same step twice writes the same K/V slots, so both paths see the same cache
+    padded = graphs([5, 9, 11], tables, offsets)
+    exact = model.forward(
+        torch.tensor([[5], [9], [11]]), PagedBatch.of(pool, tables, offsets, [1, 1, 1])
+    )
+    assert padded.shape == exact.shape
+    torch.testing.assert_close(padded, exact, atol=1e-4, rtol=0)
+    assert bucket(3) == 4 and bucket(5, 4) == 8 and bucket(1, 4) == 4
 
 
 def test_16_concurrent_requests_give_the_tokens_each_gives_alone(story):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from hexin.engine.blocks import BlockPool, PagedBatch
+from hexin.engine.graphs import GraphedDecode
 from hexin.engine.scheduler import Scheduler
 from hexin.engine.sequence import RequestHandle, Sequence
 from hexin.generate import Completion, OutputProcessor, check_fits
@@ -58,7 +59,9 @@ class Engine:
         max_waiting: int = 256,
         prefill_chunk: int = 512,
         context_limit: int | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
+        """``cuda_graphs``: on a GPU, replay decode steps from CUDA graphs (see ``graphs``)."""
         self.model, self.tokenizer = model, tokenizer
         limit = model.config.max_position_embeddings
         self.context_limit = min(context_limit or limit, limit)
@@ -70,6 +73,9 @@ class Engine:
             dtype=model.dtype,
             device=model.device,
         )
+        self._graphs: GraphedDecode | None = None
+        if cuda_graphs and model.device.type == "cuda":
+            self._graphs = GraphedDecode(model, self.pool, max_batch=max_running)
         self.scheduler = Scheduler(
             self.pool, max_running=max_running, max_waiting=max_waiting, prefill_chunk=prefill_chunk
         )
@@ -216,14 +222,15 @@ class Engine:
         if step.decode:
             t0 = time.perf_counter()
             batch = step.decode
-            tokens = torch.tensor([[s.token_ids[-1]] for s in batch], device=self.model.device)
-            view = PagedBatch.of(
-                self.pool,
-                [s.block_table for s in batch],
-                [s.num_computed for s in batch],
-                [1] * len(batch),
-            )
-            logits = self.model.forward(tokens, view)
+            last = [s.token_ids[-1] for s in batch]
+            tables = [s.block_table for s in batch]
+            offsets = [s.num_computed for s in batch]
+            if self._graphs is not None:
+                logits = self._graphs(last, tables, offsets)
+            else:
+                view = PagedBatch.of(self.pool, tables, offsets, [1] * len(batch))
+                tokens = torch.tensor(last, device=self.model.device).unsqueeze(1)
+                logits = self.model.forward(tokens, view)
             picks = self._pick(batch, logits)
             for seq, token in zip(batch, picks, strict=True):
                 self.scheduler.computed(seq, 1)
