@@ -186,7 +186,7 @@ def _hexin_streams(
     block = 16
     per_seq = -(-(len(prompts[0]) + new_tokens + 1) // block)
     memory = (len(prompts) * per_seq + 2) * BlockPool.bytes_per_block(
-        model.config, block, model.dtype
+        model.config, block, model.kv_dtype
     )
     # built on a thread that ends (the pool's allocation runs OpenMP), so that the engine
     # thread's team is the only one alive while it decodes: see ``run_isolated``

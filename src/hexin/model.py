@@ -12,7 +12,7 @@ from hexin import ops
 from hexin.config import ModelConfig
 from hexin.errors import ModelFormatError, UnsupportedOption
 from hexin.kvcache import KVCache, KVView
-from hexin.quant import Int4Linear, Int8Linear, Linear, QuantLinear, concat_int4
+from hexin.quant import Int4Linear, Int8Linear, Linear, concat_int4
 from hexin.weights import LoadedModel
 
 
@@ -55,6 +55,9 @@ class Llama:
         self.config = config
         self.dtype, self.device = dtype, torch.device(device)
         self.quant = resolve_quant(quant, self.device, quantized or {})
+        #: keys and values are stored in bf16 by the quantized modes (half the bytes for
+        #: attention to read, within their perplexity guard); "none" keeps ``dtype``, exact
+        self.kv_dtype = dtype if self.quant == "none" else torch.bfloat16
         w = _checked_weights(config, weights, dtype, self.device)
         linear = _LinearFactory(w, quantized or {}, self.quant, self.device)
         self.embed = w["model.embed_tokens.weight"]
@@ -107,7 +110,7 @@ class Llama:
         return sum(m.nbytes for m in mats)
 
     def new_cache(self, max_tokens: int | None = None) -> KVCache:
-        return KVCache(self.config, max_tokens=max_tokens, dtype=self.dtype, device=self.device)
+        return KVCache(self.config, max_tokens=max_tokens, dtype=self.kv_dtype, device=self.device)
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, cache: KVView, *, all_logits: bool = False) -> Tensor:
@@ -129,17 +132,15 @@ class Llama:
             qk, v = layer.qkv(n).unflatten(-1, (h + 2 * kv, d)).split((h + kv, kv), dim=-2)
             q, k = ops.rope(qk, cos, sin).split((h, kv), dim=-2)  # one rotation for both
             keys, values = cache.update(i, k, v)
-            x = x + layer.wo(ops.fused_attention(q, keys, values, offsets, padded=cache.padded))
+            attn = ops.fused_attention(q.to(keys.dtype), keys, values, offsets, padded=cache.padded)
+            x = x + layer.wo(attn.to(x.dtype))
             gate, up = layer.gate_up(ops.rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)).chunk(2, -1)
             x = x + layer.down(ops.swiglu(gate, up))
         cache.advance(tokens)
         if not all_logits:
             x = x[:, -1]
         n = ops.rms_norm(x, self.norm, cfg.rms_norm_eps)
-        logits = self.lm_head(n).float()
-        if isinstance(self.lm_head, QuantLinear):
-            logits = self.lm_head.refine_top(n, logits)
-        return logits
+        return self.lm_head.refine_top(n, self.lm_head(n).float())
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -223,8 +224,8 @@ class _LinearFactory:
             groups = [getattr(self.quantized.get(n), "int4_groups", lambda: None)() for n in names]
             if all(g is not None for g in groups):
                 q, scale, zero = concat_int4(groups)  # type: ignore[arg-type]
-                return Int4Linear(q, scale, zero, dense=weight)
-        return Int8Linear(weight, keep_dense=True)
+                return Int4Linear(q, scale, zero, wide=Int8Linear(weight))
+        return Int8Linear(weight)
 
 
 def _checked_weights(

@@ -1,16 +1,17 @@
-"""Linear layers over weights kept in a compact form, for memory-bound decoding.
+"""Linear layers over weights kept in a compact form.
 
 Decoding one token reads every weight once, so its speed is set by weight bytes: fp32
 weights of the default model are ~540 MB a step, its GGUF Q4_1 blocks ~96 MB. GGUF's
 4-bit blocks (32 values, a scale, and for Q4_1 a minimum) map onto PyTorch's group-quantized
 int4 CPU kernel, whose groups are also 32 values with a scale and a zero point, so they are
 repacked value for value, not re-quantized; only the per-group scale and zero are rounded to
-bf16, the kernel's activation dtype. Other weights (the Q8_0 embedding / LM head, K-quants,
-fp16) go to per-row int8, whose kernel is the next fastest.
+bf16, the kernel's activation dtype.
 
-Both kernels are tuned for a few rows of activations. Prompt processing and wide batches
-multiply many rows at once, where dense fp32 BLAS is faster on a CPU without AMX, so each
-layer can keep its dense weight too and picks the kernel by the number of rows.
+Many rows at once (a prompt, a wide decode batch) are compute-bound instead, and the int4
+kernel does not scale with rows. There the fastest CPU path is integer arithmetic: weights
+rounded to int8 per output row, each activation row rounded to int8 on the fly, and an
+int8 x int8 -> int32 matrix product (VNNI), measured at about 4x fp32 BLAS on a 2-core
+AVX-512 machine. The int8 copy is also what the LM head and other non-Q4 matrices use.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from torch import Tensor
 
 GROUP_SIZE = 32  # values per GGUF Q4 block and per int4 kernel group
 PACK_INNER_K_TILES = 2  # the CPU packing's only supported tiling
-#: Calls with more activation rows than this use a layer's dense weight when it has one:
-#: measured on a 2-core AVX-512 CPU, fp32 BLAS overtakes the int4 kernel at about 8 rows.
-DENSE_ABOVE_ROWS = 8
+#: Calls with more activation rows than this leave the int4 kernel for the int8 one:
+#: measured on a 2-core AVX-512 CPU, int8 overtakes int4 at a few rows.
+INT4_MAX_ROWS = 8
 
 
 class Linear:
-    """y = x @ W^T for W stored (out, in), dense in fp32 (or the model dtype)."""
+    """y = x @ W^T for W stored (out, in), dense in the model dtype."""
 
     def __init__(self, weight: Tensor) -> None:
         self.weight = weight
@@ -37,57 +38,73 @@ class Linear:
 
     @property
     def nbytes(self) -> int:
-        """Bytes read per call on the memory-bound path."""
+        """Bytes of weights one call reads."""
         return self.weight.numel() * self.weight.element_size()
 
+    def refine_top(self, x: Tensor, y: Tensor) -> Tensor:
+        """Outputs ``y`` = self(x), made exact where a quantized kernel rounded them (see
+        ``Int8Linear.refine_top``); dense outputs are already."""
+        return y
 
-class QuantLinear(Linear):
-    """A linear layer with a quantized weight for calls with few rows (decode) and,
-    optionally, the dense weight for calls with many (prefill, wide batches)."""
 
-    def __init__(self, dense: Tensor | None, out_features: int, in_features: int) -> None:
-        self.weight = dense  # type: ignore[assignment]
-        self.out_features, self.in_features = out_features, in_features
+class Int8Linear(Linear):
+    """Per-output-row int8 weight (w = q * scale, q in [-127, 127]) multiplied by
+    per-row int8 activations in integers: x @ W^T = (xq @ q^T) * sx * scale."""
+
+    def __init__(self, weight: Tensor) -> None:
+        self.out_features, self.in_features = weight.shape
+        w = weight.float()
+        self.scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        self.q = torch.round(w / self.scale[:, None]).to(torch.int8).contiguous()
 
     def __call__(self, x: Tensor) -> Tensor:
-        rows = x.numel() // x.shape[-1]
-        if self.weight is not None and rows > DENSE_ABOVE_ROWS:
-            return x @ self.weight.mT
-        lead = x.shape[:-1]
-        y = self._quantized(x.reshape(rows, x.shape[-1]).to(torch.bfloat16))
+        lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1]).float()
+        rows = x2.shape[0]
+        # two int8 terms per activation row: the row rounded, then its rounding error
+        # rounded again, so activations keep ~14 bits where one term keeps 7
+        high, s_high = _round_rows(x2)
+        low, s_low = _round_rows(x2 - high * s_high)
+        acc = torch._int_mm(torch.cat((high, low)), self.q.mT).float()
+        y = (acc[:rows] * s_high + acc[rows:] * s_low) * self.scale
         return y.to(x.dtype).view(*lead, self.out_features)
 
-    def _quantized(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.nbytes
+
+    def rows(self, index: Tensor) -> Tensor:
+        """Dequantized fp32 rows ``index`` of the weight (exactly what the kernel uses)."""
+        return self.q[index].float() * self.scale[index].unsqueeze(-1)
 
     def refine_top(self, x: Tensor, y: Tensor, k: int = 32) -> Tensor:
-        """``y`` = self(x) with its ``k`` largest outputs per row recomputed from the dense
-        weight in fp32.
+        """``y`` = self(x) with its ``k`` largest outputs per row recomputed in fp32 from
+        the unrounded activations.
 
-        The kernels return bf16, whose 8-bit mantissa rounds logits near 16 to steps of
-        0.125: enough to tie or swap the two likeliest tokens and change a greedy reply.
-        Recomputing the few candidates that can win costs k dot products, not a pass over
-        the whole vocabulary. A no-op without a dense weight or when ``y`` came from it.
+        Rounding activations to int8 moves logits by a few hundredths: enough to swap two
+        near-tied likeliest tokens and change a greedy reply. The candidates that can win
+        are recomputed with k dot products, not a pass over the whole vocabulary.
         """
-        rows = x.numel() // x.shape[-1]
-        if self.weight is None or rows > DENSE_ABOVE_ROWS:
-            return y
         top = y.topk(min(k, y.shape[-1]), dim=-1).indices  # (..., k)
-        exact = (self.weight[top] @ x.unsqueeze(-1).to(self.weight.dtype)).squeeze(-1)
+        exact = (self.rows(top) @ x.float().unsqueeze(-1)).squeeze(-1)
         return y.scatter(-1, top, exact.to(y.dtype))
 
 
-class Int4Linear(QuantLinear):
-    """Group-quantized int4 weight: w = (q - 8) * scale + zero per group of 32 inputs."""
+def _round_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row of ``x`` as int8 values times a per-row scale (its largest magnitude / 127)."""
+    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127.0
+    return torch.round(x / scale).to(torch.int8), scale
 
-    def __init__(
-        self, q: Tensor, scale: Tensor, zero: Tensor, *, dense: Tensor | None = None
-    ) -> None:
+
+class Int4Linear(Linear):
+    """Group-quantized int4 weight, w = (q - 8) * scale + zero per group of 32 inputs, for
+    calls of up to ``INT4_MAX_ROWS`` rows; wider calls go to ``wide``."""
+
+    def __init__(self, q: Tensor, scale: Tensor, zero: Tensor, *, wide: Linear) -> None:
         """``q`` (out, in) integers in [0, 15]; ``scale`` and ``zero`` (out, in / 32)."""
-        out_features, in_features = q.shape
-        if in_features % GROUP_SIZE:
+        self.out_features, self.in_features = q.shape
+        if self.in_features % GROUP_SIZE:
             raise ValueError(f"int4 weights need inputs in groups of {GROUP_SIZE}")
-        super().__init__(dense, out_features, in_features)
+        self.wide = wide
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             q.to(torch.int32).contiguous(), PACK_INNER_K_TILES
         )
@@ -96,45 +113,31 @@ class Int4Linear(QuantLinear):
             torch.stack((scale, zero), dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
         )
 
-    @classmethod
-    def quantize(cls, weight: Tensor, *, keep_dense: bool = False) -> Int4Linear:
-        """Round a dense weight to int4 per group of 32 (asymmetric: the group's minimum
-        and maximum map to 0 and 15). Lossy, unlike a GGUF Q4 file's blocks."""
-        out_features, in_features = weight.shape
-        groups = weight.float().reshape(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
-        lo, hi = groups.amin(-1), groups.amax(-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-12)
-        q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15)
-        dense = weight if keep_dense else None
-        return cls(q.reshape(out_features, in_features), scale, lo + 8 * scale, dense=dense)
+    @staticmethod
+    def dequantize(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+        """The fp32 weight the groups encode."""
+        out_features, in_features = q.shape
+        groups = (q.float() - 8).view(out_features, -1, GROUP_SIZE)
+        return (groups * scale[..., None] + zero[..., None]).view(out_features, in_features)
 
-    def _quantized(self, x: Tensor) -> Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, self.packed, GROUP_SIZE, self.scales_zeros
+    def refine_top(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.wide.refine_top(x, y)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > INT4_MAX_ROWS:
+            return self.wide(x)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(rows, x.shape[-1]).to(torch.bfloat16),
+            self.packed,
+            GROUP_SIZE,
+            self.scales_zeros,
         )
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     @property
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + self.scales_zeros.nbytes
-
-
-class Int8Linear(QuantLinear):
-    """Per-output-row int8 weight: w = q * scale, q in [-127, 127]."""
-
-    def __init__(self, weight: Tensor, *, keep_dense: bool = False) -> None:
-        out_features, in_features = weight.shape
-        w = weight.float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        super().__init__(weight if keep_dense else None, out_features, in_features)
-        self.q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.scale = scale.to(torch.bfloat16)
-
-    def _quantized(self, x: Tensor) -> Tensor:
-        return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
-
-    @property
-    def nbytes(self) -> int:
-        return self.q.numel() + self.scale.nbytes
 
 
 def concat_int4(parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:

@@ -208,8 +208,8 @@ class PagedBatch:
         bs = pool.block_size
         dev = table.device
         t_max = max(lengths) if lengths else 1
-        pos = torch.arange(width, device=dev)
-        self._gather = table[:, pos // bs] * bs + pos % bs  # (B, L) flat slot of each position
+        self._blocks, self._width = table.flatten(), width
+        self._batch_shape = (table.shape[0], table.shape[1] * bs)
         steps = torch.arange(t_max, device=dev)
         if lengths is None:
             valid = torch.ones(table.shape[0], 1, dtype=torch.bool, device=dev)
@@ -251,7 +251,11 @@ class PagedBatch:
         vf = self.pool.v[layer].flatten(0, 1)
         kf.index_copy_(0, self._scatter, k.flatten(0, 1).to(kf.dtype))
         vf.index_copy_(0, self._scatter, v.flatten(0, 1).to(vf.dtype))
-        return kf[self._gather], vf[self._gather]
+        # whole blocks, each one contiguous run of memory: copies at memcpy speed
+        shape = (*self._batch_shape, *kf.shape[1:])
+        keys = self.pool.k[layer].index_select(0, self._blocks).view(shape)
+        values = self.pool.v[layer].index_select(0, self._blocks).view(shape)
+        return keys[:, : self._width], values[:, : self._width]
 
     def advance(self, tokens: Tensor) -> None:
         """The scheduler moves each sequence's counters after the step."""

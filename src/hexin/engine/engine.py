@@ -65,12 +65,12 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         limit = model.config.max_position_embeddings
         self.context_limit = min(context_limit or limit, limit)
-        per_block = BlockPool.bytes_per_block(model.config, block_size, model.dtype)
+        per_block = BlockPool.bytes_per_block(model.config, block_size, model.kv_dtype)
         self.pool = BlockPool(
             model.config,
             max(2, kv_memory // per_block),
             block_size=block_size,
-            dtype=model.dtype,
+            dtype=model.kv_dtype,
             device=model.device,
         )
         self._graphs: GraphedDecode | None = None
