@@ -119,6 +119,31 @@ def test_concurrent_requests_on_default_model_match_alone(smol):
         assert [h.result().token_ids for h in handles] == expected
 
 
+@pytest.fixture(scope="module")
+def smol_q4(default_model):
+    return Llama.from_loaded(default_model, quant="q4"), default_model.tokenizer
+
+
+def test_q4_tokens_do_not_depend_on_batch_or_prefix_cache(smol_q4):
+    """The default CPU mode keeps the property the exact mode has: a request's tokens are
+    the same alone, beside others (int4 decode rows are computed independently), and when
+    its prompt is served from the prefix cache (prompt tokens always take the int8 path,
+    whose integer sums do not depend on how many rows a call has)."""
+    model, tok = smol_q4
+    prompts = ["What is 2+2?", "Name a color.", "Write a haiku about rain.", "Say hi."]
+    reqs = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) for p in prompts]
+    params = [GREEDY.with_(max_tokens=12), GREEDY.with_(max_tokens=16)] + [
+        SamplingParams(temperature=1.0, top_p=1.0, seed=7 + i, max_tokens=14) for i in range(2)
+    ]
+    expected = [alone(model, tok, ids, p).token_ids for ids, p in zip(reqs, params, strict=True)]
+    with Engine(model, tok) as engine:
+        handles = [engine.submit(ids, p) for ids, p in zip(reqs, params, strict=True)]
+        assert [h.result().token_ids for h in handles] == expected
+        again = engine.submit(reqs[2], params[2])  # its prompt's blocks are cached now
+        assert again.result().token_ids == expected[2]
+        assert again.completion.cached_tokens > 0
+
+
 def test_seeded_sampling_is_independent_of_batch_neighbours(story):
     model, tok = story
     params = SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=11, max_tokens=30)

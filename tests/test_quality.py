@@ -1,9 +1,8 @@
 """Perplexity guard for the quantized decode modes.
 
-Decoding runs the int4 kernel only for calls of at most ``INT4_MAX_ROWS`` activation rows
-(wider calls take the int8 one), so the passage is fed in chunks of exactly that many
-tokens through one cache: every logit then comes from the decode kernels. A second check
-runs the whole passage as one prompt, which is the int8 prompt-processing path. Each mode's
+The passage is fed in small chunks through one cache as decode steps (``prompt=False``),
+so every logit comes from the decode kernels (int4 for q4). A second check runs the whole
+passage as one prompt, which is the int8 prompt-processing path. Each mode's
 perplexity on a public-domain passage (tests/data/passage.txt) must stay within 2% of the
 fp32 reference, and the mode must actually read fewer weight bytes per step than fp32.
 """
@@ -17,9 +16,9 @@ import pytest
 import torch
 
 from hexin.model import Llama
-from hexin.quant import INT4_MAX_ROWS
 
 PASSAGE = Path(__file__).parent / "data" / "passage.txt"
+CHUNK = 8  # tokens per decode-path call
 NUM_TOKENS = 512  # enough for a stable mean NLL, few enough for a quick run
 TOLERANCE = 0.02  # relative perplexity drift allowed against fp32
 #: A quantized mode's decode weight bytes must be below this fraction of fp32's.
@@ -30,8 +29,8 @@ def chunked_logits(model: Llama, ids: torch.Tensor) -> torch.Tensor:
     """(1, T, V) logits from feeding ``ids`` in decode-sized chunks through one cache."""
     cache = model.new_cache()
     chunks = [
-        model.forward(ids[:, i : i + INT4_MAX_ROWS], cache, all_logits=True)
-        for i in range(0, ids.shape[1], INT4_MAX_ROWS)
+        model.forward(ids[:, i : i + CHUNK], cache, all_logits=True, prompt=False)
+        for i in range(0, ids.shape[1], CHUNK)
     ]
     return torch.cat(chunks, dim=1)
 

@@ -167,8 +167,10 @@ class TextStream:
         out = OutputProcessor(self.tokenizer, self.params, budget, c)
         start = time.perf_counter()
         pending = self.prompt_ids[reused:]
+        prompt = True
         while True:
-            logits = self.model.forward(torch.tensor([pending], device=self.model.device), cache)
+            ids = torch.tensor([pending], device=self.model.device)
+            logits = self.model.forward(ids, cache, prompt=prompt)
             token = sampler(logits[0])
             if not c.ttft_s:
                 c.ttft_s = time.perf_counter() - start
@@ -176,7 +178,7 @@ class TextStream:
                 yield text
             if out.finished or self.cancel.is_set():
                 break
-            pending = [token]
+            pending, prompt = [token], False
         if tail := out.finish():
             yield tail
         c.decode_s = time.perf_counter() - start - c.ttft_s

@@ -113,14 +113,25 @@ class Llama:
         return KVCache(self.config, max_tokens=max_tokens, dtype=self.kv_dtype, device=self.device)
 
     @torch.inference_mode()
-    def forward(self, tokens: Tensor, cache: KVView, *, all_logits: bool = False) -> Tensor:
+    def forward(
+        self,
+        tokens: Tensor,
+        cache: KVView,
+        *,
+        all_logits: bool = False,
+        prompt: bool | None = None,
+    ) -> Tensor:
         """Run ``tokens`` (B, T) after what ``cache`` holds and append them to it.
 
         Prefill is one call with the whole prompt; decode is one call per token (T = 1).
+        ``prompt`` picks the prompt-processing kernels of a quantized model (default: when
+        T > 1); pass True for a prompt's last token alone, after a prefix-cache hit, so
+        every prompt token takes the same path (see ``quant.Int4Linear``).
         Returns fp32 logits (B, V) of the last position, or (B, T, V) with ``all_logits``.
         """
         cfg = self.config
         t = tokens.shape[1]
+        wide = t > 1 if prompt is None else prompt
         h, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         offsets = cache.offsets  # (B,)
         cache.reserve(t)
@@ -129,18 +140,26 @@ class Llama:
         x = ops.embedding(tokens.to(self.device), self.embed)
         for i, layer in enumerate(self.layers):
             n = ops.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-            qk, v = layer.qkv(n).unflatten(-1, (h + 2 * kv, d)).split((h + kv, kv), dim=-2)
+            qk, v = (
+                layer.qkv(n, prompt=wide).unflatten(-1, (h + 2 * kv, d)).split((h + kv, kv), dim=-2)
+            )
             q, k = ops.rope(qk, cos, sin).split((h, kv), dim=-2)  # one rotation for both
             keys, values = cache.update(i, k, v)
-            attn = ops.fused_attention(q.to(keys.dtype), keys, values, offsets, padded=cache.padded)
-            x = x + layer.wo(attn.to(x.dtype))
-            gate, up = layer.gate_up(ops.rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)).chunk(2, -1)
-            x = x + layer.down(ops.swiglu(gate, up))
+            # decoding is memory-bound: attend in the cache's dtype (bf16 reads half the
+            # bytes); prompts are compute-bound, where fp32 is faster on CPUs without AMX
+            adt = x.dtype if wide else keys.dtype
+            attn = ops.fused_attention(
+                q.to(adt), keys.to(adt), values.to(adt), offsets, padded=cache.padded
+            )
+            x = x + layer.wo(attn.to(x.dtype), prompt=wide)
+            n = ops.rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
+            gate, up = layer.gate_up(n, prompt=wide).chunk(2, -1)
+            x = x + layer.down(ops.swiglu(gate, up), prompt=wide)
         cache.advance(tokens)
         if not all_logits:
             x = x[:, -1]
         n = ops.rms_norm(x, self.norm, cfg.rms_norm_eps)
-        return self.lm_head.refine_top(n, self.lm_head(n).float())
+        return self.lm_head.refine_top(n, self.lm_head(n, prompt=wide).float())
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -153,18 +153,27 @@ def fused_attention(
     Same inputs and result (to float rounding, tested), but the kernel never materialises
     the (T, L) score tensor and serves grouped-query heads without copies: several times
     faster for decoding, which is why the model runs it while ``attention`` stays the
-    readable reference. A mask is built only when something must be hidden: one query
-    token over unpadded keys (``padded=False``: exactly offset + 1 of them) sees them all.
+    readable reference. A mask is built only when needed: over unpadded keys
+    (``padded=False``: exactly offset + T of them) one query token sees them all, and a
+    whole prompt with nothing cached is the kernel's own causal case, which skips the
+    masked half of the work.
     """
     *lead, t, h, d = q.shape
     length = k.shape[-3]
-    mask = None
-    if t > 1 or padded:
+    mask, causal = None, False
+    if not padded and t == length:  # a whole prompt, nothing cached: plain causal
+        causal = t > 1
+    elif t > 1 or padded:
         if isinstance(offset, Tensor):
             offset = offset.view(*offset.shape, 1)  # broadcast over the head axis
         mask = causal_mask(t, length, offset, device=q.device)
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.movedim(-3, -2), k.movedim(-3, -2), v.movedim(-3, -2), attn_mask=mask, enable_gqa=True
+        q.movedim(-3, -2),
+        k.movedim(-3, -2),
+        v.movedim(-3, -2),
+        attn_mask=mask,
+        is_causal=causal,
+        enable_gqa=True,
     )
     return out.movedim(-3, -2).reshape(*lead, t, h * d)
 

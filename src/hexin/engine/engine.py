@@ -213,7 +213,7 @@ class Engine:
             start = seq.num_computed
             tokens = torch.tensor([seq.token_ids[start : start + n]], device=self.model.device)
             view = PagedBatch.of(self.pool, [seq.block_table], [start], [n])
-            logits = self.model.forward(tokens, view)
+            logits = self.model.forward(tokens, view, prompt=True)
             self.scheduler.computed(seq, n)
             self._prefill_tokens += n
             self._prefill_s += time.perf_counter() - t0
