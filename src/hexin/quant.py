@@ -105,6 +105,11 @@ def _int8_matmul_eager(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     return (acc[:rows] * s_high + acc[rows:] * s_low) * scale
 
 
+#: Calls with fewer rows run eagerly: compiling costs seconds on first use (a short prompt
+#: or a decode step would wait for it) and saves little there; a long prompt gains 2-3x.
+COMPILE_MIN_ROWS = 64
+
+
 class _Compiled:
     """``_int8_matmul_eager`` through ``torch.compile``, which fuses its dozen element-wise
     passes into a few loops around the integer matmul (2-3x faster for a 512-token prompt).
@@ -115,6 +120,8 @@ class _Compiled:
         self.fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
     def __call__(self, x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+        if x.shape[0] < COMPILE_MIN_ROWS:
+            return _int8_matmul_eager(x, q, scale)
         if self.fn is None:
             self.fn = _int8_matmul_eager
             if _can_compile():
