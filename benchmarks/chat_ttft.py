@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 
-from hexin.bench import Neighbours, run_isolated, wait_for_quiet
+from hexin.bench import Neighbours, wait_for_quiet
 from hexin.chat.service import ChatService
 from hexin.chat.store import Store
 from hexin.chat.tree import new_id
 from hexin.engine import Engine
 from hexin.model import Llama
 from hexin.sampling import SamplingParams
+from hexin.threads import run_isolated
 from hexin.weights import load_model
 
 KV_MEMORY = 256 << 20  # room for a few sessions of ~2k tokens at fp32
@@ -119,7 +120,7 @@ def _measured(service: ChatService, session_id: str, quiet_wait: float) -> dict[
 
 def new_engine(model: Llama, tokenizer: Any) -> Engine:
     """An engine built on a thread that ends, so that its own thread is the only one with
-    an OpenMP team while it runs (see ``hexin.bench.run_isolated``)."""
+    an OpenMP team while it runs (see ``hexin.threads.run_isolated``)."""
     return run_isolated(lambda: Engine(model, tokenizer, kv_memory=KV_MEMORY))
 
 
@@ -182,6 +183,7 @@ def history_tokens(tokenizer: Any, export: dict[str, Any]) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct Q4_1")
+    ap.add_argument("--quant", default="auto", help="as hexin's --quant (default: auto)")
     ap.add_argument("--sizes", default="100,1500", help="history sizes in tokens")
     ap.add_argument("--repeats", type=int, default=3, help="measured turns per size (median)")
     ap.add_argument("--reply-tokens", type=int, default=32, help="max tokens of each reply")
@@ -198,7 +200,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     loaded = run_isolated(lambda: load_model(args.model))
-    model = run_isolated(lambda: Llama(loaded.config, loaded.weights))
+    model = run_isolated(lambda: Llama.from_loaded(loaded, quant=args.quant))
     params = SamplingParams(temperature=0, max_tokens=args.reply_tokens)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,6 +214,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["python", "benchmarks/chat_ttft.py", *sys.argv[1:]]),
         "model": str(loaded.path),
+        "quant": model.quant,
         "reply_tokens": args.reply_tokens,
         "repeats": args.repeats,
         "threads": args.threads,
