@@ -124,7 +124,7 @@ def test_refined_lm_head_candidates_are_fp32_exact(default_model) -> None:
     top = refined.topk(8, dim=-1).indices
     torch.testing.assert_close(refined.gather(-1, top), exact.gather(-1, top))
     assert torch.equal(refined.argmax(-1), exact.argmax(-1))
-    rest = torch.ones_like(refined, dtype=torch.bool).scatter(-1, refined.topk(32).indices, False)
+    rest = torch.ones_like(refined, dtype=torch.bool).scatter(-1, rough.topk(32).indices, False)
     assert torch.equal(refined[rest], rough[rest])  # only the candidates are recomputed
     assert not torch.equal(rough, exact)  # and the kernel's logits really are rounded
 

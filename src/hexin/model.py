@@ -62,7 +62,7 @@ class Llama:
         linear = _LinearFactory(w, quantized or {}, self.quant, self.device)
         self.embed = w["model.embed_tokens.weight"]
         self.norm = w["model.norm.weight"]
-        self.lm_head = linear(["lm_head.weight"])
+        self.lm_head = linear(["lm_head.weight"], head=True)
         self.layers = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
@@ -233,7 +233,9 @@ class _LinearFactory:
     ) -> None:
         self.dense, self.quantized, self.mode, self.device = dense, quantized, mode, device
 
-    def __call__(self, names: list[str]) -> Linear:
+    def __call__(self, names: list[str], *, head: bool = False) -> Linear:
+        """``head``: the LM head, whose top candidates are recomputed exactly after the
+        product (``refine_top``), so one int8 term per activation row serves it."""
         weight = (
             torch.cat([self.dense[n] for n in names]) if len(names) > 1 else self.dense[names[0]]
         )
@@ -243,8 +245,8 @@ class _LinearFactory:
             groups = [getattr(self.quantized.get(n), "int4_groups", lambda: None)() for n in names]
             if all(g is not None for g in groups):
                 q, scale, zero = concat_int4(groups)  # type: ignore[arg-type]
-                return Int4Linear(q, scale, zero, wide=Int8Linear(weight))
-        return Int8Linear(weight)
+                return Int4Linear(q, scale, zero, wide=Int8Linear(weight, terms=1 if head else 2))
+        return Int8Linear(weight, terms=1 if head else 2)
 
 
 def _checked_weights(

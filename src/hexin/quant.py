@@ -56,15 +56,18 @@ class Int8Linear(Linear):
     """Per-output-row int8 weight (w = q * scale, q in [-127, 127]) multiplied by
     per-row int8 activations in integers: x @ W^T = (xq @ q^T) * sx * scale."""
 
-    def __init__(self, weight: Tensor) -> None:
+    def __init__(self, weight: Tensor, *, terms: int = 2) -> None:
+        """``terms``: int8 terms per activation row (see ``_int8_matmul_eager``); one is
+        enough for an LM head, whose likeliest outputs ``refine_top`` recomputes."""
         self.out_features, self.in_features = weight.shape
+        self.terms = terms
         w = weight.float()
         self.scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
         self.q = torch.round(w / self.scale[:, None]).to(torch.int8).contiguous()
 
     def __call__(self, x: Tensor, *, prompt: bool = False) -> Tensor:
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1]).float()
-        y = _int8_matmul(x2, self.q, self.scale)
+        y = _int8_matmul(x2, self.q, self.scale) if self.terms == 2 else _one_term(x2, self)
         return y.to(x.dtype).view(*lead, self.out_features)
 
     @property
@@ -92,6 +95,11 @@ def _round_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """Each row of ``x`` as int8 values times a per-row scale (its largest magnitude / 127)."""
     scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127.0
     return torch.round(x / scale).to(torch.int8), scale
+
+
+def _one_term(x: Tensor, layer: Int8Linear) -> Tensor:
+    high, s_high = _round_rows(x)
+    return torch._int_mm(high, layer.q.mT) * (s_high * layer.scale)
 
 
 def _int8_matmul_eager(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
