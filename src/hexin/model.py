@@ -148,10 +148,9 @@ class Llama:
             # decoding is memory-bound: attend in the cache's dtype (bf16 reads half the
             # bytes); prompts are compute-bound, where fp32 is faster on CPUs without AMX
             adt = x.dtype if wide else keys.dtype
-            attn = ops.fused_attention(
-                q.to(adt), keys.to(adt), values.to(adt), offsets, padded=cache.padded
-            )
-            x = x + layer.wo(attn.to(x.dtype), prompt=wide)
+            q, keys, values = (_cast(a, adt) for a in (q, keys, values))
+            attn = ops.fused_attention(q, keys, values, offsets, padded=cache.padded)
+            x = x + layer.wo(_cast(attn, x.dtype), prompt=wide)
             n = ops.rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
             gate, up = layer.gate_up(n, prompt=wide).chunk(2, -1)
             x = x + layer.down(ops.swiglu(gate, up), prompt=wide)
@@ -160,6 +159,11 @@ class Llama:
             x = x[:, -1]
         n = ops.rms_norm(x, self.norm, cfg.rms_norm_eps)
         return self.lm_head.refine_top(n, self.lm_head(n, prompt=wide).float())
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``, without a dispatch when it already is (hot-loop calls add up)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -24,9 +24,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     The statistic is taken in fp32 even for half-precision inputs, as the reference does,
     because squaring bf16 values loses the precision the normalisation needs.
     """
-    x32 = x.float()
+    # conversions only when needed: a decode step runs 61 norms, each call counts
+    x32 = x if x.dtype == torch.float32 else x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
+    return weight * (normed if normed.dtype == x.dtype else normed.to(x.dtype))
 
 
 def rope_inv_freq(
@@ -66,8 +67,9 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False) -> T
     hexin's model runs rotate-half; GGUF Q/K weights are permuted back to it at load, so
     the interleaved form is here for completeness and for that permutation's tests.
     """
-    cos = cos.unsqueeze(-2).to(x.dtype)  # broadcast over heads
-    sin = sin.unsqueeze(-2).to(x.dtype)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     if interleaved:
         even, odd = x[..., 0::2], x[..., 1::2]
         return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
