@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import tokenizers
 import torch
 
+from hexin.bench import timed_streams
 from hexin.config import ModelConfig, RopeScaling
 from hexin.engine import Engine
 from hexin.model import Llama
-from hexin.sampling import SamplingParams
 from hexin.tokenizer import Tokenizer
 
 SHAPES = {
@@ -92,35 +91,14 @@ def word_tokenizer(vocab_size: int) -> Tokenizer:
 
 def measure(
     engine: Engine, streams: int, prompt_tokens: int, new_tokens: int, seed: int = 0
-) -> dict[str, float]:
-    """Run ``streams`` greedy requests at once; decode tok/s counts only decode steps."""
+) -> dict[str, float | int]:
+    """``streams`` random prompts at once through ``hexin bench``'s own measurement."""
     g = torch.Generator().manual_seed(seed)
     vocab = engine.model.config.vocab_size
     prompts = [
         torch.randint(0, vocab, (prompt_tokens,), generator=g).tolist() for _ in range(streams)
     ]
-    params = SamplingParams(temperature=0, max_tokens=new_tokens)
-    before = engine.stats()
-    t0 = time.perf_counter()
-    handles = [engine.submit(p, params) for p in prompts]
-    done = [h.result() for h in handles]
-    wall = time.perf_counter() - t0
-    after = engine.stats()
-    assert all(d.completion_tokens == new_tokens for d in done), "a request stopped early"
-    # the engine's counters are cumulative: this run is the difference of two snapshots
-    decode_tokens = after.decode_tokens - before.decode_tokens
-    decode_s = _decode_seconds(after) - _decode_seconds(before)
-    return {
-        "streams": streams,
-        "decode_tok_s": decode_tokens / decode_s,
-        "e2e_tok_s": streams * new_tokens / wall,
-        "wall_s": wall,
-    }
-
-
-def _decode_seconds(stats: object) -> float:
-    rate = stats.decode_tokens_per_s  # type: ignore[attr-defined]
-    return stats.decode_tokens / rate if rate else 0.0  # type: ignore[attr-defined]
+    return timed_streams(engine, prompts, new_tokens, warm=prompts[0][:8])
 
 
 def bench_shape(name: str, args: argparse.Namespace) -> dict[str, object]:

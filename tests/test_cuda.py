@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from test_engine import STORY_PROMPTS
 
 from hexin.engine import Engine
 from hexin.model import Llama
@@ -16,14 +17,6 @@ from hexin.sampling import SamplingParams
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 GREEDY = SamplingParams(temperature=0, max_tokens=100)
-PROMPTS = [
-    "Once upon a time",
-    "The little dog",
-    "Tom and Sue went to the park and saw a big tree. They",
-    "A big red ball",
-    "One day, a girl named Lily found a shiny stone in the garden. She",
-    "The sun was hot",
-]
 
 
 def _engine(story_model, dtype: torch.dtype, **kw) -> Engine:
@@ -55,7 +48,7 @@ def test_graph_replay_equals_eager_steps(story_model, dtype):
     for graphs in (True, False):
         with _engine(story_model, dtype, cuda_graphs=graphs) as engine:
             handles = [
-                engine.submit(tok.encode(PROMPTS[i % len(PROMPTS)]), p)
+                engine.submit(tok.encode(STORY_PROMPTS[i % len(STORY_PROMPTS)]), p)
                 for i, p in enumerate(params)
             ]
             runs.append([h.result().token_ids for h in handles])
