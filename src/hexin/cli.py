@@ -35,8 +35,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--quant",
         default="auto",
         choices=("auto", "none", "int8", "q4"),
-        help="decode weights: q4 = a GGUF file's Q4 blocks as int4 kernels, int8 = per-row "
-        "int8, none = dense (default: q4 on CPU for Q4 GGUF files, else none)",
+        help="q4: decode with a GGUF file's Q4 blocks as int4, prompts in int8; int8: every "
+        "matrix int8; none: dense (default: q4 on CPU for Q4 GGUF files, else none)",
     )
 
 

@@ -29,10 +29,10 @@ class LayerWeights:
     down: Linear
 
 
-#: ``quant`` choices: "none" keeps every matrix dense in ``dtype``; "int8" adds per-row int8
-#: copies for decoding; "q4" uses a GGUF file's Q4_0/Q4_1 blocks as int4 (lossless regroup)
-#: and int8 for the other matrices; "auto" is "q4" for a CPU model from a file with Q4
-#: blocks and "none" otherwise.
+#: ``quant`` choices: "none" keeps every matrix dense in ``dtype``; "int8" runs every matrix
+#: as per-row int8; "q4" decodes with a GGUF file's Q4_0/Q4_1 blocks as int4 (a lossless
+#: regroup) and runs prompts and the other matrices in int8; "auto" is "q4" for a CPU model
+#: from a file with Q4 blocks and "none" otherwise. The quantized modes run on the CPU.
 QUANT_MODES = ("auto", "none", "int8", "q4")
 
 
@@ -59,7 +59,7 @@ class Llama:
         #: attention to read, within their perplexity guard); "none" keeps ``dtype``, exact
         self.kv_dtype = dtype if self.quant == "none" else torch.bfloat16
         w = _checked_weights(config, weights, dtype, self.device)
-        linear = _LinearFactory(w, quantized or {}, self.quant, self.device)
+        linear = _LinearFactory(w, quantized or {}, self.quant)
         self.embed = w["model.embed_tokens.weight"]
         self.norm = w["model.norm.weight"]
         self.lm_head = linear(["lm_head.weight"], head=True)
@@ -229,13 +229,9 @@ class _LinearFactory:
     """Builds each (possibly fused) projection in the form the quant mode asks for."""
 
     def __init__(
-        self,
-        dense: Mapping[str, Tensor],
-        quantized: Mapping[str, object],
-        mode: str,
-        device: torch.device,
+        self, dense: Mapping[str, Tensor], quantized: Mapping[str, object], mode: str
     ) -> None:
-        self.dense, self.quantized, self.mode, self.device = dense, quantized, mode, device
+        self.dense, self.quantized, self.mode = dense, quantized, mode
 
     def __call__(self, names: list[str], *, head: bool = False) -> Linear:
         """``head``: the LM head, whose top candidates are recomputed exactly after the

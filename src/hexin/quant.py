@@ -67,7 +67,8 @@ class Int8Linear(Linear):
 
     def __call__(self, x: Tensor, *, prompt: bool = False) -> Tensor:
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1]).float()
-        y = _int8_matmul(x2, self.q, self.scale) if self.terms == 2 else _one_term(x2, self)
+        matmul = _int8_matmul if self.terms == 2 else _int8_matmul_one_term
+        y = matmul(x2, self.q, self.scale)
         return y.to(x.dtype).view(*lead, self.out_features)
 
     @property
@@ -82,8 +83,9 @@ class Int8Linear(Linear):
         """``y`` = self(x) with its ``k`` largest outputs per row recomputed in fp32 from
         the unrounded activations.
 
-        Rounding activations to int8 moves logits by a few hundredths: enough to swap two
-        near-tied likeliest tokens and change a greedy reply. The candidates that can win
+        Rounding activations to int8 once moves logits by a few hundredths (an int4 head's
+        bf16 output by up to 0.125): enough to swap two near-tied likeliest tokens and change
+        a greedy reply. The candidates that can win
         are recomputed with k dot products, not a pass over the whole vocabulary.
         """
         top = y.topk(min(k, y.shape[-1]), dim=-1).indices  # (..., k)
@@ -97,9 +99,10 @@ def _round_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(x / scale).to(torch.int8), scale
 
 
-def _one_term(x: Tensor, layer: Int8Linear) -> Tensor:
+def _int8_matmul_one_term(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """x (M, K) fp32 @ (q * scale)^T with each row of x rounded to int8 once."""
     high, s_high = _round_rows(x)
-    return torch._int_mm(high, layer.q.mT) * (s_high * layer.scale)
+    return torch._int_mm(high, q.mT) * (s_high * scale)
 
 
 def _int8_matmul_eager(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:

@@ -229,10 +229,10 @@ class PagedBatch:
         """The view for sequences given as Python lists, gathered to the longest one."""
         bs = pool.block_size
         l_max = max(o + n for o, n in zip(offsets, lengths, strict=True))
-        width = -(-l_max // bs)
-        table = torch.full((len(tables), width), NULL_BLOCK, dtype=torch.long)
+        blocks = -(-l_max // bs)
+        table = torch.full((len(tables), blocks), NULL_BLOCK, dtype=torch.long)
         for i, row in enumerate(tables):
-            table[i, : len(row)] = torch.tensor(row[:width], dtype=torch.long)
+            table[i, : len(row)] = torch.tensor(row[:blocks], dtype=torch.long)
         device = pool.k.device
         view = cls(pool, table.to(device), torch.tensor(offsets, device=device), l_max, lengths)
         # a single sequence gathers exactly its own keys: nothing to mask for one query
