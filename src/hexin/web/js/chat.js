@@ -526,7 +526,11 @@ export class ChatView {
     const items = this.path.map((m, i) => this.messageEl(m, i === this.path.length - 1));
     if (this.streaming) items.push(this.streaming.el);
     if (!items.length && !this.missing) items.push(this.emptyEl());
+    // a reader who scrolled up keeps their place when the view is rebuilt (e.g. when the
+    // server's "session" message lands mid-reading)
+    const top = this.el.scroller.scrollTop;
     if (!this.missing) this.el.inner.replaceChildren(...items);
+    if (!this.stick) this.el.scroller.scrollTop = top;
     this.afterContentChange();
   }
 
