@@ -75,7 +75,7 @@ class Engine:
         )
         self._graphs: GraphedDecode | None = None
         if cuda_graphs and model.device.type == "cuda":
-            self._graphs = GraphedDecode(model, self.pool, max_batch=max_running)
+            self._graphs = GraphedDecode(model, self.pool)
         self.scheduler = Scheduler(
             self.pool, max_running=max_running, max_waiting=max_waiting, prefill_chunk=prefill_chunk
         )

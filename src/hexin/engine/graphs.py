@@ -38,15 +38,14 @@ class _Graph:
 
 class GraphedDecode:
     """Runs decode steps of ``model`` over ``pool`` through CUDA graphs captured lazily, one
-    per (batch bucket, width bucket); steps past ``max_batch`` rows run eagerly."""
+    per (batch bucket, width bucket). The engine's ``max_running`` bounds the batch, so the
+    number of graphs stays small."""
 
-    def __init__(
-        self, model: Llama, pool: BlockPool, *, max_batch: int = 256, capture: bool = True
-    ) -> None:
+    def __init__(self, model: Llama, pool: BlockPool, *, capture: bool = True) -> None:
         """``capture=False`` runs the same padded steps eagerly: how the CPU test suite
         checks the bucketing without a GPU."""
         self.model, self.pool = model, pool
-        self.max_batch, self.capture = max_batch, capture
+        self.capture = capture
         self.max_blocks = -(-model.config.max_position_embeddings // pool.block_size)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
@@ -55,10 +54,6 @@ class GraphedDecode:
         """Logits (B, V) for one new token per sequence."""
         b = len(tokens)
         blocks = max(len(t) for t in tables)
-        if b > self.max_batch:
-            view = PagedBatch.of(self.pool, tables, offsets, [1] * b)
-            ids = torch.tensor(tokens, device=self.model.device).unsqueeze(1)
-            return self.model.forward(ids, view)
         rows, width = bucket(b), min(bucket(blocks, 4), self.max_blocks)
         table = [row + [NULL_BLOCK] * (width - len(row)) for row in tables]
         table += [[NULL_BLOCK] * width] * (rows - b)
