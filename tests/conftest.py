@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-#: beside the repository; HEXIN_STORY_DIR points elsewhere (a GPU machine gets a copy)
-STORY_DIR = Path(os.environ.get("HEXIN_STORY_DIR", REPO.parent / "shared" / "models" / "story"))
+from hexin.weights.registry import bundled_path
+
+#: the package's own copy of the seed's story model
+STORY_DIR = bundled_path("story")
 
 
 @pytest.fixture(scope="session")
 def story_dir() -> Path:
-    """The seed's TinyStories model folder, shipped beside the repository."""
+    """The seed's TinyStories model folder, bundled with hexin."""
     assert (STORY_DIR / "config.json").is_file(), f"story model missing at {STORY_DIR}"
     return STORY_DIR
 

@@ -21,9 +21,10 @@ def hexin(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
 
 
 def test_story_greedy_prints_reference_continuation(story_dir):
+    """``--model story`` is the bundled copy: nothing fetched, nothing beside the repo."""
     reference = json.loads((story_dir / "REFERENCE.json").read_text())["cases"][0]
     out = hexin(
-        "story", "--model", str(story_dir), "--prompt", "Once upon a time",
+        "story", "--model", "story", "--prompt", "Once upon a time",
         "--max-tokens", "100", "--temperature", "0",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr

@@ -1,6 +1,5 @@
 """The CUDA path: the same model and engine on a GPU, decode steps replayed from CUDA
-graphs. Skipped without a GPU (CI has none); run on one through the device tool with
-``HEXIN_STORY_DIR`` pointing at a copy of the story model."""
+graphs. Skipped without a GPU (CI has none); run on one through the device tool."""
 
 from __future__ import annotations
 

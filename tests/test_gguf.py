@@ -28,10 +28,11 @@ from tokenizers import Tokenizer
 from hexin.config import RopeScaling
 from hexin.errors import ModelFormatError
 from hexin.weights.gguf import GGUFModel, GGUFTensor, dequantize_raw, load_gguf
+from hexin.weights.registry import bundled_path
 
 Q = gguf.GGMLQuantizationType
 
-STORY_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "story"
+STORY_DIR = bundled_path("story")
 
 
 @pytest.fixture(scope="module")

