@@ -32,6 +32,7 @@ from hexin.chat.store import Store
 from hexin.chat.tree import new_id
 from hexin.engine import Engine
 from hexin.model import Llama
+from hexin.options import EngineConfig
 from hexin.sampling import SamplingParams
 from hexin.threads import run_isolated
 from hexin.weights import load_model
@@ -121,7 +122,7 @@ def _measured(service: ChatService, session_id: str, quiet_wait: float) -> dict[
 def new_engine(model: Llama, tokenizer: Any) -> Engine:
     """An engine built on a thread that ends, so that its own thread is the only one with
     an OpenMP team while it runs (see ``hexin.threads.run_isolated``)."""
-    return run_isolated(lambda: Engine(model, tokenizer, kv_memory=KV_MEMORY))
+    return run_isolated(lambda: Engine(model, tokenizer, EngineConfig(kv_memory=KV_MEMORY)))
 
 
 def run_size(

@@ -25,6 +25,7 @@ from hexin.bench import timed_streams
 from hexin.config import ModelConfig, RopeScaling
 from hexin.engine import Engine
 from hexin.model import Llama
+from hexin.options import EngineConfig
 from hexin.tokenizer import Tokenizer
 
 SHAPES = {
@@ -109,7 +110,7 @@ def bench_shape(name: str, args: argparse.Namespace) -> dict[str, object]:
     out: dict[str, object] = {"shape": name}
     kw = {"kv_memory": args.kv_memory << 30, "max_running": 512, "prefill_chunk": 8192}
     for graphs in (False, True) if model.device.type == "cuda" else (False,):
-        with Engine(model, tok, cuda_graphs=graphs, **kw) as engine:
+        with Engine(model, tok, EngineConfig(cuda_graphs=graphs, **kw)) as engine:
             measure(engine, 1, args.prompt_tokens, 16)  # warm-up (graph capture)
             one = measure(engine, 1, args.prompt_tokens, args.new_tokens)
             out["single_stream_" + ("graphs" if graphs else "eager")] = one

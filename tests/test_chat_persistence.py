@@ -18,6 +18,7 @@ from hexin.chat import ChatError, ChatService, Store
 from hexin.chat.store import SCHEMA_VERSION
 from hexin.engine import Engine
 from hexin.model import Llama
+from hexin.options import EngineConfig
 from hexin.sampling import SamplingParams
 from hexin.tokenizer import Tokenizer
 
@@ -43,7 +44,7 @@ def story_chat(story_model):
 def story_service(story_chat, db) -> ChatService:
     model, tok = story_chat
     return ChatService(
-        Engine(model, tok, kv_memory=64 << 20).start(),
+        Engine(model, tok, EngineConfig(kv_memory=64 << 20)).start(),
         Store(db),
         model_name="story",
         default_params=SamplingParams(temperature=0, max_tokens=12),

@@ -25,6 +25,7 @@ from hexin.engine.blocks import BlockPool, PagedBatch
 from hexin.errors import HexinError
 from hexin.generate import ContextOverflow
 from hexin.model import Llama
+from hexin.options import EngineConfig
 from hexin.sampling import InvalidParams, SamplingParams
 from hexin.tokenizer import Tokenizer
 
@@ -62,7 +63,9 @@ def make_service(
     chat, db, *, temperature=0.0, max_tokens=16, context_limit=None, kv_memory=64 << 20
 ) -> ChatService:
     model, tok = chat
-    engine = Engine(model, tok, context_limit=context_limit, kv_memory=kv_memory).start()
+    engine = Engine(
+        model, tok, EngineConfig(context_limit=context_limit, kv_memory=kv_memory)
+    ).start()
     return ChatService(
         engine,
         Store(db),

@@ -11,6 +11,7 @@ from test_engine import STORY_PROMPTS
 
 from hexin.engine import Engine
 from hexin.model import Llama
+from hexin.options import EngineConfig
 from hexin.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -20,7 +21,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=100)
 
 def _engine(story_model, dtype: torch.dtype, **kw) -> Engine:
     model = Llama.from_loaded(story_model, device="cuda", dtype=dtype, quant="none")
-    return Engine(model, story_model.tokenizer, **kw).start()
+    return Engine(model, story_model.tokenizer, EngineConfig(**kw)).start()
 
 
 def test_cuda_fp32_graphed_engine_reproduces_reference_greedy(story_model, story_dir):

@@ -15,6 +15,7 @@ from hexin.engine.graphs import GraphedDecode, bucket
 from hexin.errors import HexinError
 from hexin.generate import TextStream
 from hexin.model import Llama
+from hexin.options import EngineConfig
 from hexin.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
@@ -97,7 +98,7 @@ def test_16_concurrent_requests_give_the_tokens_each_gives_alone(story):
     model, tok = story
     reqs = requests_16(tok)
     expected = [alone(model, tok, ids, p).token_ids for ids, p in reqs]
-    with Engine(model, tok, prefill_chunk=16) as engine:
+    with Engine(model, tok, EngineConfig(prefill_chunk=16)) as engine:
         handles = [engine.submit(ids, p) for ids, p in reqs]
         results = [h.result() for h in handles]
         assert engine.stats().steps < sum(len(e) for e in expected)  # batched, not serial
@@ -202,7 +203,7 @@ def test_pool_too_small_for_all_requests_still_completes_correctly(story):
     reqs = requests_16(tok)
     expected = [alone(model, tok, ids, p).token_ids for ids, p in reqs]
     per_block = BlockPool.bytes_per_block(model.config)
-    with Engine(model, tok, kv_memory=14 * per_block) as engine:  # 13 usable blocks
+    with Engine(model, tok, EngineConfig(kv_memory=14 * per_block)) as engine:  # 13 usable blocks
         handles = [engine.submit(ids, p) for ids, p in reqs]
         results = [h.result() for h in handles]
         stats = engine.stats()
@@ -239,7 +240,9 @@ def test_consumer_leaving_early_cancels_the_request(story):
 
 def test_queue_limit_gives_busy_error_not_a_hang(story):
     model, tok = story
-    engine = Engine(model, tok, max_waiting=2)  # not started: nothing leaves the queue
+    engine = Engine(
+        model, tok, EngineConfig(max_waiting=2)
+    )  # not started: nothing leaves the queue
     ids = tok.encode("Once")
     engine.submit(ids, GREEDY.with_(max_tokens=2))
     engine.submit(ids, GREEDY.with_(max_tokens=2))
@@ -250,7 +253,7 @@ def test_queue_limit_gives_busy_error_not_a_hang(story):
 
 def test_max_running_limits_the_batch(story):
     model, tok = story
-    with Engine(model, tok, max_running=3) as engine:
+    with Engine(model, tok, EngineConfig(max_running=3)) as engine:
         handles = [engine.submit(tok.encode(p), GREEDY.with_(max_tokens=20)) for p in "abcdef"]
         seen = 0
         while not all(h.done.is_set() for h in handles):
@@ -262,7 +265,7 @@ def test_max_running_limits_the_batch(story):
 def test_bad_requests_are_refused_clearly(story):
     model, tok = story
     per_block = BlockPool.bytes_per_block(model.config)
-    with Engine(model, tok, kv_memory=4 * per_block) as engine:
+    with Engine(model, tok, EngineConfig(kv_memory=4 * per_block)) as engine:
         with pytest.raises(HexinError, match="KV blocks"):
             engine.submit(list(range(3, 200)), GREEDY)
         with pytest.raises(HexinError, match="context limit"):

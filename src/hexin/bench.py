@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from hexin.options import EngineConfig, add_model_args, model_options
 from hexin.threads import run_isolated
 
 DEFAULT_OUT = "benchmarks/results"
@@ -192,7 +193,9 @@ def _hexin_streams(
     # thread's team is the only one alive while it decodes: see ``run_isolated``
     engine = run_isolated(
         lambda: Engine(
-            model, tokenizer, kv_memory=memory, block_size=block, max_running=len(prompts)
+            model,
+            tokenizer,
+            EngineConfig(kv_memory=memory, block_size=block, max_running=len(prompts)),
         )
     )
     with engine:
@@ -673,10 +676,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     _say(f"loading {args.model or 'the default model'} ...")
 
     def load() -> tuple[Any, Any]:
-        from hexin.cli import model_options
         from hexin.model import load_llama
 
-        return load_llama(args.model, **model_options(args))
+        return load_llama(args.model, model_options(args))
 
     loaded, model = run_isolated(load)
     cfg = loaded.config
@@ -770,8 +772,6 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="measure prompt, decode and batched throughput (beside llama.cpp if installed)",
         description=__doc__.splitlines()[0] if __doc__ else None,
     )
-    from hexin.cli import add_model_args
-
     add_model_args(p)
     p.add_argument(
         "--streams",

@@ -13,35 +13,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hexin.errors import HexinError
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        "-m",
-        default=None,
-        help="model folder, .gguf file or registered name (default: smollm2-135m-instruct)",
-    )
-    p.add_argument(
-        "--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if present)"
-    )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help="weights, activations and KV cache (default: float32 on CPU, bfloat16 on GPU)",
-    )
-    p.add_argument(
-        "--quant",
-        default="auto",
-        choices=("auto", "none", "int8", "q4"),
-        help="q4: decode with a GGUF file's Q4 blocks as int4, prompts in int8; int8: every "
-        "matrix int8; none: dense (default: q4 on CPU for Q4 GGUF files, else none)",
-    )
-
-
-def model_options(args: argparse.Namespace) -> dict[str, str]:
-    return {"device": args.device, "dtype": args.dtype, "quant": args.quant}
+from hexin.options import (
+    add_engine_args,
+    add_model_args,
+    engine_config,
+    model_options,
+)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -74,7 +51,7 @@ def cmd_story(args: argparse.Namespace) -> int:
     from hexin.sampling import SamplingParams
 
     params = SamplingParams(**_sampling_changes(args))
-    loaded, model = load_llama(args.model, **model_options(args))
+    loaded, model = load_llama(args.model, model_options(args))
     prompt_ids = loaded.tokenizer.encode(args.prompt)
     stream = TextStream(model, loaded.tokenizer, prompt_ids, params)
     for text in stream:
@@ -110,8 +87,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     store = Store(args.db)
 
     def build() -> tuple[Any, Engine]:
-        loaded, model = load_llama(args.model, **model_options(args))
-        return loaded, Engine(model, loaded.tokenizer, context_limit=args.context)
+        loaded, model = load_llama(args.model, model_options(args))
+        return loaded, Engine(model, loaded.tokenizer, engine_config(args))
 
     # built on a thread that ends, so the engine thread's OpenMP team is the only one
     loaded, engine = run_isolated(build)
@@ -122,18 +99,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if args.once is not None:
             return run_once(service, args.once, args.session, changes, system=args.system)
         return run_repl(service, args.session, changes, system=args.system)
-
-
-def parse_size(text: str) -> int:
-    """'512M', '2G', '1048576' -> bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        if text and text[-1] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -148,11 +113,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         model=args.model,
         model_options=model_options(args),
+        engine=engine_config(args),
         db=args.db,
         api_key=args.api_key or os.environ.get("HEXIN_API_KEY"),
-        max_running=args.max_running,
-        kv_memory=args.kv_memory,
-        context=args.context,
         cors=args.cors,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
@@ -203,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--session", "-s", default=None, help="session id to continue or create")
     chat.add_argument("--once", default=None, metavar="TEXT", help="send one message and exit")
     chat.add_argument("--system", default=None, help="system prompt of a new session")
-    chat.add_argument("--context", type=int, default=None, help="context limit in tokens")
+    add_engine_args(chat, serving=False)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
 
@@ -213,9 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--db", default=None, help="chat database (default: per-user data folder)")
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    serve.add_argument("--max-running", type=int, default=64, help="sequences decoded at once")
-    serve.add_argument("--kv-memory", type=parse_size, default=1 << 30, help="KV pool, e.g. 1G")
-    serve.add_argument("--context", type=int, default=None, help="context limit in tokens")
+    add_engine_args(serve, serving=True)
     serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN")
     serve.set_defaults(func=cmd_serve)
 

@@ -12,6 +12,7 @@ from hexin import ops
 from hexin.config import ModelConfig
 from hexin.errors import ModelFormatError, UnsupportedOption
 from hexin.kvcache import KVCache, KVView
+from hexin.options import DTYPE_CHOICES, QUANT_CHOICES, ModelOptions
 from hexin.quant import Int4Linear, Int8Linear, Linear, concat_int4
 from hexin.weights import LoadedModel
 
@@ -29,13 +30,6 @@ class LayerWeights:
     down: Linear
 
 
-#: ``quant`` choices: "none" keeps every matrix dense in ``dtype``; "int8" runs every matrix
-#: as per-row int8; "q4" decodes with a GGUF file's Q4_0/Q4_1 blocks as int4 (a lossless
-#: regroup) and runs prompts and the other matrices in int8; "auto" is "q4" for a CPU model
-#: from a file with Q4 blocks and "none" otherwise. The quantized modes run on the CPU.
-QUANT_MODES = ("auto", "none", "int8", "q4")
-
-
 class Llama:
     """A Llama decoder: embedding, N x (attention + SwiGLU MLP, each pre-normed with a
     residual), final norm, LM head. Holds no per-sequence state: caches are passed in."""
@@ -47,11 +41,12 @@ class Llama:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        quant: str = "none",
+        quant: str = ModelOptions.quant,
         quantized: Mapping[str, object] | None = None,
     ) -> None:
         """``weights`` are the dense tensors under Hugging Face names; ``quantized`` a GGUF
-        file's stored tensors (``LoadedModel.quantized``), used by ``quant="q4"``."""
+        file's stored tensors (``LoadedModel.quantized``), used by ``quant="q4"``; ``quant``
+        is one of ``options.QUANT_CHOICES`` ("auto" picks by device and file)."""
         self.config = config
         self.dtype, self.device = dtype, torch.device(device)
         self.quant = resolve_quant(quant, self.device, quantized or {})
@@ -90,7 +85,7 @@ class Llama:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        quant: str = "auto",
+        quant: str = ModelOptions.quant,
     ) -> Llama:
         return cls(
             loaded.config,
@@ -166,7 +161,7 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_CHOICES if name != "auto"}
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -195,22 +190,24 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_llama(
-    spec: str | None = None, *, device: str = "auto", dtype: str = "auto", quant: str = "auto"
+    spec: str | None = None, options: ModelOptions | None = None
 ) -> tuple[LoadedModel, Llama]:
     """Load ``spec`` (see ``load_model``) and build the model the CLI flags ask for."""
     from hexin.weights import load_model
 
-    target = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, target)
+    options = options or ModelOptions()
+    target = resolve_device(options.device)
+    torch_dtype = resolve_dtype(options.dtype, target)
     loaded = load_model(spec)
-    return loaded, Llama.from_loaded(loaded, dtype=torch_dtype, device=target, quant=quant)
+    model = Llama.from_loaded(loaded, dtype=torch_dtype, device=target, quant=options.quant)
+    return loaded, model
 
 
 def resolve_quant(quant: str, device: torch.device, quantized: Mapping[str, object]) -> str:
-    """The concrete mode for ``quant`` (see ``QUANT_MODES``) on ``device``."""
-    if quant not in QUANT_MODES:
+    """The concrete mode for ``quant`` (see ``options.QUANT_CHOICES``) on ``device``."""
+    if quant not in QUANT_CHOICES:
         raise UnsupportedOption(
-            f"unknown quant mode {quant!r}: choose one of {', '.join(QUANT_MODES)}"
+            f"unknown quant mode {quant!r}: choose one of {', '.join(QUANT_CHOICES)}"
         )
     probe = quantized.get("model.layers.0.mlp.down_proj.weight")
     has_q4 = bool(getattr(probe, "is_int4", False))

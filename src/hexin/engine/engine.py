@@ -22,11 +22,11 @@ from hexin.engine.scheduler import Scheduler
 from hexin.engine.sequence import RequestHandle, Sequence
 from hexin.generate import Completion, OutputProcessor, check_fits
 from hexin.model import Llama
+from hexin.options import EngineConfig
 from hexin.sampling import Sampler, SamplingParams
 from hexin.tokenizer import Tokenizer
 
 log = logging.getLogger("hexin.engine")
-DEFAULT_KV_MEMORY = 1 << 30  # 1 GiB
 
 
 @dataclass
@@ -49,36 +49,25 @@ class EngineStats:
 
 class Engine:
     def __init__(
-        self,
-        model: Llama,
-        tokenizer: Tokenizer,
-        *,
-        kv_memory: int = DEFAULT_KV_MEMORY,
-        block_size: int = 16,
-        max_running: int = 64,
-        max_waiting: int = 256,
-        prefill_chunk: int = 512,
-        context_limit: int | None = None,
-        cuda_graphs: bool = True,
+        self, model: Llama, tokenizer: Tokenizer, config: EngineConfig | None = None
     ) -> None:
-        """``cuda_graphs``: on a GPU, replay decode steps from CUDA graphs (see ``graphs``)."""
-        self.model, self.tokenizer = model, tokenizer
+        config = config or EngineConfig()
+        self.model, self.tokenizer, self.config = model, tokenizer, config
         limit = model.config.max_position_embeddings
-        self.context_limit = min(context_limit or limit, limit)
-        per_block = BlockPool.bytes_per_block(model.config, block_size, model.kv_dtype)
+        self.context_limit = min(config.context_limit or limit, limit)
+        bs = config.block_size
+        per_block = BlockPool.bytes_per_block(model.config, bs, model.kv_dtype)
         self.pool = BlockPool(
             model.config,
-            max(2, kv_memory // per_block),
-            block_size=block_size,
+            max(2, config.kv_memory // per_block),
+            block_size=bs,
             dtype=model.kv_dtype,
             device=model.device,
         )
         self._graphs: GraphedDecode | None = None
-        if cuda_graphs and model.device.type == "cuda":
+        if config.cuda_graphs and model.device.type == "cuda":
             self._graphs = GraphedDecode(model, self.pool)
-        self.scheduler = Scheduler(
-            self.pool, max_running=max_running, max_waiting=max_waiting, prefill_chunk=prefill_chunk
-        )
+        self.scheduler = Scheduler(self.pool, config)
         self._lock = threading.Condition()
         self._incoming: list[Sequence] = []
         self._cancelled: set[RequestHandle] = set()

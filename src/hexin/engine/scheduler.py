@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from hexin.engine.blocks import BlockPool, block_digest
 from hexin.engine.sequence import Sequence, Status
 from hexin.errors import HexinError
+from hexin.options import EngineConfig
 
 
 class EngineBusy(HexinError):
@@ -31,17 +32,11 @@ class Step:
 
 
 class Scheduler:
-    def __init__(
-        self,
-        pool: BlockPool,
-        *,
-        max_running: int = 64,
-        max_waiting: int = 256,
-        prefill_chunk: int = 512,
-    ) -> None:
+    def __init__(self, pool: BlockPool, config: EngineConfig) -> None:
+        """Only ``config``'s batch limits matter here (the pool is already sized)."""
         self.pool = pool
-        self.max_running, self.max_waiting = max_running, max_waiting
-        self.prefill_chunk = prefill_chunk
+        self.max_running, self.max_waiting = config.max_running, config.max_waiting
+        self.prefill_chunk = config.prefill_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0

@@ -28,6 +28,7 @@ from hexin.chat.store import Store
 from hexin.chat.tree import ChatError
 from hexin.engine import Engine, EngineBusy
 from hexin.errors import HexinError
+from hexin.options import EngineConfig, ModelOptions
 from hexin.sampling import InvalidParams
 from hexin.server.metrics import Metrics
 
@@ -74,13 +75,10 @@ class WebFiles(StaticFiles):
 @dataclass
 class ServerConfig:
     model: str | None = None
-    #: device / dtype / quant, as ``hexin.model.load_llama`` takes them
-    model_options: dict[str, str] = field(default_factory=dict)
+    model_options: ModelOptions = field(default_factory=ModelOptions)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     db: str | None = None
     api_key: str | None = None
-    max_running: int = 64
-    kv_memory: int = 1 << 30
-    context: int | None = None
     cors: list[str] = field(default_factory=list)
 
 
@@ -133,14 +131,8 @@ class State:
         from hexin.model import load_llama
 
         try:
-            loaded, model = load_llama(self.config.model, **self.config.model_options)
-            engine = Engine(
-                model,
-                loaded.tokenizer,
-                kv_memory=self.config.kv_memory,
-                max_running=self.config.max_running,
-                context_limit=self.config.context,
-            ).start()
+            loaded, model = load_llama(self.config.model, self.config.model_options)
+            engine = Engine(model, loaded.tokenizer, self.config.engine).start()
             self.service = ChatService(engine, Store(self.config.db), model_name=loaded.name)
             self.engine, self.model_name = engine, loaded.name
             self.ready.set()

@@ -1,0 +1,114 @@
+"""Run options shared by every command: which model, on what device, in what precision, and
+how the serving engine is sized. Their names, choices and defaults live here once.
+
+Nothing here imports torch, so the CLI can build its parser (``hexin --help``) and run
+commands that never touch a tensor (``hexin models``) without paying for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+#: ``--dtype`` choices; "auto" is float32 on a CPU and bfloat16 on a GPU
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+#: ``--quant`` choices: "none" keeps every matrix dense in the dtype; "int8" runs every
+#: matrix as per-row int8; "q4" decodes with a GGUF file's Q4_0/Q4_1 blocks as int4 (a
+#: lossless regroup) and runs prompts and the other matrices in int8; "auto" is "q4" for a
+#: CPU model from a file with Q4 blocks and "none" otherwise. Quantized modes run on a CPU.
+QUANT_CHOICES = ("auto", "none", "int8", "q4")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Where and how a model runs, as ``hexin.model.load_llama`` takes them."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    quant: str = "auto"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the serving engine is sized. One request's prompt is prefilled in chunks of
+    ``prefill_chunk`` tokens per step, so a long prompt cannot stall everyone's decoding;
+    ``max_waiting`` bounds the queue (beyond it a request is refused as busy)."""
+
+    kv_memory: int = 1 << 30  # bytes of KV block pool
+    block_size: int = 16  # tokens per KV block
+    max_running: int = 64  # sequences decoded at once
+    max_waiting: int = 256
+    prefill_chunk: int = 512
+    context_limit: int | None = None  # None: the model's own
+    cuda_graphs: bool = True  # on a GPU, replay decode steps from CUDA graphs
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--device``, ``--dtype``, ``--quant``."""
+    p.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="model folder, .gguf file or registered name (default: smollm2-135m-instruct)",
+    )
+    p.add_argument(
+        "--device",
+        default=ModelOptions.device,
+        help="cpu, cuda or cuda:N (default: cuda if present)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=ModelOptions.dtype,
+        choices=DTYPE_CHOICES,
+        help="weights, activations and KV cache (default: float32 on CPU, bfloat16 on GPU)",
+    )
+    p.add_argument(
+        "--quant",
+        default=ModelOptions.quant,
+        choices=QUANT_CHOICES,
+        help="q4: decode with a GGUF file's Q4 blocks as int4, prompts in int8; int8: every "
+        "matrix int8; none: dense (default: q4 on CPU for Q4 GGUF files, else none)",
+    )
+
+
+def model_options(args: argparse.Namespace) -> ModelOptions:
+    return ModelOptions(device=args.device, dtype=args.dtype, quant=args.quant)
+
+
+def parse_size(text: str) -> int:
+    """'512M', '2G', '1048576' -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
+
+
+def add_engine_args(p: argparse.ArgumentParser, *, serving: bool) -> None:
+    """``--context`` always; the pool and batch sizes (``serving``) for the server."""
+    p.add_argument("--context", type=int, default=None, help="context limit in tokens")
+    if serving:
+        p.add_argument(
+            "--max-running",
+            type=int,
+            default=EngineConfig.max_running,
+            help="sequences decoded at once",
+        )
+        p.add_argument(
+            "--kv-memory",
+            type=parse_size,
+            default=EngineConfig.kv_memory,
+            help="KV pool, e.g. 1G",
+        )
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine options given on the command line over the defaults."""
+    given = {"context_limit": args.context}
+    for name in ("max_running", "kv_memory"):
+        if hasattr(args, name):
+            given[name] = getattr(args, name)
+    return EngineConfig(**given)
