@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from hexin.bench import Neighbours, wait_for_quiet
+from hexin.bench.measure import Neighbours, wait_for_quiet
 from hexin.chat.service import ChatService
 from hexin.chat.store import Store
 from hexin.chat.tree import new_id

@@ -21,7 +21,7 @@ from pathlib import Path
 import tokenizers
 import torch
 
-from hexin.bench import timed_streams
+from hexin.bench.measure import timed_streams
 from hexin.config import ModelConfig, RopeScaling
 from hexin.engine import Engine
 from hexin.model import Llama

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from hexin.bench import _parse_streams, add_bench_parser, run_bench
+from hexin.bench import _parse_streams, add_bench_parser
+from hexin.bench.run import run_bench
 
 
 def _bench_args(argv: list[str]) -> argparse.Namespace:

@@ -23,9 +23,9 @@ from hexin.chat.window import build_prompt
 from hexin.engine import Engine
 from hexin.engine.blocks import BlockPool, PagedBatch
 from hexin.errors import HexinError
-from hexin.generate import ContextOverflow
 from hexin.model import Llama
 from hexin.options import EngineConfig
+from hexin.output import ContextOverflow
 from hexin.sampling import InvalidParams, SamplingParams
 from hexin.tokenizer import Tokenizer
 

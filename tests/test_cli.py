@@ -73,3 +73,46 @@ def test_models_lists_the_default_model(default_gguf):
     assert out.returncode == 0
     assert "smollm2-135m-instruct (default)" in out.stdout
     assert str(default_gguf) in out.stdout
+
+
+# What a command imports is checked in a fresh interpreter: in this one, other tests have
+# long since imported torch.
+_RUN_AND_REPORT_TORCH = """
+import contextlib, io, sys
+from hexin.cli import build_parser, main
+
+build_parser().parse_args(["story", "--prompt", "hi"])
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit as e:  # --help
+        code = e.code
+print(repr(out.getvalue()))
+print(code)
+print("torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "printed"),
+    [
+        (["models"], "smollm2-135m-instruct (default)"),
+        (["--help"], "story"),
+        (["story", "--help"], "--prompt"),
+        (["bench", "--help"], "--threads"),
+    ],
+)
+def test_parsing_help_and_models_never_import_torch(tmp_path, argv, printed):
+    """``hexin --help`` and ``hexin models`` start fast: torch is only for commands that
+    run a model."""
+    out = subprocess.run(
+        [sys.executable, "-c", _RUN_AND_REPORT_TORCH, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HEXIN_HOME": str(tmp_path)},
+    )
+    assert out.returncode == 0, out.stderr
+    shown, code, imported = out.stdout.strip().splitlines()
+    assert printed in shown and code == "0"  # the command really ran
+    assert imported == "False", f"hexin {' '.join(argv)} imported torch"

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import reference_ops
 import torch
 import torch.nn.functional as F
 
@@ -96,7 +97,7 @@ def test_mlp_with_residual_exact_values():
     residual = torch.ones(4, 2)
     w = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])  # (di, d) for both gate and up
     w_down = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])  # (d, di)
-    out = ops.mlp(residual, torch.ones(2), w, w, w_down, 1e-6)
+    out = reference_ops.mlp(residual, torch.ones(2), w, w, w_down, 1e-6)
     _close(out, torch.tensor([[1.3429964, 1.7290739]]).expand(4, 2))
 
 
@@ -314,7 +315,7 @@ def _naive_masked_softmax_rows(scores_2d, offset):
 def test_masked_softmax_int_offset_matches_naive(t, offset):
     g = torch.Generator().manual_seed(8)
     scores = torch.randn(2, t, offset + t, generator=g) * 3  # (H, T, L)
-    out = ops.masked_softmax(scores, offset)
+    out = reference_ops.masked_softmax(scores, offset)
     for h in range(2):
         _close(out[h], _naive_masked_softmax_rows(scores[h], offset))
     hidden = torch.arange(offset + t) > (offset + torch.arange(t)).unsqueeze(-1)
@@ -327,7 +328,7 @@ def test_masked_softmax_per_sequence_offsets_against_4d_scores():
     offsets = torch.tensor([[0], [3], [6]])  # (B, 1) against (B, H, T, L)
     length = int(offsets.max()) + t + 1  # one padding key beyond every sequence
     scores = torch.randn(b, h, t, length, generator=g) * 2
-    out = ops.masked_softmax(scores, offsets)
+    out = reference_ops.masked_softmax(scores, offsets)
     assert out.shape == scores.shape
     for bi in range(b):
         for hi in range(h):
@@ -339,7 +340,7 @@ def test_masked_softmax_per_sequence_offsets_against_3d_scores():
     g = torch.Generator().manual_seed(10)
     offsets = torch.tensor([2, 0])  # (B,) against (B, T, L)
     scores = torch.randn(2, 3, 5, generator=g)
-    out = ops.masked_softmax(scores, offsets)
+    out = reference_ops.masked_softmax(scores, offsets)
     for bi in range(2):
         _close(out[bi], _naive_masked_softmax_rows(scores[bi], int(offsets[bi])))
 
@@ -402,7 +403,7 @@ def _qkv(t, offset, h, k, d, seed, batch=()):
 @pytest.mark.parametrize(("t", "offset", "h", "k", "d"), ATTN_CASES)
 def test_attention_matches_naive_loop_with_consecutive_heads_sharing_kv(t, offset, h, k, d):
     q, keys, values = _qkv(t, offset, h, k, d, seed=11)
-    out = ops.attention(q, keys, values, offset)
+    out = reference_ops.attention(q, keys, values, offset)
     assert out.shape == (t, h * d)
     _close(out, _naive_attention(q, keys, values, offset), atol=1e-5)
 
@@ -412,12 +413,12 @@ def test_attention_matches_naive_loop_with_consecutive_heads_sharing_kv(t, offse
 def test_attention_matches_torch_sdpa(t, offset, h, k, d, enable_gqa):
     q, keys, values = _qkv(t, offset, h, k, d, seed=12)
     expected = _sdpa_reference(q, keys, values, offset, enable_gqa=enable_gqa)
-    _close(ops.attention(q, keys, values, offset), expected, atol=1e-5)
+    _close(reference_ops.attention(q, keys, values, offset), expected, atol=1e-5)
 
 
 def test_attention_batched_with_int_offset_matches_per_sequence():
     q, keys, values = _qkv(3, 4, 8, 2, 8, seed=13, batch=(2,))
-    out = ops.attention(q, keys, values, 4)
+    out = reference_ops.attention(q, keys, values, 4)
     for b in range(2):
         _close(out[b], _naive_attention(q[b], keys[b], values[b], 4), atol=1e-5)
 
@@ -425,7 +426,10 @@ def test_attention_batched_with_int_offset_matches_per_sequence():
 @pytest.mark.parametrize(("t", "offset", "h", "k", "d"), ATTN_CASES)
 def test_fused_attention_equals_the_reference_operator(t, offset, h, k, d):
     q, keys, values = _qkv(t, offset, h, k, d, seed=15)
-    _close(ops.fused_attention(q, keys, values, offset), ops.attention(q, keys, values, offset))
+    _close(
+        ops.fused_attention(q, keys, values, offset),
+        reference_ops.attention(q, keys, values, offset),
+    )
     one = torch.tensor([offset])  # the model's (B,) offsets for a single sequence
     _close(
         ops.fused_attention(q[None], keys[None], values[None], one)[0],
@@ -442,7 +446,7 @@ def test_fused_attention_hides_each_sequences_padding_like_the_reference(t):
     keys = torch.randn(3, int(offsets.max()) + t, 2, 8, generator=g)
     values = torch.randn_like(keys)
     keys[0, t:] = 1e4  # padding past the shortest sequence's keys must not leak in
-    expected = ops.attention(q, keys, values, offsets)
+    expected = reference_ops.attention(q, keys, values, offsets)
     _close(ops.fused_attention(q, keys, values, offsets), expected, atol=1e-5)
 
 
@@ -455,7 +459,7 @@ def test_attention_batch_with_per_sequence_offsets_sees_only_its_own_keys(t):
     q = torch.randn(3, t, h, d, generator=g)
     keys = torch.randn(3, length, k, d, generator=g)
     values = torch.randn(3, length, k, d, generator=g)
-    out = ops.attention(q, keys, values, offsets)
+    out = reference_ops.attention(q, keys, values, offsets)
     assert out.shape == (3, t, h * d)
     for b, off in enumerate(offsets.tolist()):
         own = off + t  # this sequence's real keys
@@ -469,10 +473,10 @@ def test_attention_batch_with_per_sequence_offsets_sees_only_its_own_keys(t):
     for b, off in enumerate(offsets.tolist()):
         noisy_k[b, off + t :] = 1e4
         noisy_v[b, off + t :] = -1e4
-    torch.testing.assert_close(ops.attention(q, noisy_k, noisy_v, offsets), out)
+    torch.testing.assert_close(reference_ops.attention(q, noisy_k, noisy_v, offsets), out)
     for b, off in enumerate(offsets.tolist()):
         for i in range(t):
             poked_v = values.clone()
             poked_v[b, off + i + 1 :] = 1e6
-            poked = ops.attention(q, keys, poked_v, offsets)
+            poked = reference_ops.attention(q, keys, poked_v, offsets)
             torch.testing.assert_close(poked[b, i], out[b, i])

@@ -9,8 +9,9 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
-from hexin.generate import ContextOverflow, StopMatcher, TextStream
+from hexin.generate import TextStream
 from hexin.model import Llama
+from hexin.output import ContextOverflow, StopMatcher
 from hexin.sampling import SamplingParams
 from hexin.tokenizer import Tokenizer
 
@@ -279,17 +280,17 @@ def test_prompt_longer_than_the_cache_raises_context_overflow(story):
     prompt = tok.encode("Once upon a time there was a little girl named Lily who loved to play")
     assert len(prompt) > 8
     with pytest.raises(ContextOverflow):
-        TextStream(model, tok, prompt, SamplingParams(**GREEDY), cache=model.new_cache(8)).run()
+        TextStream(model, tok, prompt, SamplingParams(**GREEDY), context_limit=8).run()
     # a prompt exactly filling the cache leaves no room for a single new token either
     with pytest.raises(ContextOverflow):
-        TextStream(model, tok, prompt[:8], SamplingParams(**GREEDY), cache=model.new_cache(8))
+        TextStream(model, tok, prompt[:8], SamplingParams(**GREEDY), context_limit=8)
 
 
 def test_generation_is_cut_at_the_cache_limit_with_reason_length(story):
     model, tok = story
     prompt = tok.encode(PROMPT)
-    cache = model.new_cache(max_tokens=len(prompt) + 3)
-    c = TextStream(model, tok, prompt, SamplingParams(**GREEDY, max_tokens=50), cache=cache).run()
+    params = SamplingParams(**GREEDY, max_tokens=50)
+    c = TextStream(model, tok, prompt, params, context_limit=len(prompt) + 3).run()
     assert c.stop_reason == "length"
     assert c.completion_tokens == 3
 

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from hexin.bench import add_bench_parser
 from hexin.errors import HexinError
 from hexin.options import (
     add_engine_args,
@@ -179,8 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve, serving=True)
     serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN")
     serve.set_defaults(func=cmd_serve)
-
-    from hexin.bench import add_bench_parser
 
     add_bench_parser(sub)
 

@@ -57,8 +57,6 @@ class KVCache:
         self._dtype, self._device = dtype, torch.device(device)
         self.length = 0
         self.padded = False  # one sequence, its keys exactly
-        #: ids of the cached tokens, so a later prompt can reuse the longest common prefix
-        self.token_ids: list[int] = []
         self._alloc(min(initial_capacity, self.max_tokens))
 
     def _alloc(self, capacity: int) -> None:
@@ -106,25 +104,4 @@ class KVCache:
 
     def advance(self, tokens: Tensor) -> None:
         """Count this step's tokens (1, T) as cached, after every layer has stored them."""
-        self.token_ids.extend(tokens[0].tolist())
         self.length += tokens.shape[-1]
-
-    def common_prefix(self, token_ids: list[int]) -> int:
-        """How many leading tokens of ``token_ids`` this cache already holds."""
-        n = 0
-        for cached, new in zip(self.token_ids, token_ids, strict=False):
-            if cached != new:
-                break
-            n += 1
-        return n
-
-    def truncate(self, n: int) -> None:
-        """Keep only the first ``n`` tokens (rollback). Their stored values stay valid:
-        a token's keys depend only on the tokens before it."""
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {n}")
-        self.length = n
-        del self.token_ids[n:]
-
-    def reset(self) -> None:
-        self.truncate(0)

@@ -95,13 +95,6 @@ def causal_mask(
     return k <= q + offset
 
 
-def masked_softmax(scores: Tensor, offset: Tensor | int) -> Tensor:
-    """Softmax over the last dimension of (…, T, L) attention scores with the causal mask
-    for ``offset`` cached tokens applied; masked entries get probability exactly 0."""
-    mask = causal_mask(scores.shape[-2], scores.shape[-1], offset, device=scores.device)
-    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-
-
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """SwiGLU activation: silu(gate) * up."""
     return torch.nn.functional.silu(gate) * up
@@ -125,37 +118,19 @@ def matmul_transb(
     return alpha * (a @ b.mT) + beta * c
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, offset: Tensor | int) -> Tensor:
-    """Grouped-query causal self-attention.
-
-    q (…, T, H, D); k, v (…, L, K, D) holding the cached keys followed by the new ones;
-    ``offset`` = L - T for each sequence (cached tokens before the queries). Each run of
-    H / K consecutive query heads shares one KV head; the query heads are reshaped onto
-    their KV head instead of copying K and V H / K times. Returns (…, T, H * D).
-    """
-    *lead, t, h, d = q.shape
-    kv_heads = k.shape[-2]
-    group = h // kv_heads
-    # (…, K, G, T, D) queries against (…, K, 1, D, L) keys -> (…, K, G, T, L) scores
-    qg = q.reshape(*lead, t, kv_heads, group, d).movedim(-4, -2)
-    kt = k.movedim(-3, -1).unsqueeze(-3)
-    scores = (qg @ kt) * (1.0 / math.sqrt(d))
-    if isinstance(offset, Tensor):
-        offset = offset.view(*offset.shape, 1, 1)  # broadcast over the K and G axes
-    probs = masked_softmax(scores, offset)
-    out = probs @ v.movedim(-3, -2).unsqueeze(-3)  # (…, K, G, T, D)
-    return out.movedim(-2, -4).reshape(*lead, t, h * d)
-
-
 def fused_attention(
     q: Tensor, k: Tensor, v: Tensor, offset: Tensor | int, *, padded: bool = True
 ) -> Tensor:
-    """``attention``'s contract through PyTorch's fused scaled-dot-product kernel.
+    """Grouped-query causal self-attention through PyTorch's fused scaled-dot-product kernel.
 
-    Same inputs and result (to float rounding, tested), but the kernel never materialises
-    the (T, L) score tensor and serves grouped-query heads without copies: several times
-    faster for decoding, which is why the model runs it while ``attention`` stays the
-    readable reference. A mask is built only when needed: over unpadded keys
+    q (…, T, H, D); k, v (…, L, K, D) holding the cached keys followed by the new ones;
+    ``offset`` = cached tokens before the queries, per sequence; keys past a sequence's
+    own (right padding) are hidden by the same causal mask. Returns (…, T, H * D).
+
+    The kernel never materialises the (T, L) score tensor and serves grouped-query heads
+    without copies. The tests hold it equal (to float rounding) to a readable
+    reference written out op by op (tests/reference_ops.py), which is several times
+    slower for decoding. A mask is built only when needed: over unpadded keys
     (``padded=False``: exactly offset + T of them) one query token sees them all, and a
     whole prompt with nothing cached is the kernel's own causal case, which skips the
     masked half of the work.
@@ -178,17 +153,3 @@ def fused_attention(
         enable_gqa=True,
     )
     return out.movedim(-3, -2).reshape(*lead, t, h * d)
-
-
-def mlp(
-    x: Tensor,
-    norm_weight: Tensor,
-    w_gate: Tensor,
-    w_up: Tensor,
-    w_down: Tensor,
-    eps: float,
-) -> Tensor:
-    """The feed-forward block with its residual: x + down(swiglu(gate(n), up(n))), where
-    n = rms_norm(x)."""
-    n = rms_norm(x, norm_weight, eps)
-    return x + matmul_transb(swiglu(matmul_transb(n, w_gate), matmul_transb(n, w_up)), w_down)

@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from hexin import ops
+
 log = logging.getLogger(__name__)
 
 GROUP_SIZE = 32  # values per GGUF Q4 block and per int4 kernel group
@@ -39,7 +41,7 @@ class Linear:
 
     def __call__(self, x: Tensor, *, prompt: bool = False) -> Tensor:
         """``prompt``: the rows are prompt tokens, not decode steps (see ``Int4Linear``)."""
-        return x @ self.weight.mT
+        return ops.matmul_transb(x, self.weight)
 
     @property
     def nbytes(self) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hexin.chat.tree import Message
-from hexin.generate import ContextOverflow
+from hexin.output import ContextOverflow
 from hexin.tokenizer import Tokenizer
 
 

@@ -20,9 +20,9 @@ from hexin.engine.blocks import BlockPool, PagedBatch
 from hexin.engine.graphs import GraphedDecode
 from hexin.engine.scheduler import Scheduler
 from hexin.engine.sequence import RequestHandle, Sequence
-from hexin.generate import Completion, OutputProcessor, check_fits
 from hexin.model import Llama
 from hexin.options import EngineConfig
+from hexin.output import Completion, OutputProcessor, check_fits
 from hexin.sampling import Sampler, SamplingParams
 from hexin.tokenizer import Tokenizer
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
-from hexin.generate import Completion, OutputProcessor
+from hexin.output import Completion, OutputProcessor
 from hexin.sampling import Sampler, SamplingParams
 
 _ids = itertools.count()

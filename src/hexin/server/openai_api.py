@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from hexin.engine import RequestHandle
-from hexin.generate import Completion
+from hexin.output import Completion
 from hexin.sampling import SamplingParams
 from hexin.server.app import MAX_MESSAGE_CHARS, ApiError, State, api_error_from, get_state
 

@@ -1,16 +1,22 @@
-"""Model loading: one entry point for HF folders, GGUF files and registered names."""
+"""Model loading: one entry point for HF folders, GGUF files and registered names.
+
+torch is imported only when weights are loaded, so that ``hexin.weights.registry`` (and
+with it ``hexin models`` and ``hexin pull``) starts without it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from hexin.config import ModelConfig
 from hexin.errors import ModelFormatError, ModelNotFoundError
 from hexin.tokenizer import Tokenizer
 from hexin.weights import registry
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -46,10 +52,13 @@ def resolve(spec: str | Path | None) -> Path:
     )
 
 
-def load_model(
-    spec: str | Path | None = None, *, dtype: torch.dtype = torch.float32
-) -> LoadedModel:
-    """Load config, tokenizer and weights (GGUF tensors dequantized to ``dtype``)."""
+def load_model(spec: str | Path | None = None, *, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load config, tokenizer and weights (GGUF tensors dequantized to ``dtype``, float32
+    when None)."""
+    import torch
+
+    if dtype is None:
+        dtype = torch.float32
     path = resolve(spec)
     if path.is_dir():
         from hexin.weights.safetensors import load_hf_weights, read_hf_config
