@@ -1,11 +1,19 @@
 """ModelConfig: the shape of a Llama-architecture model, from config.json or GGUF metadata.
 
 Both sources are reduced to one validated dataclass so that the model code never needs to
-know where its weights came from.
+know where its weights came from: :meth:`ModelConfig.from_hf` reads a ``config.json``
+dictionary, :meth:`ModelConfig.from_gguf` the key/values of a GGUF header (parsed by
+:mod:`hexin.weights.gguf`). :func:`expected_shapes` is the one statement of the tensors (under
+Hugging Face names) and shapes a config implies, checked by both the GGUF loader and the model.
+
+This module stays free of torch and of the weights package (stdlib and :mod:`hexin.errors`
+only), so that configs can be read and checked without importing either.
 """
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +120,151 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ModelFormatError(f"config.json is missing {e.args[0]!r}") from None
+
+    @classmethod
+    def from_gguf(
+        cls,
+        metadata: Mapping[str, Any],
+        *,
+        source: str,
+        vocab_rows: int | None,
+        tie_word_embeddings: bool,
+        bos_token_id: int | None,
+        eos_token_ids: tuple[int, ...],
+        rope_scaling_from_freqs: Callable[[float, int, int], RopeScaling | None] | None = None,
+    ) -> ModelConfig:
+        """Build from the ``llama.*`` key/values of a GGUF header.
+
+        ``source`` (the file) prefixes every error. What the metadata does not say comes from the
+        loader: ``vocab_rows``, the token embedding's rows (else the token count), used when
+        ``llama.vocab_size`` is absent; whether the file has no separate ``output.weight``; the
+        BOS/EOS ids of its vocabulary. llama.cpp stores Llama 3 RoPE scaling as a
+        ``rope_freqs.weight`` tensor; when the file has one, ``rope_scaling_from_freqs`` recovers
+        the scaling from it, given ``(rope_theta, head_dim, original_context_length)``.
+        """
+        check_gguf_architecture(metadata, source)
+        meta = metadata
+        hidden = _meta_int(meta, "llama.embedding_length", source)
+        heads = _meta_int(meta, "llama.attention.head_count", source)
+        kv_heads = _meta_int(meta, "llama.attention.head_count_kv", source, heads)
+        head_dim = _meta_int(
+            meta,
+            "llama.attention.key_length",
+            source,
+            meta.get("llama.rope.dimension_count", hidden // heads if heads else None),
+        )
+        rope_dims = meta.get("llama.rope.dimension_count", head_dim)
+        if rope_dims != head_dim:
+            raise ModelFormatError(
+                f"{source}: partial rotary embedding (rope.dimension_count {rope_dims} < "
+                f"head_dim {head_dim}) is not supported"
+            )
+        vocab_size = _meta_int(meta, "llama.vocab_size", source, vocab_rows)
+        theta = _meta_float(meta, "llama.rope.freq_base", source, 10000.0)
+
+        scaling_type = meta.get("llama.rope.scaling.type", "none")
+        if scaling_type not in ("none", "", None):
+            raise ModelFormatError(
+                f"{source}: RoPE scaling type {scaling_type!r} is not supported (hexin supports "
+                "plain RoPE and Llama 3 frequency scaling)"
+            )
+        context = _meta_int(meta, "llama.context_length", source, 2048)
+        rope_scaling = None
+        if rope_scaling_from_freqs is not None:
+            original = _meta_int(meta, "llama.rope.scaling.original_context_length", source, 8192)
+            rope_scaling = rope_scaling_from_freqs(theta, head_dim, original)
+
+        # read before the ``try`` below, whose messages get the ``source`` prefix added
+        layers = _meta_int(meta, "llama.block_count", source)
+        ffn = _meta_int(meta, "llama.feed_forward_length", source)
+        eps = _meta_float(meta, "llama.attention.layer_norm_rms_epsilon", source, 1e-5)
+        try:
+            return cls(
+                vocab_size=vocab_size,
+                hidden_size=hidden,
+                num_layers=layers,
+                num_heads=heads,
+                num_kv_heads=kv_heads,
+                head_dim=head_dim,
+                intermediate_size=ffn,
+                rms_norm_eps=eps,
+                rope_theta=theta,
+                rope_scaling=rope_scaling,
+                max_position_embeddings=context,
+                tie_word_embeddings=tie_word_embeddings,
+                bos_token_id=bos_token_id,
+                eos_token_ids=eos_token_ids,
+                architecture="llama",
+            )
+        except ModelFormatError as e:
+            raise ModelFormatError(f"{source}: {e}") from None
+
+
+def expected_shapes(
+    config: ModelConfig, *, lm_head: bool | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Every tensor ``config`` implies, under its Hugging Face name, with its shape.
+
+    ``lm_head.weight`` is listed when ``lm_head`` is true; by default only for untied
+    embeddings (a file with tied embeddings stores the one matrix as
+    ``model.embed_tokens.weight``). The model, which resolves the tie itself, always wants it.
+    """
+    c = config
+    h = c.hidden_size
+    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (c.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if lm_head if lm_head is not None else not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, h)
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q_out, h),
+            p + "self_attn.k_proj.weight": (kv_out, h),
+            p + "self_attn.v_proj.weight": (kv_out, h),
+            p + "self_attn.o_proj.weight": (h, q_out),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (c.intermediate_size, h),
+            p + "mlp.up_proj.weight": (c.intermediate_size, h),
+            p + "mlp.down_proj.weight": (h, c.intermediate_size),
+        }
+    return shapes
+
+
+def check_gguf_architecture(metadata: Mapping[str, Any], source: str) -> None:
+    """Refuse GGUF metadata for anything but a dense Llama model (``source`` names the file)."""
+    arch = metadata.get("general.architecture")
+    if arch != "llama":
+        raise ModelFormatError(
+            f"{source}: unsupported architecture {arch!r} (general.architecture); "
+            "hexin runs 'llama'"
+        )
+    if _meta_int(metadata, "llama.expert_count", source, 0) > 0:
+        raise ModelFormatError(
+            f"{source}: a mixture-of-experts 'llama' model (llama.expert_count = "
+            f"{metadata['llama.expert_count']}); hexin runs dense Llama models only"
+        )
+
+
+def _meta_int(meta: Mapping[str, Any], key: str, source: str, default: int | None = None) -> int:
+    value = meta.get(key, default)
+    if value is None:
+        raise ModelFormatError(f"{source}: required metadata {key!r} is missing")
+    if getattr(value, "size", None) == 1 and hasattr(value, "item"):  # a one-element array
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ModelFormatError(f"{source}: metadata {key!r} should be an integer, got {value!r}")
+    return int(value)
+
+
+def _meta_float(meta: Mapping[str, Any], key: str, source: str, default: float) -> float:
+    value = meta.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ModelFormatError(f"{source}: metadata {key!r} should be a number, got {value!r}")
+    return float(value)
 
 
 def _rope_scaling(raw: dict[str, Any] | None) -> RopeScaling | None:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from hexin import ops
-from hexin.config import ModelConfig
+from hexin.config import ModelConfig, expected_shapes
 from hexin.errors import ModelFormatError, UnsupportedOption
 from hexin.kvcache import KVCache, KVView
 from hexin.options import DTYPE_CHOICES, QUANT_CHOICES, ModelOptions
@@ -256,26 +256,7 @@ def _checked_weights(
         w["lm_head.weight"] = w["model.embed_tokens.weight"]
     if "model.embed_tokens.weight" not in w and "lm_head.weight" in w:
         w["model.embed_tokens.weight"] = w["lm_head.weight"]
-    c = config
-    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    expected = {
-        "model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
-        "lm_head.weight": (c.vocab_size, c.hidden_size),
-        "model.norm.weight": (c.hidden_size,),
-    }
-    for i in range(c.num_layers):
-        p = f"model.layers.{i}."
-        expected |= {
-            p + "input_layernorm.weight": (c.hidden_size,),
-            p + "self_attn.q_proj.weight": (q_out, c.hidden_size),
-            p + "self_attn.k_proj.weight": (kv_out, c.hidden_size),
-            p + "self_attn.v_proj.weight": (kv_out, c.hidden_size),
-            p + "self_attn.o_proj.weight": (c.hidden_size, q_out),
-            p + "post_attention_layernorm.weight": (c.hidden_size,),
-            p + "mlp.gate_proj.weight": (c.intermediate_size, c.hidden_size),
-            p + "mlp.up_proj.weight": (c.intermediate_size, c.hidden_size),
-            p + "mlp.down_proj.weight": (c.hidden_size, c.intermediate_size),
-        }
+    expected = expected_shapes(config, lm_head=True)
     out: dict[str, Tensor] = {}
     for name, shape in expected.items():
         if name not in w:

@@ -47,9 +47,9 @@ import numpy as np
 import tokenizers
 import torch
 
-from hexin.config import ModelConfig, RopeScaling
+from hexin.config import ModelConfig, RopeScaling, check_gguf_architecture, expected_shapes
 from hexin.errors import ModelFormatError
-from hexin.weights.gguf_vocab import VocabInfo, build_tokenizer, read_vocab
+from hexin.weights.gguf_vocab import build_tokenizer, read_vocab
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -534,46 +534,6 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    h, hd = cfg.hidden_size, cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (cfg.vocab_size, h),
-        "model.norm.weight": (h,),
-    }
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes[p + "self_attn.q_proj.weight"] = (cfg.num_heads * hd, h)
-        shapes[p + "self_attn.k_proj.weight"] = (cfg.num_kv_heads * hd, h)
-        shapes[p + "self_attn.v_proj.weight"] = (cfg.num_kv_heads * hd, h)
-        shapes[p + "self_attn.o_proj.weight"] = (h, cfg.num_heads * hd)
-        shapes[p + "mlp.gate_proj.weight"] = (cfg.intermediate_size, h)
-        shapes[p + "mlp.up_proj.weight"] = (cfg.intermediate_size, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, cfg.intermediate_size)
-    return shapes
-
-
-def _int(meta: dict[str, Any], key: str, path: Path, default: int | None = None) -> int:
-    value = meta.get(key, default)
-    if value is None:
-        raise ModelFormatError(f"{path}: required metadata {key!r} is missing")
-    if isinstance(value, np.ndarray) and value.size == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ModelFormatError(f"{path}: metadata {key!r} should be an integer, got {value!r}")
-    return int(value)
-
-
-def _float(meta: dict[str, Any], key: str, path: Path, default: float) -> float:
-    value = meta.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise ModelFormatError(f"{path}: metadata {key!r} should be a number, got {value!r}")
-    return float(value)
-
-
 def _rope_scaling_from_freqs(
     factors: torch.Tensor, theta: float, head_dim: int, original_ctx: int, path: Path
 ) -> RopeScaling | None:
@@ -620,83 +580,6 @@ def _rope_scaling_from_freqs(
             "reproduce these frequency factors"
         )
     return scaling
-
-
-def _check_architecture(path: Path, meta: dict[str, Any]) -> None:
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ModelFormatError(
-            f"{path}: unsupported architecture {arch!r} (general.architecture); hexin runs 'llama'"
-        )
-    if _int(meta, "llama.expert_count", path, 0) > 0:
-        raise ModelFormatError(
-            f"{path}: a mixture-of-experts 'llama' model (llama.expert_count = "
-            f"{meta['llama.expert_count']}); hexin runs dense Llama models only"
-        )
-
-
-def _config(
-    path: Path,
-    meta: dict[str, Any],
-    infos: dict[str, _TensorInfo],
-    vocab: VocabInfo,
-    rope_freqs: torch.Tensor | None,
-) -> ModelConfig:
-    _check_architecture(path, meta)
-    hidden = _int(meta, "llama.embedding_length", path)
-    heads = _int(meta, "llama.attention.head_count", path)
-    kv_heads = _int(meta, "llama.attention.head_count_kv", path, heads)
-    head_dim = _int(
-        meta,
-        "llama.attention.key_length",
-        path,
-        meta.get("llama.rope.dimension_count", hidden // heads if heads else None),
-    )
-    rope_dims = meta.get("llama.rope.dimension_count", head_dim)
-    if rope_dims != head_dim:
-        raise ModelFormatError(
-            f"{path}: partial rotary embedding (rope.dimension_count {rope_dims} < head_dim "
-            f"{head_dim}) is not supported"
-        )
-    # Embedding rows may exceed the token list (padded vocabularies); the metadata, then the
-    # embedding itself, then the token list say how many rows the model has.
-    embd = infos.get("token_embd.weight")
-    rows = embd.dims[1] if embd is not None and len(embd.dims) == 2 else len(vocab.tokens)
-    vocab_size = _int(meta, "llama.vocab_size", path, rows or None)
-    theta = _float(meta, "llama.rope.freq_base", path, 10000.0)
-
-    scaling_type = meta.get("llama.rope.scaling.type", "none")
-    if scaling_type not in ("none", "", None):
-        raise ModelFormatError(
-            f"{path}: RoPE scaling type {scaling_type!r} is not supported (hexin supports plain "
-            "RoPE and Llama 3 frequency scaling)"
-        )
-    context = _int(meta, "llama.context_length", path, 2048)
-    rope_scaling = None
-    if rope_freqs is not None:
-        original = _int(meta, "llama.rope.scaling.original_context_length", path, 8192)
-        rope_scaling = _rope_scaling_from_freqs(rope_freqs, theta, head_dim, original, path)
-
-    try:
-        return ModelConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            num_layers=_int(meta, "llama.block_count", path),
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            intermediate_size=_int(meta, "llama.feed_forward_length", path),
-            rms_norm_eps=_float(meta, "llama.attention.layer_norm_rms_epsilon", path, 1e-5),
-            rope_theta=theta,
-            rope_scaling=rope_scaling,
-            max_position_embeddings=context,
-            tie_word_embeddings="output.weight" not in infos,
-            bos_token_id=vocab.bos_token_id,
-            eos_token_ids=vocab.eos_token_ids,
-            architecture="llama",
-        )
-    except ModelFormatError as e:
-        raise ModelFormatError(f"{path}: {e}") from None
 
 
 def _metadata_summary(meta: dict[str, Any]) -> dict[str, Any]:
@@ -746,17 +629,33 @@ def load_gguf(path: str | Path) -> GGUFModel:
             )
         return qtype
 
-    _check_architecture(path, meta)  # before any tensor or vocabulary work
+    check_gguf_architecture(meta, str(path))  # before any tensor or vocabulary work
 
     vocab = read_vocab(meta, str(path))
 
-    rope_freqs = None
+    recover_rope_scaling = None
     if "rope_freqs.weight" in infos:
         info = infos["rope_freqs.weight"]
         qtype = qtype_of(info)
         data = _tensor_data(path, buf, info, qtype, data_start)
         rope_freqs = dequantize_raw(data, qtype, tuple(reversed(info.dims)))
-    config = _config(path, meta, infos, vocab, rope_freqs)
+
+        def recover_rope_scaling(theta: float, head_dim: int, original: int) -> RopeScaling | None:
+            return _rope_scaling_from_freqs(rope_freqs, theta, head_dim, original, path)
+
+    # Embedding rows may exceed the token list (padded vocabularies); the metadata, then the
+    # embedding itself, then the token list say how many rows the model has.
+    embd = infos.get("token_embd.weight")
+    rows = embd.dims[1] if embd is not None and len(embd.dims) == 2 else len(vocab.tokens)
+    config = ModelConfig.from_gguf(
+        meta,
+        source=str(path),
+        vocab_rows=rows or None,
+        tie_word_embeddings="output.weight" not in infos,
+        bos_token_id=vocab.bos_token_id,
+        eos_token_ids=vocab.eos_token_ids,
+        rope_scaling_from_freqs=recover_rope_scaling,
+    )
 
     tensors: dict[str, GGUFTensor] = {}
     unknown: list[str] = []
@@ -790,7 +689,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
             "extras it would silently drop)"
         )
 
-    expected = _expected_shapes(config)
+    expected = expected_shapes(config)
     for name, shape in expected.items():
         tensor = tensors.get(name)
         if tensor is None:
