@@ -142,6 +142,7 @@ def test_websocket_bad_input_keeps_the_connection(server):
             msg = recv(ws, timeout=30)
             assert msg["type"] == "error", (raw[:40], msg)
             assert fragment in msg["message"], (raw[:40], msg)
+            assert msg["code"] == "bad_request", (raw[:40], msg)
         # still usable, and nothing was saved by the refused messages
         reply = turn(ws, FRANCE, {"temperature": 0, "max_tokens": 8})
         assert "Paris" in check_done(reply)["message"]["content"]
@@ -161,7 +162,23 @@ def test_websocket_refuses_a_second_turn_while_streaming(server):
             seen.append(msg)
         errors = [m for m in seen if m["type"] == "error"]
         assert len(errors) == 1 and "streaming" in errors[0]["message"]
+        assert errors[0]["code"] == "session_busy"
         assert msg["stop_reason"] in ("cancelled", "length", "eos")
+
+
+def test_busy_session_is_a_conflict_over_rest(server):
+    """While a reply streams, REST operations on its session answer 409 session_busy."""
+    with server.ws("rest-busy") as ws, server.http() as http:
+        recv_session(ws)
+        send(ws, type="user", content="Tell me a long story.", params={"max_tokens": 200})
+        assert recv(ws)["type"] == "user_message"
+        r = http.post("/api/sessions/rest-busy/rollback")
+        assert r.status_code == 409, r.text
+        assert r.json()["error"]["code"] == "session_busy"
+        assert r.json()["error"]["type"] == "conflict_error"
+        send(ws, type="stop")
+        while recv(ws)["type"] != "done":
+            pass
 
 
 def test_websocket_invalid_session_id(server):

@@ -175,6 +175,9 @@ def test_conversation_operations(http):
     # errors on the operations
     r = http.post(f"/api/sessions/{sid}/switch", json={"message_id": "nope"})
     assert r.status_code == 400 and "nope" in r.json()["error"]["message"]
+    # the status comes from the error's type, never from words in its message
+    r = http.post(f"/api/sessions/{sid}/switch", json={"message_id": "busy"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
     r = http.post(f"/api/sessions/{sid}/edit", json={"message_id": first["id"], "content": "x"})
     assert r.status_code == 400  # only user messages can be edited
     r = http.post(f"/api/sessions/{sid}/messages", json={"content": ""})
@@ -183,7 +186,7 @@ def test_conversation_operations(http):
     assert r.status_code == 400 and "top_p" in r.json()["error"]["message"]
     assert http.get(f"/api/sessions/{sid}").json()["message_count"] == 4  # nothing added
     r = http.post("/api/sessions/no-such-session/messages", json={"content": "hi"})
-    assert r.status_code == 404
+    assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
 
 
 def test_export_import(http):

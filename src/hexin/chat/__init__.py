@@ -2,6 +2,15 @@
 
 from hexin.chat.service import ChatService, Reply
 from hexin.chat.store import Store
-from hexin.chat.tree import ChatError, Message, Session
+from hexin.chat.tree import ChatError, Message, Session, SessionBusy, SessionNotFound
 
-__all__ = ["ChatError", "ChatService", "Message", "Reply", "Session", "Store"]
+__all__ = [
+    "ChatError",
+    "ChatService",
+    "Message",
+    "Reply",
+    "Session",
+    "SessionBusy",
+    "SessionNotFound",
+    "Store",
+]

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hexin.chat.tree import ChatError, Message, Session
+from hexin.chat.tree import ChatError, Message, Session, SessionNotFound
 from hexin.sampling import SamplingParams
 
 MIGRATIONS: list[str] = [
@@ -147,7 +147,7 @@ class Store:
                 (session_id,),
             ).fetchone()
             if row is None:
-                raise ChatError(f"unknown session {session_id!r}")
+                raise SessionNotFound(f"unknown session {session_id!r}")
             rows = self._db.execute(
                 """SELECT id, parent_id, role, content, status, meta, created_at
                    FROM messages WHERE session_id=? ORDER BY created_at""",

@@ -23,6 +23,14 @@ class ChatError(HexinError):
     """A chat operation that cannot be done as asked (unknown id, nothing to roll back...)."""
 
 
+class SessionNotFound(ChatError):
+    """No session has this id."""
+
+
+class SessionBusy(ChatError):
+    """The session has a reply in flight; the operation must wait until it ends."""
+
+
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 

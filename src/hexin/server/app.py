@@ -1,4 +1,5 @@
-"""The FastAPI application: state, security, errors, ops endpoints, and the routers.
+"""The FastAPI application: middleware (body limit, API key, CORS), error handlers, the
+ops endpoints, and the routers.
 
 The model loads in a background thread at start-up, so the server answers at once:
 ``/health`` says 503 until the engine is ready, and other endpoints refuse politely.
@@ -6,12 +7,8 @@ The model loads in a background thread at start-up, so the server answers at onc
 
 from __future__ import annotations
 
-import hmac
-import logging
 import threading
-import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +20,17 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hexin.chat.service import ChatService
-from hexin.chat.store import Store
-from hexin.chat.tree import ChatError
-from hexin.engine import Engine, EngineBusy
 from hexin.errors import HexinError
-from hexin.options import EngineConfig, ModelOptions
-from hexin.sampling import InvalidParams
-from hexin.server.metrics import Metrics
+from hexin.server import openai_api, sessions, websocket
+from hexin.server.state import (
+    MAX_BODY_BYTES,
+    MAX_MESSAGE_CHARS,
+    ApiError,
+    ServerConfig,
+    State,
+    api_error_from,
+)
 
-log = logging.getLogger("hexin.server")
-MAX_BODY_BYTES = 4 << 20
-MAX_MESSAGE_CHARS = 100_000
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 PROTECTED = ("/api/", "/v1/", "/tokenize", "/detokenize", "/metrics")
 
@@ -72,91 +68,6 @@ class WebFiles(StaticFiles):
         return await super().get_response(path, scope)
 
 
-@dataclass
-class ServerConfig:
-    model: str | None = None
-    model_options: ModelOptions = field(default_factory=ModelOptions)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    db: str | None = None
-    api_key: str | None = None
-    cors: list[str] = field(default_factory=list)
-
-
-class ApiError(Exception):
-    """An error answered as JSON in OpenAI's shape: {"error": {message, type, param, code}}."""
-
-    def __init__(
-        self, status: int, message: str, *, type_: str = "invalid_request_error", param=None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
-
-    def response(self) -> JSONResponse:
-        body = {"message": self.message, "type": self.type, "param": self.param, "code": None}
-        return JSONResponse({"error": body}, status_code=self.status)
-
-
-def api_error_from(e: Exception) -> ApiError:
-    """Map hexin's errors onto HTTP statuses."""
-    if isinstance(e, ApiError):
-        return e
-    message = str(e)
-    if isinstance(e, ChatError) and message.startswith("unknown session"):
-        return ApiError(404, message, type_="not_found_error")
-    if isinstance(e, ChatError) and "busy" in message:
-        return ApiError(409, message, type_="conflict_error")
-    if isinstance(e, EngineBusy):
-        return ApiError(503, message, type_="server_busy")
-    if isinstance(e, InvalidParams):
-        return ApiError(400, message, param=message.split()[0])
-    if isinstance(e, HexinError | ValueError):
-        return ApiError(400, message)
-    return ApiError(500, f"internal error: {type(e).__name__}", type_="server_error")
-
-
-class State:
-    """Everything the routes share; filled in by the loader thread."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        self.config = config
-        self.metrics = Metrics()
-        self.ready = threading.Event()
-        self.load_error: str | None = None
-        self.engine: Engine | None = None
-        self.service: ChatService | None = None
-        self.model_name = ""
-        self.started = int(time.time())
-
-    def load(self) -> None:
-        from hexin.model import load_llama
-
-        try:
-            loaded, model = load_llama(self.config.model, self.config.model_options)
-            engine = Engine(model, loaded.tokenizer, self.config.engine).start()
-            self.service = ChatService(engine, Store(self.config.db), model_name=loaded.name)
-            self.engine, self.model_name = engine, loaded.name
-            self.ready.set()
-            log.info("model %s ready", loaded.name)
-        except Exception as e:  # reported by /health and every endpoint
-            self.load_error = str(e)
-            log.error("model failed to load: %s", e)
-
-    def require(self) -> tuple[Engine, ChatService]:
-        if self.engine is None or self.service is None:
-            detail = f"model failed to load: {self.load_error}" if self.load_error else None
-            raise ApiError(503, detail or "model is loading; retry shortly", type_="unavailable")
-        return self.engine, self.service
-
-    def authorized(self, header: str | None, query_key: str | None = None) -> bool:
-        key = self.config.api_key
-        if not key:
-            return True
-        offered = query_key or ""
-        if header and header.lower().startswith("bearer "):
-            offered = header[7:].strip()
-        return hmac.compare_digest(offered.encode(), key.encode())
-
-
 class TokenizeRequest(BaseModel):
     content: str = Field(max_length=MAX_MESSAGE_CHARS)
     add_special: bool = True
@@ -177,7 +88,9 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
             thread.join()
         yield
         if state.engine is not None:
-            state.engine.shutdown()  # in-flight replies end as stopped, and are saved
+            state.engine.shutdown()  # in-flight replies end as stopped...
+        if state.service is not None:
+            state.service.close()  # ...and are saved before the process exits
 
     app = FastAPI(title="hexin", version="0.1.0", lifespan=lifespan)
     app.state.hexin = state
@@ -273,15 +186,9 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
             raise ApiError(400, f"token id {bad[0]} outside the vocabulary", param="tokens")
         return {"content": engine.tokenizer.decode(body.tokens, skip_special=False)}
 
-    from hexin.server import openai_api, sessions, websocket
-
     app.include_router(sessions.router)
     app.include_router(openai_api.router)
     app.include_router(websocket.router)
     if (WEB_DIR / "index.html").is_file():
         app.mount("/", WebFiles(directory=WEB_DIR, html=True), name="web")
     return app
-
-
-def get_state(request: Request) -> State:
-    return request.app.state.hexin

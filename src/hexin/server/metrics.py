@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import asdict
 
 from hexin.engine import EngineStats
+from hexin.output import Completion
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -52,18 +53,16 @@ class Metrics:
         with self._lock:
             self.requests[(route, str(status))] += 1
 
-    def completion(
-        self, prompt: int, cached: int, completion: int, ttft_s: float, decode_s: float
-    ) -> None:
+    def completion(self, c: Completion) -> None:
         """Account for a finished generation (any front end)."""
         with self._lock:
-            self.prompt_tokens += prompt
-            self.cached_tokens += cached
-            self.completion_tokens += completion
-            if ttft_s > 0:
-                self.ttft.observe(ttft_s)
-            if completion > 1 and decode_s > 0:
-                self.tpot.observe(decode_s / (completion - 1))
+            self.prompt_tokens += c.prompt_tokens
+            self.cached_tokens += c.cached_tokens
+            self.completion_tokens += c.completion_tokens
+            if c.ttft_s > 0:
+                self.ttft.observe(c.ttft_s)
+            if c.completion_tokens > 1 and c.decode_s > 0:
+                self.tpot.observe(c.decode_s / (c.completion_tokens - 1))
 
     def render(self, engine: EngineStats | None) -> str:
         with self._lock:

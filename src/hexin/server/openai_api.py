@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from hexin.engine import RequestHandle
 from hexin.output import Completion
 from hexin.sampling import SamplingParams
-from hexin.server.app import MAX_MESSAGE_CHARS, ApiError, State, api_error_from, get_state
+from hexin.server.state import MAX_MESSAGE_CHARS, ApiError, State, api_error_from, get_state
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -98,12 +98,6 @@ def submit(state: State, prompt: str, req: SamplingFields) -> RequestHandle:
         raise api_error_from(e) from None
 
 
-def record(state: State, c: Completion) -> None:
-    state.metrics.completion(
-        c.prompt_tokens, c.cached_tokens, c.completion_tokens, c.ttft_s, c.decode_s
-    )
-
-
 async def sse(
     state: State, handle: RequestHandle, chunk: Any, include_usage: bool
 ) -> AsyncIterator[str]:
@@ -117,7 +111,7 @@ async def sse(
         async for text in handle.stream():
             yield f"data: {json.dumps(chunk(text=text))}\n\n"
         c = handle.completion
-        record(state, c)
+        state.metrics.completion(c)
         yield f"data: {json.dumps(chunk(finish=finish_reason(c)))}\n\n"
         if include_usage:
             yield f"data: {json.dumps(chunk(usage=usage(c)))}\n\n"
@@ -160,7 +154,7 @@ async def respond(
         include = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(sse(state, handle, chunk, include), media_type="text/event-stream")
     c = await wait_unless_disconnected(request, handle)
-    record(state, c)
+    state.metrics.completion(c)
     return {
         "id": rid,
         "object": kind,

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from hexin.chat.service import ChatService, Reply
 from hexin.chat.tree import Session, check_id
-from hexin.server.app import MAX_MESSAGE_CHARS, ApiError, State, api_error_from, get_state
+from hexin.server.state import MAX_MESSAGE_CHARS, ApiError, State, api_error_from, get_state
 
 router = APIRouter(prefix="/api/sessions", tags=["sessions"])
 
@@ -75,15 +75,7 @@ def session_view(session: Session) -> dict[str, Any]:
 
 async def finished(request: Request, reply: Reply) -> dict[str, Any]:
     message = await asyncio.to_thread(reply.wait)
-    state: State = get_state(request)
-    u = message.meta
-    state.metrics.completion(
-        u["prompt_tokens"],
-        u["cached_tokens"],
-        u["completion_tokens"],
-        reply.handle.completion.ttft_s,
-        reply.handle.completion.decode_s,
-    )
+    get_state(request).metrics.completion(reply.handle.completion)
     return {"message": message.to_dict(), "user_message": reply.user_message.to_dict()}
 
 

@@ -6,8 +6,9 @@ Client -> server: {"type": "user", "content", "params"}, {"type": "stop"},
 Server -> client: {"type": "session", "session"} on connect and after tree changes;
 {"type": "user_message", "message"} and {"type": "reply_start", "parent_id"} as a turn
 begins; {"type": "token", "text"} while it streams; {"type": "done", "message", "usage",
-"stop_reason", "dropped_turns", "timing"}; {"type": "error", "message"} for anything
-wrong, the connection staying open. An unknown session id is created on first use. A
+"stop_reason", "dropped_turns", "timing"}; {"type": "error", "message", "code"} for
+anything wrong, the connection staying open (codes: ``state.ERROR_KINDS``, "bad_request"
+for a malformed message). An unknown session id is created on first use. A
 closed socket stops its reply (which is saved as stopped). Close codes: 4401 missing or
 wrong API key, 4400 invalid session id, 1013 the model is still loading (retry).
 """
@@ -23,8 +24,14 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from hexin.chat.service import ChatService, Reply
 from hexin.chat.tree import ChatError, check_id
-from hexin.server.app import MAX_MESSAGE_CHARS, State, api_error_from
 from hexin.server.sessions import session_view
+from hexin.server.state import (
+    BAD_REQUEST,
+    MAX_MESSAGE_CHARS,
+    SESSION_BUSY,
+    State,
+    api_error_from,
+)
 
 router = APIRouter()
 
@@ -38,8 +45,13 @@ class Connection:
     async def send(self, payload: dict[str, Any]) -> None:
         await self.ws.send_text(json.dumps(payload, ensure_ascii=False))
 
-    async def error(self, message: str) -> None:
-        await self.send({"type": "error", "message": message})
+    async def error(self, message: str, code: str = BAD_REQUEST.code) -> None:
+        await self.send({"type": "error", "message": message, "code": code})
+
+    async def failed(self, e: Exception) -> None:
+        """Report an exception with the code the error table gives it."""
+        error = api_error_from(e)
+        await self.error(error.message, error.code or BAD_REQUEST.code)
 
     async def send_session(self) -> None:
         session = await asyncio.to_thread(self.service.get, self.sid)
@@ -60,7 +72,7 @@ class Connection:
         if kind == "session":
             return await self.send_session()
         if self.task is not None and not self.task.done():
-            return await self.error("a reply is still streaming; stop it first")
+            return await self.error("a reply is still streaming; stop it first", SESSION_BUSY.code)
         params = msg.get("params")
         if params is not None and not isinstance(params, dict):
             return await self.error('"params" must be an object')
@@ -100,10 +112,7 @@ class Connection:
             async for text in reply.stream():
                 await self.send({"type": "token", "text": text})
             message = await asyncio.to_thread(reply.wait)
-            c = reply.handle.completion
-            self.state.metrics.completion(
-                c.prompt_tokens, c.cached_tokens, c.completion_tokens, c.ttft_s, c.decode_s
-            )
+            self.state.metrics.completion(reply.handle.completion)
             meta = message.meta
             await self.send(
                 {
@@ -123,7 +132,7 @@ class Connection:
             reply.stop()
         except Exception as e:
             with contextlib.suppress(Exception):
-                await self.error(api_error_from(e).message)
+                await self.failed(e)
         finally:
             self.reply = None
 
@@ -148,7 +157,8 @@ async def chat_socket(ws: WebSocket, session_id: str) -> None:
         await ws.close(code=4400, reason=str(e)[:120])
         return
     if state.service is None:
-        await ws.send_text(json.dumps({"type": "error", "message": "model is loading"}))
+        frame = {"type": "error", "message": "model is loading", "code": "loading"}
+        await ws.send_text(json.dumps(frame))
         await ws.close(code=1013)
         return
     service = state.service
@@ -164,7 +174,7 @@ async def chat_socket(ws: WebSocket, session_id: str) -> None:
             try:
                 await conn.handle(raw)
             except Exception as e:
-                await conn.error(api_error_from(e).message)
+                await conn.failed(e)
     except WebSocketDisconnect:
         pass
     finally:
