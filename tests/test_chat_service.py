@@ -11,8 +11,10 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -218,7 +220,10 @@ def test_stop_after_first_delta_saves_partial_reply_as_stopped(slow_svc):
     assert msg.content == "".join(deltas) and msg.content.startswith(deltas[0])
     assert msg.meta["completion_tokens"] < 200
     assert roles(svc, s.id) == ["user", "assistant"]  # "interrupting" never got saved
-    assert svc.send(s.id, "go on", {"max_tokens": 4}).text() is not None
+    follow = svc.send(s.id, "go on", {"max_tokens": 4}).text()  # the session is free again
+    last = svc.get(s.id).path()[-1]
+    assert last.status == "complete" and last.content == follow
+    assert roles(svc, s.id) == ["user", "assistant", "user", "assistant"]
 
 
 @pytest.mark.parametrize("how", ["break", "close"])
@@ -788,3 +793,71 @@ def test_import_of_a_cyclic_message_tree_is_a_chat_error(tmp_path):
     assert results == [["two-cycle", "ChatError", 0], ["self-parent", "ChatError", 0]], out.stderr[
         -2000:
     ]
+
+
+# -- persistence off the engine thread ---------------------------------------------------------
+
+
+def test_a_stalled_store_does_not_pause_other_sessions_streams(story_model, tmp_path):
+    """Replies are saved off the engine thread: while the database is locked for 2 s by
+    another writer and one session's finished reply waits to be saved, another session's
+    reply keeps streaming; the waiting reply is saved once the lock is gone."""
+    model = Llama(story_model.config, story_model.weights)
+    forward = model.forward
+
+    def slowed(*args, **kw):  # ~50 steps/s, so a reply outlasts the stall
+        time.sleep(0.02)
+        return forward(*args, **kw)
+
+    model.forward = slowed
+    tok = story_model.tokenizer
+    no_eos = Tokenizer(tok.inner, bos_token_id=tok.bos_token_id, eos_token_ids=(),
+                       add_bos=tok.add_bos, chat_template=CHATML)  # fmt: skip
+    db = tmp_path / "chat.db"
+    service = make_service((model, no_eos), db, max_tokens=450)
+    saving = threading.Event()
+    add_message = service.store.add_message
+
+    def watched_add(session, message):
+        if message.role == "assistant":
+            saving.set()
+        return add_message(session, message)
+
+    service.store.add_message = watched_add
+    try:
+        first, second = service.create(), service.create()
+        stopped = service.send(first.id, "Once upon a time")
+        streaming = service.send(second.id, "Once upon a time")
+        stamps: list[float] = []
+        started = threading.Event()
+
+        def read() -> None:
+            for _ in streaming:
+                stamps.append(time.monotonic())
+                started.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert started.wait(30)
+        locker = sqlite3.connect(db, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")  # the store is stalled: no writer gets in
+        try:
+            stopped.stop()
+            assert saving.wait(10), "the stopped reply was never handed to the store"
+            t0 = time.monotonic()
+            time.sleep(2.0)
+            t1 = time.monotonic()
+            assert not stopped.outcome.saved.is_set()  # still waiting for the lock
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        during = [t for t in stamps if t0 <= t < t1]
+        assert len(during) >= 10, f"{len(during)} tokens streamed while the store was stalled"
+        assert stopped.wait().status == "stopped"
+        streaming.stop()
+        reader.join(30)
+        assert streaming.wait().status == "stopped"
+        assert [m.role for m in service.get(first.id).path()] == ["user", "assistant"]
+    finally:
+        service.engine.shutdown()
+        service.close()

@@ -93,13 +93,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     # built on a thread that ends, so the engine thread's OpenMP team is the only one
     loaded, engine = run_isolated(build)
-    with engine:
-        service = ChatService(
-            engine, store, model_name=loaded.name, default_params=SamplingParams(**changes)
-        )
-        if args.once is not None:
-            return run_once(service, args.once, args.session, changes, system=args.system)
-        return run_repl(service, args.session, changes, system=args.system)
+    service = ChatService(
+        engine, store, model_name=loaded.name, default_params=SamplingParams(**changes)
+    )
+    try:
+        with engine:
+            if args.once is not None:
+                return run_once(service, args.once, args.session, changes, system=args.system)
+            return run_repl(service, args.session, changes, system=args.system)
+    finally:
+        service.close()  # replies the engine ended as it shut down are saved too
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

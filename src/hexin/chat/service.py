@@ -10,14 +10,23 @@ prompt is reused instead of being recomputed.
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hexin.chat.store import Store
-from hexin.chat.tree import ChatError, Message, Session, check_id, new_id, now
+from hexin.chat.tree import (
+    ChatError,
+    Message,
+    Session,
+    SessionBusy,
+    SessionNotFound,
+    check_id,
+    new_id,
+    now,
+)
 from hexin.chat.window import Prompt, build_prompt
+from hexin.chat.writer import Writer
 from hexin.engine import Engine, RequestHandle
 from hexin.sampling import InvalidParams, SamplingParams
 
@@ -41,35 +50,34 @@ def merge_params(base: SamplingParams, changes: dict[str, Any] | None) -> Sampli
     return base.with_(**changes)
 
 
+@dataclass(eq=False)
+class Outcome:
+    """What became of a reply once it ended: the saved message, or why it could not be
+    saved. Filled in by the service's writer thread; ``saved`` is set when it is final."""
+
+    handle: RequestHandle
+    saved: threading.Event = field(default_factory=threading.Event)
+    message: Message | None = None
+    error: BaseException | None = None
+
+
 class Reply:
     """A reply being generated: iterate for text deltas, ``stop()`` to interrupt it.
 
     The engine generates whether or not anyone reads; when the reply ends (complete,
-    stopped, or abandoned by a consumer that went away) the assistant message is saved
-    before ``wait()`` returns.
+    stopped, or abandoned by a consumer that went away) the assistant message is saved,
+    off the engine thread, before ``wait()`` returns.
     """
 
-    def __init__(
-        self,
-        service: ChatService,
-        session: Session,
-        user_message: Message,
-        handle: RequestHandle,
-        dropped_turns: int,
-    ) -> None:
-        self.session, self.user_message = session, user_message
-        self.message: Message | None = None  # the saved reply, once finished
-        self.error: BaseException | None = None
+    def __init__(self, outcome: Outcome, user_message: Message, dropped_turns: int) -> None:
+        self.outcome, self.user_message = outcome, user_message
+        self.handle = outcome.handle
         self.dropped_turns = dropped_turns
-        self.handle = handle
-        me = weakref.ref(self)  # the engine must not keep an abandoned Reply alive
 
-        def finished() -> None:
-            message, error = service._finish(handle, session, user_message, dropped_turns)
-            if (reply := me()) is not None:
-                reply.message, reply.error = message, error
-
-        handle.on_close(finished)
+    @property
+    def message(self) -> Message | None:
+        """The saved reply, once finished."""
+        return self.outcome.message
 
     def stop(self) -> None:
         """Ask the reply to end after the current token; safe from any thread."""
@@ -79,7 +87,7 @@ class Reply:
         try:
             yield from self.handle  # leaving the loop early stops the reply
         finally:
-            self.handle.done.wait()  # saved (complete or stopped) before control returns
+            self.outcome.saved.wait()  # saved (complete or stopped) before control returns
 
     async def stream(self) -> AsyncIterator[str]:
         async for text in self.handle.stream():
@@ -87,10 +95,11 @@ class Reply:
 
     def wait(self) -> Message:
         """Block until the reply is saved; return it."""
-        self.handle.done.wait()
-        if self.message is None:
-            raise ChatError(f"the reply could not be saved: {self.error or self.handle.error}")
-        return self.message
+        self.outcome.saved.wait()
+        if self.outcome.message is None:
+            error = self.outcome.error or self.handle.error
+            raise ChatError(f"the reply could not be saved: {error}")
+        return self.outcome.message
 
     def text(self) -> str:
         """Run to the end and return the whole reply."""
@@ -118,9 +127,15 @@ class ChatService:
         self.context_limit = engine.context_limit
         self.model_name = model_name
         self.default_params = default_params or SamplingParams()
-        #: session id -> its reply in flight (None while the request is being set up)
-        self._active: dict[str, RequestHandle | None] = {}
+        #: session id -> its reply in flight (None while the request is being set up);
+        #: a session stays busy until its reply is saved
+        self._active: dict[str, Outcome | None] = {}
         self._lock = threading.Lock()
+        self._writer = Writer()
+
+    def close(self) -> None:
+        """Save every reply that has ended (call after the engine has shut down)."""
+        self._writer.close()
 
     # -- sessions -----------------------------------------------------------------------
     def create(
@@ -174,7 +189,7 @@ class ChatService:
     def delete(self, session_id: str) -> None:
         self._check_idle(session_id)
         if not self.store.delete_session(session_id):
-            raise ChatError(f"unknown session {session_id!r}")
+            raise SessionNotFound(f"unknown session {session_id!r}")
 
     # -- turns --------------------------------------------------------------------------
     def send(self, session_id: str, content: str, params: dict[str, Any] | None = None) -> Reply:
@@ -258,18 +273,18 @@ class ChatService:
 
     # -- internals ----------------------------------------------------------------------
     def _check_idle(self, session_id: str) -> None:
-        handle = self._active.get(session_id)
-        if handle is not None and handle.cancelled:
-            handle.done.wait(10)  # a stopped reply is saved within a step
+        outcome = self._active.get(session_id)
+        if outcome is not None and outcome.handle.cancelled:
+            outcome.saved.wait(10)  # a stopped reply is saved within a step
         if session_id in self._active:
-            raise ChatError(f"session {session_id!r} is busy with a reply; stop it first")
+            raise SessionBusy(f"session {session_id!r} is busy with a reply; stop it first")
 
     def _claim(self, session_id: str) -> None:
         """Mark a session busy, atomically, before anything is saved for the new turn."""
         self._check_idle(session_id)
         with self._lock:
             if session_id in self._active:
-                raise ChatError(f"session {session_id!r} is busy with a reply; stop it first")
+                raise SessionBusy(f"session {session_id!r} is busy with a reply; stop it first")
             self._active[session_id] = None
 
     def _ask(
@@ -328,16 +343,22 @@ class ChatService:
             cache_key=session.id,
             cache_tail=True,
         )
-        self._active[session.id] = handle
+        outcome = Outcome(handle)
+        self._active[session.id] = outcome
         session.active_id = user.id
-        return Reply(self, session, user, handle, prompt.dropped_turns)
+        dropped = prompt.dropped_turns
+        # the engine thread only hands the ended reply to the writer thread
+        handle.on_close(
+            lambda: self._writer.submit(lambda: self._finish(outcome, session, user, dropped))
+        )
+        return Reply(outcome, user, dropped)
 
     def _finish(
-        self, handle: RequestHandle, session: Session, user: Message, dropped_turns: int
-    ) -> tuple[Message | None, Exception | None]:
-        """Save the reply (complete or stopped) and release the session. Runs in the
-        engine thread as the request ends."""
-        c = handle.completion
+        self, outcome: Outcome, session: Session, user: Message, dropped_turns: int
+    ) -> None:
+        """Save the reply (complete or stopped), release the session, then tell the
+        waiters. Runs on the writer thread."""
+        c = outcome.handle.completion
         stopped = c.stop_reason in ("", "cancelled")
         message = Message(
             id=new_id(),
@@ -360,8 +381,9 @@ class ChatService:
         session.updated_at = message.created_at
         try:
             self.store.add_message(session, message)
-            return message, None
+            outcome.message = message
         except Exception as e:
-            return None, e
+            outcome.error = e
         finally:
             self._active.pop(session.id, None)
+            outcome.saved.set()
