@@ -26,17 +26,11 @@ imports neither torch nor the rest of the package until the bench runs, so that
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from hexin.options import add_model_args
 
 DEFAULT_OUT = "benchmarks/results"
-
-
-def _say(message: str) -> None:
-    """Progress goes to stderr, so stdout carries only the final table."""
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def _parse_streams(text: str) -> list[int]:

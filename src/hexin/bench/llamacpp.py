@@ -138,7 +138,7 @@ class LlamaCpp:
         }
 
 
-def _llama_cpp_version() -> str | None:
+def llama_cpp_version() -> str | None:
     try:
         import llama_cpp
     except Exception:  # missing, or a build that fails to load its library

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hexin.bench import _say
+from hexin.bench.progress import say
 from hexin.options import EngineConfig
 from hexin.threads import run_isolated
 
@@ -212,12 +212,12 @@ def _pair(
     quiet_wait: float,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """One figure from each engine, back to back, with progress on stderr."""
-    _say(f"{label} ...")
+    say(f"{label} ...")
     h = _watched(ours, quiet_wait)
-    _say(f"  hexin     {show(h)}{_noise_note(h)}")
+    say(f"  hexin     {show(h)}{_noise_note(h)}")
     c = _watched(theirs, quiet_wait) if theirs is not None else None
     if c is not None:
-        _say(f"  llama.cpp {show(c)}{_noise_note(c)}")
+        say(f"  llama.cpp {show(c)}{_noise_note(c)}")
     return h, c
 
 
@@ -237,7 +237,7 @@ def _watched(measure: Measure, quiet_wait: float, retries: int = 2) -> dict[str,
         result["neighbour_cores"] = busy = watch.cores()
         if quiet_wait <= 0 or busy is None or busy < NOISY or attempt == retries:
             return result
-        _say(f"  noisy (other processes used {busy:.1f} cores): measuring again")
+        say(f"  noisy (other processes used {busy:.1f} cores): measuring again")
     raise AssertionError("unreachable")
 
 
@@ -253,7 +253,7 @@ def wait_for_quiet(limit: float, window: float = 2.0, calm: float = 0.15) -> Non
         if busy is None or busy < calm:
             return
         if not told:
-            _say(f"  waiting up to {limit:.0f} s for a quiet machine (others use {busy:.1f})")
+            say(f"  waiting up to {limit:.0f} s for a quiet machine (others use {busy:.1f})")
             told = True
 
 
@@ -262,7 +262,7 @@ def _noise_note(result: dict[str, Any]) -> str:
     return f"  (noisy: other processes used {busy:.1f} cores)" if busy and busy > 0.1 else ""
 
 
-def _measure(
+def measure_all(
     args: argparse.Namespace, loaded: Any, model: Any, lc: LlamaCpp | None
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Both engines, section by section: each figure of hexin is taken within a minute of

@@ -14,11 +14,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from hexin.bench import _say
+from hexin.bench.progress import say
 
 
 # -- the record ---------------------------------------------------------------------------
-def _machine() -> dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     """Enough to tell two machines (or one machine in two moods) apart."""
     info: dict[str, Any] = {
         "platform": platform.platform(),
@@ -43,7 +43,7 @@ def _machine() -> dict[str, Any]:
     return info
 
 
-def _command(args: argparse.Namespace) -> str:
+def command_line(args: argparse.Namespace) -> str:
     """The run as a command line someone can paste to repeat it."""
     parts = ["hexin", "bench"]
     if args.model is not None:
@@ -57,7 +57,7 @@ def _command(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def _ratios(hexin: dict[str, Any], llama: dict[str, Any] | None) -> dict[str, float]:
+def ratios_of(hexin: dict[str, Any], llama: dict[str, Any] | None) -> dict[str, float]:
     if not llama:
         return {}
     out = {
@@ -125,7 +125,7 @@ def _plot(record: dict[str, Any], path: Path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        _say("matplotlib is not installed: no plot (pip install 'hexin[bench]')")
+        say("matplotlib is not installed: no plot (pip install 'hexin[bench]')")
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = [("hexin", record["hexin"], "tab:blue")]
@@ -157,7 +157,7 @@ def _plot(record: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def _write(record: dict[str, Any], out: Path) -> dict[str, str]:
+def write_record(record: dict[str, Any], out: Path) -> dict[str, str]:
     """The dated record and plot, plus ``bench-latest`` copies for links that must not
     change."""
     out.mkdir(parents=True, exist_ok=True)

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from hexin.bench import _say
-from hexin.bench.llamacpp import LlamaCpp, _llama_cpp_version
-from hexin.bench.measure import Neighbours, _measure
-from hexin.bench.report import _command, _machine, _ratios, _write, format_table
+from hexin.bench.llamacpp import LlamaCpp, llama_cpp_version
+from hexin.bench.measure import Neighbours, measure_all
+from hexin.bench.progress import say
+from hexin.bench.report import command_line, format_table, machine_info, ratios_of, write_record
 from hexin.options import model_options
 from hexin.threads import run_isolated
 
@@ -28,7 +28,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     date = datetime.now().astimezone().isoformat(timespec="seconds")
     load_before = os.getloadavg()
     watch = Neighbours()
-    _say(f"loading {args.model or 'the default model'} ...")
+    say(f"loading {args.model or 'the default model'} ...")
 
     def load() -> tuple[Any, Any]:
         from hexin.model import load_llama
@@ -37,7 +37,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     loaded, model = run_isolated(load)
     cfg = loaded.config
-    version = _llama_cpp_version()
+    version = llama_cpp_version()
     is_gguf = loaded.path.is_file()
     skipped = ""
     if args.no_llama_cpp:
@@ -47,10 +47,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     elif not is_gguf:
         skipped = "skipped (the model is not a GGUF file)"
     if skipped:
-        _say(f"llama.cpp {skipped}")
+        say(f"llama.cpp {skipped}")
     lc = None if skipped else run_isolated(lambda: LlamaCpp(loaded.path, args.threads))
     try:
-        hexin, llama = _measure(args, loaded, model, lc)
+        hexin, llama = measure_all(args, loaded, model, lc)
     finally:
         if lc is not None:
             lc.close()
@@ -58,7 +58,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     record: dict[str, Any] = {
         "benchmark": "hexin bench",
         "date": date,
-        "command": _command(args),
+        "command": command_line(args),
         "argv": sys.argv,
         "config": {
             "streams": args.streams,
@@ -83,7 +83,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "decode_weight_bytes": model.weight_bytes,
         },
         "machine": {
-            **_machine(),
+            **machine_info(),
             "load_before": load_before,
             "load_after": os.getloadavg(),
             "neighbour_cores": watch.cores(),
@@ -95,14 +95,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         },
         "hexin": hexin,
         "llama_cpp": llama,
-        "ratios": _ratios(hexin, llama),
+        "ratios": ratios_of(hexin, llama),
     }
     if skipped:
         record["llama_cpp_skipped"] = skipped
-    files = _write(record, Path(args.out))
+    files = write_record(record, Path(args.out))
     print(format_table(record))
     for kind, path in files.items():
-        _say(f"wrote {kind}: {path}")
+        say(f"wrote {kind}: {path}")
     return record
 
 
