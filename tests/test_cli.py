@@ -68,11 +68,12 @@ def test_invalid_sampling_flags_are_refused_clearly(story_dir, flag, value, mess
     assert message in out.stderr and "Traceback" not in out.stderr
 
 
-def test_models_lists_the_default_model(default_gguf):
+def test_models_lists_the_default_model_and_the_bundled_one(default_gguf, story_dir):
     out = hexin("models")
     assert out.returncode == 0
     assert "smollm2-135m-instruct (default)" in out.stdout
     assert str(default_gguf) in out.stdout
+    assert f"bundled: {story_dir}" in out.stdout
 
 
 # What a command imports is checked in a fresh interpreter: in this one, other tests have

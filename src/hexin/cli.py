@@ -129,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """List registered models and what is in the cache."""
+    """List registered models, what is in the cache, and the models bundled with hexin."""
     from hexin.weights import registry
 
     cached = {name: (path, size) for name, path, size in registry.cached_models()}
@@ -140,6 +140,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         default = " (default)" if name == registry.DEFAULT_MODEL else ""
         desc = model.description if model else "local file"
         print(f"{name}{default}\n  {desc}\n  cached: {where}")
+    for name, desc in sorted(registry.BUNDLED.items()):
+        print(f"{name}\n  {desc}\n  bundled: {registry.bundled_path(name)}")
     return 0
 
 
