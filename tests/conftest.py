@@ -1,4 +1,17 @@
-"""Shared fixtures: the two real models every test runs on (loaded once per session)."""
+"""Shared fixtures (the two real models, loaded once per session, and a tiny model shape for
+the model-free tests) and the markers that split the suite.
+
+Markers, applied here by file and by the fixtures a test uses, so the test files stay
+free of them:
+
+- ``slow``: needs the default SmolLM2 model (a download on first use, and seconds per
+  test on a CPU), spawns a process, or took over a second in a full run;
+- ``server``: runs a real ``hexin serve``; ``browser``: drives Chromium as well;
+- ``gpu``: needs CUDA (skipped without it).
+
+``python3 -m pytest -m "not slow and not server and not browser"`` is the quick run;
+plain ``python3 -m pytest`` runs everything.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +19,47 @@ from pathlib import Path
 
 import pytest
 
+from hexin.config import ModelConfig
 from hexin.weights.registry import bundled_path
 
 #: the package's own copy of the seed's story model
 STORY_DIR = bundled_path("story")
+
+#: whole files, by marker
+FILE_MARKERS = {
+    "test_web_ui.py": ("slow", "server", "browser"),
+    "test_cuda.py": ("gpu",),
+    "test_reference.py": ("slow",),  # transformers as the reference, on the default model
+    "test_quality.py": ("slow",),  # perplexity over a text
+    "test_chat_persistence.py": ("slow",),  # real processes, killed and restarted
+    "test_chat_cli.py": ("slow",),  # the REPL in a subprocess
+    "test_cli.py": ("slow",),  # each test starts the hexin command (a second or more)
+}
+#: a test using any of these (directly or through another fixture) is slow
+SLOW_FIXTURES = {"default_gguf", "default_model"}
+#: single tests that took over a second and a half in a full run (nodeid prefixes)
+SLOW_TESTS = (
+    "tests/test_engine.py::test_16_concurrent_requests_give_the_tokens_each_gives_alone",
+    "tests/test_engine.py::test_pool_too_small_for_all_requests_still_completes_correctly",
+    "tests/test_engine.py::test_requests_from_many_threads",
+    "tests/test_chat_service.py::test_a_stalled_store_does_not_pause_other_sessions_streams",
+    "tests/test_quant.py::test_int8_two_term_matmul_is_accurate_and_row_independent",
+    "tests/test_loading.py::test_random_llama_folder_matches_transformers",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        name = item.path.name
+        marks = set(FILE_MARKERS.get(name, ()))
+        if name.startswith("test_server_"):
+            marks |= {"slow", "server"}
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            marks.add("slow")
+        if item.nodeid.startswith(SLOW_TESTS):
+            marks.add("slow")
+        for mark in sorted(marks):
+            item.add_marker(mark)
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +89,19 @@ def default_model(default_gguf: Path):
     from hexin.weights import load_model
 
     return load_model(default_gguf)
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    """A model shape small enough that a KV pool of it costs nothing: 2 layers, 1 KV head
+    of 4 dimensions (2 query heads share it). No weights: for the block pool, the paged
+    batch and the scheduler, which only need the shape."""
+    return ModelConfig(
+        vocab_size=64,
+        hidden_size=8,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+        intermediate_size=16,
+    )

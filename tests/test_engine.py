@@ -4,7 +4,6 @@ blocks are shared, memory pressure degrades to recomputation, cancellation frees
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -212,29 +211,64 @@ def test_pool_too_small_for_all_requests_still_completes_correctly(story):
     assert stats.kv_blocks_used == 0
 
 
-def test_cancel_frees_blocks_within_a_step(story):
-    model, tok = story
-    with Engine(model, tok) as engine:
+class GatedLlama(Llama):
+    """The story model, one forward pass per permit the test gives (``allow``): the engine
+    can run only the steps a test lets it, so a test acts between steps without racing a
+    fast model. Leaving the ``with`` block opens the gate, so the engine can shut down."""
+
+    def __init__(self, loaded) -> None:
+        super().__init__(loaded.config, loaded.weights)
+        self.passes = 0
+        self._permits = threading.Semaphore(0)
+
+    def allow(self, n: int = 1) -> None:
+        self._permits.release(n)
+
+    def forward(self, *args, **kw):
+        if not self._permits.acquire(timeout=60):
+            raise AssertionError("the test never let this forward pass run")
+        self.passes += 1
+        return super().forward(*args, **kw)
+
+    def __enter__(self) -> GatedLlama:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.allow(1_000_000)
+
+
+def test_cancel_frees_blocks_within_a_step(story_model):
+    model, tok = GatedLlama(story_model), story_model.tokenizer
+    with Engine(model, tok) as engine, model:
         handle = engine.submit(tok.encode("Once upon a time"), GREEDY.with_(max_tokens=400))
+        model.allow(2)  # the prompt and one decode step, no more
         stream = iter(handle)
         next(stream)
-        assert engine.stats().kv_blocks_used > 0
+        assert engine.stats().kv_blocks_used > 0  # it cannot have finished
+        passes = model.passes
         handle.cancel()
-        assert handle.done.wait(5)
+        model.allow(1_000_000)  # the engine may run freely now: the cancel must stop it
+        assert handle.done.wait(30)
         completion = handle.completion
         assert completion.stop_reason == "cancelled"
-        assert 0 < completion.completion_tokens < 400
+        # at most the step already under way when cancel() came ran after it
+        assert model.passes <= passes + 1
+        assert 0 < completion.completion_tokens <= model.passes
         assert engine.stats().kv_blocks_used == 0 and engine.stats().running == 0
 
 
-def test_consumer_leaving_early_cancels_the_request(story):
-    model, tok = story
-    with Engine(model, tok) as engine:
+def test_consumer_leaving_early_cancels_the_request(story_model):
+    model, tok = GatedLlama(story_model), story_model.tokenizer
+    with Engine(model, tok) as engine, model:
         handle = engine.submit(tok.encode("The little dog"), GREEDY.with_(max_tokens=400))
+        model.allow(1)  # the prompt: its first token
         for _ in handle:
             break  # the generator closes: the request is cancelled
-        assert handle.done.wait(5)
+        assert model.passes == 1
+        model.allow(1_000_000)
+        assert handle.done.wait(30)
         assert handle.completion.stop_reason == "cancelled"
+        assert model.passes <= 2 and handle.completion.completion_tokens <= 2
         assert engine.stats().kv_blocks_used == 0
 
 
@@ -252,14 +286,22 @@ def test_queue_limit_gives_busy_error_not_a_hang(story):
 
 
 def test_max_running_limits_the_batch(story):
+    """Every step is recorded from the engine's own thread, not sampled by polling."""
     model, tok = story
-    with Engine(model, tok, EngineConfig(max_running=3)) as engine:
-        handles = [engine.submit(tok.encode(p), GREEDY.with_(max_tokens=20)) for p in "abcdef"]
-        seen = 0
-        while not all(h.done.is_set() for h in handles):
-            seen = max(seen, engine.stats().running)
-            time.sleep(0.001)
-    assert 0 < seen <= 3
+    engine = Engine(model, tok, EngineConfig(max_running=3))
+    handles = [engine.submit(tok.encode(p), GREEDY.with_(max_tokens=20)) for p in "abcdef"]
+    schedule, batches = engine.scheduler.schedule, []
+
+    def recorded():
+        step = schedule()
+        batches.append(len(engine.scheduler.running))
+        return step
+
+    engine.scheduler.schedule = recorded
+    with engine:  # all six are queued before the first step
+        results = [h.result() for h in handles]
+    assert batches[0] == 3 and max(batches) == 3  # full batches, never more
+    assert all(r.stop_reason in ("length", "eos") for r in results)
 
 
 def test_bad_requests_are_refused_clearly(story):

@@ -1,9 +1,10 @@
 """End-to-end tests of the web UI (src/hexin/web) in a real browser.
 
-A real ``hexin serve`` runs in a subprocess on the default GGUF model; headless Chromium
-(Debian's /usr/bin/chromium, driven by Playwright for Python) uses the page the way a
-person would. Replies are greedy and short: the model decodes a few dozen tokens a second
-on a CPU shared with everything else, so waits for generated text are generous.
+A real ``hexin serve`` runs in a subprocess on the default GGUF model (started by
+tests/server_util.py's ``Server``, as in the server tests); headless Chromium (Debian's
+/usr/bin/chromium, driven by Playwright for Python) uses the page the way a person would.
+Replies are greedy and short: the model decodes a few dozen tokens a second on a CPU
+shared with everything else, so waits for generated text are generous.
 
 Screenshots land in tests/artifacts/ (git-ignored): desktop and phone width, light and dark.
 """
@@ -11,21 +12,15 @@ Screenshots land in tests/artifacts/ (git-ignored): desktop and phone width, lig
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from server_util import Server
 
 try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -61,31 +56,23 @@ PHONE = {"width": 390, "height": 844}
 
 
 # -- the server ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class WebServer(Server):
+    """The server tests' ``hexin serve`` process, with the few REST calls these tests make
+    to set up conversations and read back what the page did."""
 
-
-class Server:
-    def __init__(self, base: str, log: Path) -> None:
-        self.base, self.log = base, log
+    @property
+    def base(self) -> str:
+        return self.url
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method)
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=60) as res:
-            raw = res.read()
-        return json.loads(raw) if raw else None
+        with self.http() as client:
+            r = client.request(method, path, json=body)
+        r.raise_for_status()
+        return r.json() if r.content else None
 
     def status(self, path: str) -> int:
-        try:
-            with urllib.request.urlopen(self.base + path, timeout=10) as res:
-                return res.status
-        except urllib.error.HTTPError as e:
-            return e.code
+        with self.http(timeout=10) as client:
+            return client.get(path).status_code
 
     def new_session(self, **params: Any) -> str:
         body = {"params": {"temperature": 0, "max_tokens": 8, **params}}
@@ -123,36 +110,13 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    home = tmp_path_factory.mktemp("hexin-web")
-    port = free_port()
-    log = home / "server.log"
-    env = dict(os.environ, HEXIN_HOME=str(home))
-    cmd = [sys.executable, "-m", "hexin.cli", "serve", "--model", str(default_gguf)]
-    cmd += ["--port", str(port), "--db", str(home / "chat.db")]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=home)
-    srv = Server(f"http://127.0.0.1:{port}", log)
+def server(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebServer]:
+    srv = WebServer(default_gguf, tmp_path_factory.mktemp("hexin-web")).start()
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"hexin serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(OSError):
-                if srv.status("/health") == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"hexin serve not healthy in time:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
         assert srv.status("/") == 200, "the server does not serve the web UI at /"
         yield srv
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        srv.stop()
 
 
 # -- the browser -----------------------------------------------------------------------------
@@ -165,7 +129,7 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture
-def page(browser: Browser, server: Server) -> Iterator[Page]:
+def page(browser: Browser, server: WebServer) -> Iterator[Page]:
     context = browser.new_context(viewport=DESKTOP, color_scheme="light", base_url=server.base)
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.base)
     pg = context.new_page()
@@ -232,7 +196,7 @@ def session_id_from_url(pg: Page) -> str:
 
 
 # -- tests -----------------------------------------------------------------------------------
-def test_new_chat_streams_stops_and_shows_stats(page: Page, server: Server) -> None:
+def test_new_chat_streams_stops_and_shows_stats(page: Page, server: WebServer) -> None:
     pg = page
     pg.goto("/")
     expect(pg.get_by_test_id("status-model")).to_contain_text("SmolLM2", timeout=UI_MS)
@@ -292,7 +256,7 @@ def test_new_chat_streams_stops_and_shows_stats(page: Page, server: Server) -> N
     )
 
 
-def test_regenerate_pager_edit_branch_rollback_reload(page: Page, server: Server) -> None:
+def test_regenerate_pager_edit_branch_rollback_reload(page: Page, server: WebServer) -> None:
     pg = page
     sid = server.new_session(max_tokens=6)
     open_chat(pg, sid)
@@ -362,7 +326,7 @@ def test_regenerate_pager_edit_branch_rollback_reload(page: Page, server: Server
     assert len(server.request("GET", f"/api/sessions/{sid}")["path"]) == 4
 
 
-def test_sidebar_navigation_search_rename_delete(page: Page, server: Server) -> None:
+def test_sidebar_navigation_search_rename_delete(page: Page, server: WebServer) -> None:
     pg = page
     tag = uuid.uuid4().hex[:6]
     older = server.import_session(
@@ -438,7 +402,7 @@ def test_sidebar_navigation_search_rename_delete(page: Page, server: Server) -> 
     assert server.status(f"/api/sessions/{newer}") == 404
 
 
-def test_model_output_html_renders_as_text(page: Page, server: Server) -> None:
+def test_model_output_html_renders_as_text(page: Page, server: WebServer) -> None:
     pg = page
     evil = (
         'Look: <img src=x onerror="window.__xss = 1"> and '
@@ -471,7 +435,7 @@ def test_model_output_html_renders_as_text(page: Page, server: Server) -> None:
     assert pg.evaluate("navigator.clipboard.readText()") == evil
 
 
-def test_story_mode_streams_and_stops(page: Page, server: Server) -> None:
+def test_story_mode_streams_and_stops(page: Page, server: WebServer) -> None:
     pg = page
     pg.goto("/#/story")
     expect(pg.get_by_test_id("story-prompt")).to_be_visible()
@@ -508,7 +472,7 @@ def test_story_mode_streams_and_stops(page: Page, server: Server) -> None:
     expect(pg.get_by_test_id("story-prompt")).to_have_value("Once upon a time, a little fox" + text)
 
 
-def test_unreachable_banner_and_reconnect(page: Page, server: Server) -> None:
+def test_unreachable_banner_and_reconnect(page: Page, server: WebServer) -> None:
     """Cut the page off from the server (its WebSocket closed, HTTP refused), then let it
     through again: the banner comes and goes, and the socket reconnects by itself."""
     pg = page
@@ -548,7 +512,7 @@ def test_unreachable_banner_and_reconnect(page: Page, server: Server) -> None:
     expect(pg.get_by_test_id("message").last).to_contain_text("Hello! How can I help?")
 
 
-def test_api_key_is_sent(page: Page, server: Server) -> None:
+def test_api_key_is_sent(page: Page, server: WebServer) -> None:
     """A key from the settings goes out as a bearer header and as ?api_key= on the
     socket (the test server has no key, so it ignores both)."""
     pg = page
@@ -565,7 +529,7 @@ def test_api_key_is_sent(page: Page, server: Server) -> None:
     expect(pg.get_by_test_id("connection")).to_have_attribute("data-state", "open", timeout=UI_MS)
 
 
-def test_long_conversation_scrolls_and_reports_dropped_turns(page: Page, server: Server) -> None:
+def test_long_conversation_scrolls_and_reports_dropped_turns(page: Page, server: WebServer) -> None:
     pg = page
     turns = [(f"Question {i}?", "A fairly long answer. " * 30 + f"End {i}.") for i in range(12)]
     meta = {
@@ -605,7 +569,7 @@ def test_long_conversation_scrolls_and_reports_dropped_turns(page: Page, server:
     expect(pg.get_by_test_id("jump-latest")).to_be_hidden()
 
 
-def test_themes_phone_layout_and_screenshots(browser: Browser, server: Server) -> None:
+def test_themes_phone_layout_and_screenshots(browser: Browser, server: WebServer) -> None:
     showcase = server.import_session(
         "Sorting a list in Python",
         [
