@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+import hexin.engine.engine
 from hexin.engine import Engine, EngineBusy
 from hexin.engine.blocks import BlockPool, PagedBatch
 from hexin.engine.graphs import GraphedDecode, bucket
@@ -15,7 +16,7 @@ from hexin.errors import HexinError
 from hexin.generate import TextStream
 from hexin.model import Llama
 from hexin.options import EngineConfig
-from hexin.sampling import SamplingParams
+from hexin.sampling import Sampler, SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
 STORY_PROMPTS = [
@@ -335,3 +336,67 @@ def test_requests_from_many_threads(story):
         for t in threads:
             t.join()
     assert results == [expected] * 6
+
+
+class FailingSampler(Sampler):
+    """A sampler that breaks on its third draw: a stand-in for any fault in one
+    sequence's own postprocessing."""
+
+    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu") -> None:
+        super().__init__(params, device)
+        self.draws = 0
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        self.draws += 1
+        if self.draws == 3:
+            raise RuntimeError("sampler fault")
+        return super().__call__(logits)
+
+
+def test_a_failing_sequence_ends_alone_and_the_batch_goes_on(story, monkeypatch):
+    """One sequence's sampling fault ends that request with its error; its three batch
+    neighbours finish with the tokens each gives alone, and the engine keeps serving."""
+    model, tok = story
+    sampled = SamplingParams(temperature=0.8, seed=7, max_tokens=24)
+    poison = sampled.with_(seed=666)
+    real = hexin.engine.engine.Sampler
+
+    def make(params: SamplingParams, device: torch.device | str = "cpu") -> Sampler:
+        return (FailingSampler if params.seed == 666 else real)(params, device)
+
+    monkeypatch.setattr(hexin.engine.engine, "Sampler", make)
+    jobs = [
+        (tok.encode(STORY_PROMPTS[0]), GREEDY.with_(max_tokens=24)),
+        (tok.encode(STORY_PROMPTS[1]), sampled),
+        (tok.encode(STORY_PROMPTS[2]), poison),
+        (tok.encode(STORY_PROMPTS[3]), GREEDY.with_(max_tokens=24)),
+    ]
+    with Engine(model, tok) as engine:
+        handles = [engine.submit(ids, params) for ids, params in jobs]
+        results = []
+        for handle in handles:
+            try:
+                results.append(handle.result())
+            except RuntimeError as e:
+                results.append(e)
+        assert isinstance(results[2], RuntimeError) and "sampler fault" in str(results[2])
+        for (ids, params), c in zip(jobs, results, strict=True):
+            if params is not poison:
+                assert c.token_ids == alone(model, tok, ids, params).token_ids
+        assert engine.stats().kv_blocks_used == 0
+        again = engine.generate(jobs[0][0], GREEDY.with_(max_tokens=24))
+        assert again.token_ids == results[0].token_ids
+
+
+def test_a_tiny_temperature_samples_like_greedy_beside_others(story):
+    """temperature=1e-40 is valid; it divides logits stably and picks the top token, so
+    it neither fails nor harms the requests batched with it."""
+    model, tok = story
+    ids = [tok.encode(p) for p in STORY_PROMPTS[:4]]
+    tiny = SamplingParams(temperature=1e-40, max_tokens=16, seed=1)
+    with Engine(model, tok) as engine:
+        handles = [engine.submit(i, tiny if n == 0 else GREEDY.with_(max_tokens=16))
+                   for n, i in enumerate(ids)]  # fmt: skip
+        results = [h.result() for h in handles]
+    for i, c in zip(ids, results, strict=True):
+        assert c.token_ids == alone(model, tok, i, GREEDY.with_(max_tokens=16)).token_ids

@@ -185,6 +185,8 @@ def test_masked_tokens_are_never_drawn():
         {"max_tokens": 2.0},
         {"seed": "42"},
         {"seed": 4.2},
+        {"seed": 2**64},  # past what a torch generator takes: refused before any use
+        {"seed": -(2**63) - 1},
     ],
     ids=repr,
 )
@@ -196,6 +198,15 @@ def test_invalid_params_raise_invalid_params(changes):
 def test_valid_edge_params_are_accepted():
     SamplingParams(temperature=0, top_k=None, top_p=0.0, max_tokens=1, seed=0)
     SamplingParams(temperature=5, top_k=0, top_p=1, max_tokens=100_000, seed=2**62)
+    for seed in (2**64 - 1, -(2**63)):  # every seed accepted can seed a sampler
+        Sampler(SamplingParams(seed=seed))
+
+
+def test_a_tiny_temperature_picks_the_top_token_without_nan():
+    logits = torch.tensor([1.0, 3.0, 2.0, -float("inf")])
+    for seed in range(5):
+        sampler = Sampler(SamplingParams(temperature=1e-40, top_k=None, top_p=1.0, seed=seed))
+        assert sampler(logits) == 1
 
 
 def test_stop_strings_are_normalised_to_a_tuple_without_empty_strings():

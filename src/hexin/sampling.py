@@ -17,11 +17,16 @@ class InvalidParams(HexinError):
     """A sampling parameter is out of range."""
 
 
+#: what a torch generator can be seeded with (64 bits, signed or not)
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token and when to stop.
 
-    ``temperature`` 0 is greedy. ``top_k`` None disables top-k; as in the seed, any
+    ``temperature`` 0 is greedy, and any positive one is sampled stably (a tiny one picks
+    the top token, as greedy would). ``top_k`` None disables top-k; as in the seed, any
     top_k < 2 or top_p <= 0 also means greedy (argmax), since a candidate set of one token
     leaves nothing to sample. ``seed`` None draws a fresh seed per request.
     """
@@ -44,8 +49,10 @@ class SamplingParams:
             raise InvalidParams(f"top_p must be between 0 and 1, got {self.top_p!r}")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise InvalidParams(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise InvalidParams(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and not (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX):
+            raise InvalidParams(
+                f"seed must be an integer from {SEED_MIN} to {SEED_MAX}, got {self.seed!r}"
+            )
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         else:
@@ -85,7 +92,10 @@ class Sampler:
         p = self.params
         if p.greedy:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / p.temperature, dim=-1)
+        # relative to the top logit, so that any temperature > 0, however small, divides
+        # finite numbers into finite or -inf scores: a tiny one behaves as greedy
+        logits = logits.float()
+        probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)
         probs, ids = torch.sort(probs, descending=True)
         if p.top_k is not None and p.top_k < probs.shape[-1]:
             probs, ids = probs[: p.top_k], ids[: p.top_k]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -207,7 +208,7 @@ class Engine:
             self._prefill_tokens += n
             self._prefill_s += time.perf_counter() - t0
             if seq.num_pending == 0:
-                self._sample(seq, logits[0])
+                self._isolated(seq, lambda seq=seq, row=logits[0]: self._sample(seq, row))
         if step.decode:
             t0 = time.perf_counter()
             batch = step.decode
@@ -220,34 +221,41 @@ class Engine:
                 view = PagedBatch.of(self.pool, tables, offsets, [1] * len(batch))
                 tokens = torch.tensor(last, device=self.model.device).unsqueeze(1)
                 logits = self.model.forward(tokens, view)
-            picks = self._pick(batch, logits)
-            for seq, token in zip(batch, picks, strict=True):
+            picks = self._greedy_picks(batch, logits)
+            for i, seq in enumerate(batch):
                 self.scheduler.computed(seq, 1)
                 if seq.finishing:  # that was the cache tail
                     self._retire(seq)
+                    continue
+                self._decode_tokens += 1
+                if i in picks:
+                    self._isolated(seq, lambda seq=seq, t=picks[i]: self._accept(seq, t))
                 else:
-                    self._decode_tokens += 1
-                    self._accept(seq, token)
+                    self._isolated(seq, lambda seq=seq, row=logits[i]: self._sample(seq, row))
             self._decode_s += time.perf_counter() - t0
 
     @staticmethod
-    def _pick(batch: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """Each row's next token. Greedy rows share one argmax and one device-to-host copy
-        (on a GPU, a sync per row would cost more than the step); sampled rows draw from
-        their own seeded generator."""
+    def _greedy_picks(batch: list[Sequence], logits: torch.Tensor) -> dict[int, int]:
+        """The next token of each greedy row, by row: one batched argmax and one
+        device-to-host copy (on a GPU, a sync per row would cost more than the step).
+        Sampled rows draw from their own seeded generator (``_sample``)."""
         greedy = [i for i, seq in enumerate(batch) if seq.sampler.params.greedy]
-        picks = [0] * len(batch)
-        if greedy:
-            rows = logits if len(greedy) == len(batch) else logits[greedy]
-            for i, token in zip(greedy, rows.argmax(-1).tolist(), strict=True):
-                picks[i] = token
-        for i, seq in enumerate(batch):
-            if not seq.sampler.params.greedy:
-                picks[i] = seq.sampler(logits[i])
-        return picks
+        if not greedy:
+            return {}
+        rows = logits if len(greedy) == len(batch) else logits[greedy]
+        return dict(zip(greedy, rows.argmax(-1).tolist(), strict=True))
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
         self._accept(seq, seq.sampler(logits))
+
+    def _isolated(self, seq: Sequence, work: Callable[[], None]) -> None:
+        """Run one sequence's own postprocessing (sampling, detokenization, stop checks):
+        if it fails, that sequence alone ends, with the error; the batch goes on."""
+        try:
+            work()
+        except Exception as e:
+            log.exception("request %s failed", seq.id)
+            self._retire(seq, error=e)
 
     def _accept(self, seq: Sequence, token: int) -> None:
         c = seq.handle.completion
@@ -268,8 +276,11 @@ class Engine:
             self.scheduler.remove_waiting(seq)
         else:
             self.scheduler.finish(seq)
-        if tail := seq.output.finish(reason):
-            seq.handle.push(tail)
+        try:
+            if tail := seq.output.finish(reason):
+                seq.handle.push(tail)
+        except Exception as e:  # a failing detokenizer ends its own request only
+            error = error or e
         c = seq.handle.completion
         if c.ttft_s:
             c.decode_s = time.perf_counter() - seq.arrived - c.ttft_s
