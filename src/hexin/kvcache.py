@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from hexin import ops
 from hexin.config import ModelConfig
 
 
@@ -56,11 +57,12 @@ class KVCache:
         self._shape = (config.num_kv_heads, config.head_dim)
         self._dtype, self._device = dtype, torch.device(device)
         self.length = 0
-        self.padded = False  # one sequence, its keys exactly
+        self.padded = False  # set by each update: a decode step's keys are padded
         self._alloc(min(initial_capacity, self.max_tokens))
 
     def _alloc(self, capacity: int) -> None:
-        shape = (self.num_layers, capacity, *self._shape)
+        # room for a decode step's whole key groups (zeros past the length, masked)
+        shape = (self.num_layers, ops.key_width(capacity), *self._shape)
         k = torch.zeros(shape, dtype=self._dtype, device=self._device)
         v = torch.zeros(shape, dtype=self._dtype, device=self._device)
         if hasattr(self, "k"):
@@ -95,12 +97,16 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v of shape (1, T, K, D) after the cached tokens of ``layer``; return the
-        layer's keys and values so far, (1, length + T, K, D)."""
+        layer's keys and values so far, (1, length + T, K, D), or for a decode step (T = 1)
+        padded to whole key groups as the engine's batches are (``ops.key_width``), so a
+        sequence decodes to the same result alone and batched."""
         t = k.shape[-3]
         end = self.length + t
         self.k[layer, self.length : end] = k[0]
         self.v[layer, self.length : end] = v[0]
-        return self.k[layer, :end].unsqueeze(0), self.v[layer, :end].unsqueeze(0)
+        width = ops.key_width(end) if t == 1 else end
+        self.padded = width != end
+        return self.k[layer, :width].unsqueeze(0), self.v[layer, :width].unsqueeze(0)
 
     def advance(self, tokens: Tensor) -> None:
         """Count this step's tokens (1, T) as cached, after every layer has stored them."""

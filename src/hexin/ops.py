@@ -118,6 +118,19 @@ def matmul_transb(
     return alpha * (a @ b.mT) + beta * c
 
 
+#: decode attention reads keys in whole groups of this many: the fused kernel's sums over
+#: keys round differently for different key counts, even when the extra keys are masked,
+#: but not across whole groups of 16. Padding every decode step's keys to whole groups
+#: makes a sequence's result the same whatever else is batched with it (tested).
+KEY_GROUP = 16
+
+
+def key_width(length: int) -> int:
+    """Keys a decode step over ``length`` cached-plus-new tokens attends over: whole
+    ``KEY_GROUP``s, the padding masked."""
+    return -(-length // KEY_GROUP) * KEY_GROUP
+
+
 def fused_attention(
     q: Tensor, k: Tensor, v: Tensor, offset: Tensor | int, *, padded: bool = True
 ) -> Tensor:

@@ -91,7 +91,9 @@ class Int8Linear(Linear):
         are recomputed with k dot products, not a pass over the whole vocabulary.
         """
         top = y.topk(min(k, y.shape[-1]), dim=-1).indices  # (..., k)
-        exact = (self.rows(top) @ x.float().unsqueeze(-1)).squeeze(-1)
+        # a product and a sum along each row, not a batched matmul, whose rounding would
+        # depend on how many rows the batch has
+        exact = (self.rows(top) * x.float().unsqueeze(-2)).sum(-1)
         return y.scatter(-1, top, exact.to(y.dtype))
 
 

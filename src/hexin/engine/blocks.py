@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from hexin import ops
 from hexin.config import ModelConfig
 from hexin.errors import HexinError
 
@@ -226,17 +227,19 @@ class PagedBatch:
     def of(
         cls, pool: BlockPool, tables: list[list[int]], offsets: list[int], lengths: list[int]
     ) -> PagedBatch:
-        """The view for sequences given as Python lists, gathered to the longest one."""
+        """The view for sequences given as Python lists, gathered to the longest one (for
+        a decode step, to whole ``ops.KEY_GROUP``s of keys: see ``ops.key_width``)."""
         bs = pool.block_size
         l_max = max(o + n for o, n in zip(offsets, lengths, strict=True))
-        blocks = -(-l_max // bs)
+        width = ops.key_width(l_max) if all(n == 1 for n in lengths) else l_max
+        blocks = -(-width // bs)
         table = torch.full((len(tables), blocks), NULL_BLOCK, dtype=torch.long)
         for i, row in enumerate(tables):
             table[i, : len(row)] = torch.tensor(row[:blocks], dtype=torch.long)
         device = pool.k.device
-        view = cls(pool, table.to(device), torch.tensor(offsets, device=device), l_max, lengths)
-        # a single sequence gathers exactly its own keys: nothing to mask for one query
-        view.padded = len(tables) > 1
+        view = cls(pool, table.to(device), torch.tensor(offsets, device=device), width, lengths)
+        # a single sequence gathered exactly to its own keys has nothing to mask
+        view.padded = len(tables) > 1 or width != l_max
         return view
 
     @property
