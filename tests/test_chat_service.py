@@ -22,7 +22,7 @@ import torch
 
 from hexin.chat import ChatError, ChatService, Store
 from hexin.chat.window import build_prompt
-from hexin.engine import Engine
+from hexin.engine import Engine, EngineBusy
 from hexin.engine.blocks import BlockPool, PagedBatch
 from hexin.errors import HexinError
 from hexin.model import Llama
@@ -818,10 +818,10 @@ def test_a_stalled_store_does_not_pause_other_sessions_streams(story_model, tmp_
     saving = threading.Event()
     add_message = service.store.add_message
 
-    def watched_add(session, message):
+    def watched_add(session_id, message, **kw):
         if message.role == "assistant":
             saving.set()
-        return add_message(session, message)
+        return add_message(session_id, message, **kw)
 
     service.store.add_message = watched_add
     try:
@@ -860,4 +860,68 @@ def test_a_stalled_store_does_not_pause_other_sessions_streams(story_model, tmp_
         assert [m.role for m in service.get(first.id).path()] == ["user", "assistant"]
     finally:
         service.engine.shutdown()
+        service.close()
+
+
+def slowed_story_service(story_model, db, step_s: float = 0.02, **kw) -> ChatService:
+    """A chat service on the story model whose steps take ``step_s`` longer and which
+    never meets an EOS, so a reply streams for as long as a test needs."""
+    model = Llama(story_model.config, story_model.weights)
+    forward = model.forward
+
+    def slowed(*args, **kwargs):
+        time.sleep(step_s)
+        return forward(*args, **kwargs)
+
+    model.forward = slowed
+    tok = story_model.tokenizer
+    no_eos = Tokenizer(tok.inner, bos_token_id=tok.bos_token_id, eos_token_ids=(),
+                       add_bos=tok.add_bos, chat_template=CHATML)  # fmt: skip
+    return make_service((model, no_eos), db, **kw)
+
+
+def test_rename_and_new_system_prompt_during_a_reply_survive_its_save(story_model, tmp_path):
+    service = slowed_story_service(story_model, tmp_path / "chat.db", max_tokens=40)
+    try:
+        s = service.create(title="before")
+        reply = service.send(s.id, "Once upon a time")
+        next(iter(reply.handle))  # streaming
+        service.update(s.id, title="renamed", system_prompt="Be brief.")
+        message = reply.wait()
+        after = service.get(s.id)
+        assert (after.title, after.system_prompt) == ("renamed", "Be brief.")
+        assert after.active_id == message.id  # and the reply took its place
+        assert [m.role for m in after.path()] == ["user", "assistant"]
+    finally:
+        service.engine.shutdown()
+        service.close()
+
+
+@pytest.mark.parametrize(
+    "params", [{"seed": 2**64}, {"temperature": -1}, {"max_tokens": 0}], ids=repr
+)
+def test_a_rejected_message_stores_nothing(svc, params):
+    s = svc.create()
+    before = snapshot(svc)
+    with pytest.raises(InvalidParams):
+        svc.send(s.id, "Once upon a time", params)
+    assert snapshot(svc) == before
+    assert svc.send(s.id, "Once upon a time").text()  # and the session is not left busy
+
+
+def test_a_message_the_engine_refuses_stores_nothing(story_chat, tmp_path):
+    """A full queue refuses the turn before its message is written."""
+    model, tok = story_chat
+    engine = Engine(model, tok, EngineConfig(max_waiting=1))  # not started: nothing leaves
+    service = ChatService(engine, Store(tmp_path / "chat.db"), default_params=SamplingParams())
+    try:
+        a, b = service.create(), service.create()
+        service.send(a.id, "Once upon a time")  # fills the queue
+        before = snapshot(service)
+        with pytest.raises(EngineBusy):
+            service.send(b.id, "Once upon a time")
+        assert snapshot(service) == before
+        assert service.get(b.id).title == ""
+    finally:
+        engine.shutdown()
         service.close()

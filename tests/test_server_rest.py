@@ -238,3 +238,5 @@ def test_path_errors(http):
     assert r.status_code == 400 and "session id" in r.json()["error"]["message"]
     r = http.post("/api/sessions", json={"id": "x" * 65})
     assert r.status_code == 400
+    r = http.post("/api/sessions", json={"id": "import"})  # the import endpoint's path
+    assert r.status_code == 400 and "reserved" in r.json()["error"]["message"]

@@ -103,8 +103,8 @@ class Repl:
         self.session = self.service.get(self.session.id)
 
     def show_path(self) -> None:
-        for m in self.session.path():
-            i, n = self.session.version(m.id)
+        path = self.session.path()
+        for m, (i, n) in zip(path, self.session.versions(path), strict=True):
             pager = f" <{i}/{n}>" if n > 1 else ""
             print(f"{m.role}{pager}: {m.content}")
 

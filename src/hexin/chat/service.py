@@ -52,10 +52,11 @@ def merge_params(base: SamplingParams, changes: dict[str, Any] | None) -> Sampli
 
 @dataclass(eq=False)
 class Outcome:
-    """What became of a reply once it ended: the saved message, or why it could not be
-    saved. Filled in by the service's writer thread; ``saved`` is set when it is final."""
+    """A reply's request and what became of it once it ended: the saved message, or why
+    it could not be saved. Filled in by the service's writer thread; ``saved`` is set
+    when it is final. (``handle`` is None only while the request is being queued.)"""
 
-    handle: RequestHandle
+    handle: RequestHandle | None = None
     saved: threading.Event = field(default_factory=threading.Event)
     message: Message | None = None
     error: BaseException | None = None
@@ -69,9 +70,10 @@ class Reply:
     off the engine thread, before ``wait()`` returns.
     """
 
-    def __init__(self, outcome: Outcome, user_message: Message, dropped_turns: int) -> None:
-        self.outcome, self.user_message = outcome, user_message
-        self.handle = outcome.handle
+    def __init__(
+        self, outcome: Outcome, handle: RequestHandle, user_message: Message, dropped_turns: int
+    ) -> None:
+        self.outcome, self.handle, self.user_message = outcome, handle, user_message
         self.dropped_turns = dropped_turns
 
     @property
@@ -174,13 +176,16 @@ class ChatService:
     ) -> Session:
         """Rename, change the system prompt (``""`` clears it) or the sampling defaults."""
         session = self.get(session_id)
+        changes: dict[str, Any] = {}
         if title is not None:
-            session.title = title.strip()
+            changes["title"] = session.title = title.strip()
         if system_prompt is not None:
-            session.system_prompt = system_prompt or None
-        session.params = merge_params(session.params, params)
-        session.updated_at = now()
-        self.store.save_session(session)
+            changes["system_prompt"] = session.system_prompt = system_prompt or None
+        if params:
+            changes["params"] = session.params = merge_params(session.params, params)
+        changes["updated_at"] = session.updated_at = now()
+        # only what changed: a reply being saved meanwhile keeps its place in the tree
+        self.store.update_session(session_id, **changes)
         return session
 
     def rename(self, session_id: str, title: str) -> Session:
@@ -232,7 +237,7 @@ class ChatService:
         for mid in removed:
             del session.messages[mid]
         session.updated_at = now()
-        self.store.delete_messages(session, removed)
+        self.store.delete_messages(session_id, removed, active_id=session.active_id)
         return session
 
     def switch(self, session_id: str, message_id: str) -> Session:
@@ -259,22 +264,18 @@ class ChatService:
         return self.get(session_id).to_dict()
 
     def import_(self, data: dict[str, Any], *, keep_id: bool = True) -> Session:
+        """Add a session from its export. The whole export is checked before anything is
+        written (``Session.from_dict``: any fault is a ChatError and changes nothing); it
+        is written in one transaction. An id already in use (or ``keep_id`` False) makes a
+        copy with a new id; message ids used elsewhere in the store get fresh ones."""
         session = Session.from_dict(data)
-        if not keep_id or self.store.exists(session.id):
-            # message ids are unique across the store too: a copy gets fresh ones
-            session.id = new_id()
-            ids = {mid: new_id() for mid in session.messages}
-            for m in session.messages.values():
-                m.id, m.parent_id = ids[m.id], ids.get(m.parent_id or "")
-            session.messages = {m.id: m for m in session.messages.values()}
-            session.active_id = ids.get(session.active_id or "")
-        self.store.import_session(session)
+        self.store.import_session(session, keep_id=keep_id)
         return session
 
     # -- internals ----------------------------------------------------------------------
     def _check_idle(self, session_id: str) -> None:
         outcome = self._active.get(session_id)
-        if outcome is not None and outcome.handle.cancelled:
+        if outcome is not None and outcome.handle is not None and outcome.handle.cancelled:
             outcome.saved.wait(10)  # a stopped reply is saved within a step
         if session_id in self._active:
             raise SessionBusy(f"session {session_id!r} is busy with a reply; stop it first")
@@ -305,14 +306,19 @@ class ChatService:
         )
         self._claim(session.id)
         try:
+            # everything the engine could refuse is refused before anything is stored
+            self.engine.check(prompt.ids, merged.with_(max_tokens=prompt.reply_budget))
             user = Message(id=new_id(), parent_id=parent_id, role="user", content=content)
+            title = None if session.title else content.strip().splitlines()[0][:MAX_TITLE]
+            self.store.add_message(session.id, user, title=title)
             session.messages[user.id] = user
-            session.active_id = user.id
-            session.updated_at = user.created_at
-            if not session.title:
-                session.title = content.strip().splitlines()[0][:MAX_TITLE]
-            self.store.add_message(session, user)
-            return self._submit(session, user, merged, prompt)
+            session.active_id, session.updated_at = user.id, user.created_at
+            session.title = session.title or title or ""
+            try:
+                return self._submit(session, user, merged, prompt)
+            except BaseException:  # refused after all (e.g. the queue filled meanwhile)
+                self.store.delete_messages(session.id, [user.id], active_id=parent_id)
+                raise
         except BaseException:
             self._active.pop(session.id, None)
             raise
@@ -337,28 +343,34 @@ class ChatService:
     def _submit(
         self, session: Session, user: Message, params: SamplingParams, prompt: Prompt
     ) -> Reply:
-        handle = self.engine.submit(
+        dropped = prompt.dropped_turns
+        outcome = Outcome()
+        self._active[session.id] = outcome  # before the request can end
+
+        def ended(handle: RequestHandle) -> None:  # engine thread: hand over, never wait
+            self._writer.submit(lambda: self._finish(handle, outcome, session, user, dropped))
+
+        outcome.handle = self.engine.submit(
             prompt.ids,
             params.with_(max_tokens=prompt.reply_budget),
             cache_key=session.id,
             cache_tail=True,
+            on_close=ended,
         )
-        outcome = Outcome(handle)
-        self._active[session.id] = outcome
         session.active_id = user.id
-        dropped = prompt.dropped_turns
-        # the engine thread only hands the ended reply to the writer thread
-        handle.on_close(
-            lambda: self._writer.submit(lambda: self._finish(outcome, session, user, dropped))
-        )
-        return Reply(outcome, user, dropped)
+        return Reply(outcome, outcome.handle, user, dropped)
 
     def _finish(
-        self, outcome: Outcome, session: Session, user: Message, dropped_turns: int
+        self,
+        handle: RequestHandle,
+        outcome: Outcome,
+        session: Session,
+        user: Message,
+        dropped_turns: int,
     ) -> None:
         """Save the reply (complete or stopped), release the session, then tell the
         waiters. Runs on the writer thread."""
-        c = outcome.handle.completion
+        c = handle.completion
         stopped = c.stop_reason in ("", "cancelled")
         message = Message(
             id=new_id(),
@@ -380,7 +392,7 @@ class ChatService:
         session.active_id = message.id
         session.updated_at = message.created_at
         try:
-            self.store.add_message(session, message)
+            self.store.add_message(session.id, message)
             outcome.message = message
         except Exception as e:
             outcome.error = e

@@ -8,17 +8,21 @@ database from version i to i + 1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from hexin.chat.tree import ChatError, Message, Session, SessionNotFound
+from hexin.chat.tree import ChatError, Message, Session, SessionNotFound, new_id, now
+from hexin.errors import HexinError
 from hexin.sampling import SamplingParams
+
+T = TypeVar("T")
 
 MIGRATIONS: list[str] = [
     # 0 -> 1: sessions and messages
@@ -58,13 +62,33 @@ def default_db_path() -> Path:
     return Path(base) / "hexin" / "hexin.db"
 
 
-class Store:
-    """Sessions in one SQLite file, safe to share between threads (one lock)."""
+class StorageError(HexinError):
+    """The chat database could not be written (locked too long, an I/O error): the change
+    was not made; trying again later may work."""
 
-    def __init__(self, path: str | Path | None = None) -> None:
+
+class StorageFull(StorageError):
+    """The disk holding the chat database is full: the change was not written."""
+
+
+#: room kept beside the database for deletes when the disk fills: in WAL mode even a
+#: delete must write pages before it frees any; as large as the biggest request body
+RESERVE_BYTES = 4 << 20
+
+
+class Store:
+    """Sessions in one SQLite file, safe to share between threads (one lock).
+
+    A file of ``reserve_bytes`` beside the database holds space back: when the disk is
+    full, writes fail with ``StorageFull``, but a delete gives the reserve up and runs, so
+    a user can always free space by deleting sessions."""
+
+    def __init__(self, path: str | Path | None = None, *, reserve_bytes: int = RESERVE_BYTES):
         self.path = Path(path) if path is not None else default_db_path()
+        self._reserve = None
         if str(self.path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._reserve = (self.path.with_name(self.path.name + "-reserve"), reserve_bytes)
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -74,6 +98,36 @@ class Store:
             self._migrate()
         except sqlite3.DatabaseError as e:
             raise ChatError(f"cannot open the chat database {self.path}: {e}") from None
+        self._keep_reserve()
+
+    def _keep_reserve(self) -> None:
+        """Make sure the reserve file exists at full size, if the disk has room for it."""
+        if self._reserve is None:
+            return
+        path, size = self._reserve
+        try:
+            if not path.is_file() or path.stat().st_size < size:
+                with path.open("wb") as f:
+                    f.write(bytes(size))
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError:  # no room yet: try again after the next delete
+            path.unlink(missing_ok=True)
+
+    def _freeing(self, write: Callable[[], T]) -> T:
+        """Run a write that frees space (a delete); if the disk is full, give up the
+        reserve and run it again, then let SQLite hand the space back."""
+        try:
+            return write()
+        except StorageFull:
+            if self._reserve is None or not self._reserve[0].is_file():
+                raise
+            self._reserve[0].unlink()
+        result = write()
+        with self._lock, contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._keep_reserve()
+        return result
 
     def close(self) -> None:
         self._db.close()
@@ -94,14 +148,23 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; a full disk is reported as ``StorageFull``, nothing written."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("COMMIT")
+            except BaseException as e:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if not isinstance(e, sqlite3.OperationalError):
+                    raise
+                if e.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                    raise StorageFull(
+                        f"storage full: the chat database {self.path} could not be written; "
+                        "delete sessions to free space"
+                    ) from None
+                raise StorageError(f"storage error: {e}; nothing was changed") from None
 
     # -- writes -------------------------------------------------------------------------
     def save_session(self, s: Session) -> None:
@@ -109,29 +172,74 @@ class Store:
         with self._tx() as db:
             _upsert_session(db, s)
 
-    def add_message(self, s: Session, m: Message) -> None:
-        """Insert a message and move the session's active pointer, atomically."""
+    def add_message(self, session_id: str, m: Message, *, title: str | None = None) -> None:
+        """Insert a message and make it the session's active one, atomically; with
+        ``title``, also name a session that has no title yet. Nothing else in the session
+        row is written: a rename or a new system prompt saved meanwhile stays."""
         with self._tx() as db:
-            _insert_message(db, s.id, m)
-            _upsert_session(db, s)
+            _insert_message(db, session_id, m)
+            db.execute(
+                """UPDATE sessions SET active_id=?, updated_at=?,
+                       title=CASE WHEN title='' AND ? IS NOT NULL THEN ? ELSE title END
+                   WHERE id=?""",
+                (m.id, m.created_at, title, title, session_id),
+            )
 
-    def delete_messages(self, s: Session, ids: list[str]) -> None:
+    def update_session(self, session_id: str, **columns: Any) -> None:
+        """Write only the given columns of a session row (``params`` as SamplingParams)."""
+        allowed = {"title", "system_prompt", "params", "active_id", "updated_at"}
+        if unknown := set(columns) - allowed:
+            raise ValueError(f"not a session column: {sorted(unknown)}")
+        if "params" in columns:
+            columns["params"] = json.dumps(columns["params"].to_dict())
+        assignments = ", ".join(f"{name}=?" for name in columns)
         with self._tx() as db:
-            db.executemany("DELETE FROM messages WHERE id=?", [(i,) for i in ids])
-            _upsert_session(db, s)
+            found = db.execute(
+                f"UPDATE sessions SET {assignments} WHERE id=?", (*columns.values(), session_id)
+            ).rowcount
+        if not found:
+            raise SessionNotFound(f"unknown session {session_id!r}")
+
+    def delete_messages(self, session_id: str, ids: list[str], *, active_id: str | None) -> None:
+        """Delete messages and move the session's active pointer, atomically (the rest of
+        the session row is left as it is)."""
+
+        def delete() -> None:
+            with self._tx() as db:
+                db.executemany("DELETE FROM messages WHERE id=?", [(i,) for i in ids])
+                db.execute(
+                    "UPDATE sessions SET active_id=?, updated_at=? WHERE id=?",
+                    (active_id, now(), session_id),
+                )
+
+        self._freeing(delete)
 
     def delete_session(self, session_id: str) -> bool:
-        with self._tx() as db:
-            return db.execute("DELETE FROM sessions WHERE id=?", (session_id,)).rowcount > 0
+        def delete() -> bool:
+            with self._tx() as db:
+                return db.execute("DELETE FROM sessions WHERE id=?", (session_id,)).rowcount > 0
 
-    def import_session(self, s: Session) -> None:
-        """Write a whole session, messages parents-first, in one transaction."""
+        return self._freeing(delete)
+
+    def import_session(self, s: Session, *, keep_id: bool = True) -> None:
+        """Write a whole, checked session (``Session.from_dict``) in one transaction,
+        messages parents-first. Ids are resolved inside it, so no other write can slip in
+        between: a session id in use (or ``keep_id`` False) makes a copy, with a new
+        session id and fresh message ids; message ids that any stored session uses get
+        fresh ones, parent links and the active id following. ``s`` is changed to match
+        what was stored. Linear in the number of messages."""
         with self._tx() as db:
-            if db.execute("SELECT 1 FROM sessions WHERE id=?", (s.id,)).fetchone():
-                raise ChatError(f"session {s.id!r} already exists")
+            if not keep_id or db.execute("SELECT 1 FROM sessions WHERE id=?", (s.id,)).fetchone():
+                s.id = new_id()
+                s.renumber()
+            elif _any_message_exists(db, list(s.messages)):
+                s.renumber()
             _upsert_session(db, s)
-            for m in sorted(s.messages.values(), key=lambda m: len(s.path(m.id))):
-                _insert_message(db, s.id, m)
+            db.executemany(
+                """INSERT INTO messages (id, session_id, parent_id, role, content, status,
+                       meta, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                [_message_row(s.id, m) for m in s.tree_order()],
+            )
 
     # -- reads --------------------------------------------------------------------------
     def exists(self, session_id: str) -> bool:
@@ -216,6 +324,28 @@ def _upsert_session(db: sqlite3.Connection, s: Session) -> None:
             s.created_at,
             s.updated_at,
         ),
+    )
+
+
+def _any_message_exists(db: sqlite3.Connection, ids: list[str]) -> bool:
+    for i in range(0, len(ids), 500):  # SQLite's older builds allow 999 parameters
+        chunk = ids[i : i + 500]
+        marks = ",".join("?" * len(chunk))
+        if db.execute(f"SELECT 1 FROM messages WHERE id IN ({marks}) LIMIT 1", chunk).fetchone():
+            return True
+    return False
+
+
+def _message_row(session_id: str, m: Message) -> tuple[Any, ...]:
+    return (
+        m.id,
+        session_id,
+        m.parent_id,
+        m.role,
+        m.content,
+        m.status,
+        json.dumps(m.meta),
+        m.created_at,
     )
 
 

@@ -7,9 +7,12 @@ overwritten, so every version stays reachable. The active path runs from a root 
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,6 +20,20 @@ from hexin.errors import HexinError
 from hexin.sampling import SamplingParams
 
 Role = Literal["user", "assistant"]
+ROLES = ("user", "assistant")
+#: a reply is "complete", or "stopped" when it was interrupted mid-stream
+STATUSES = ("complete", "stopped")
+
+#: The most messages one session may bring in through an import. It also bounds the depth
+#: of the tree (a chain cannot be longer than the count), so every walk of it is bounded.
+#: 10,000 messages are 5,000 turns, far more than any context window holds; at ~400
+#: characters each they fill the server's 4 MiB request body.
+MAX_SESSION_MESSAGES = 10_000
+#: The longest text field (content, title, system prompt) an import may hold. User
+#: messages are capped at 100,000 characters by the server, but a reply is bounded only by
+#: the model's context window (about 4 characters a token), so an export of a long reply
+#: must still import; a million characters is room for any of them.
+MAX_CONTENT_CHARS = 1_000_000
 
 
 class ChatError(HexinError):
@@ -34,10 +51,16 @@ class SessionBusy(ChatError):
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
+#: session ids that are words of the sessions API's own paths (/api/sessions/import)
+RESERVED_SESSION_IDS = frozenset({"import"})
+
+
 def check_id(value: str, what: str = "session id") -> str:
     """Ids travel in URLs and file names: URL-safe characters only, at most 64."""
     if not isinstance(value, str) or not _ID_RE.fullmatch(value):
-        raise ChatError(f"invalid {what} {value!r}: use 1-64 letters, digits, '-' or '_'")
+        raise ChatError(f"invalid {what} {value!r:.80}: use 1-64 letters, digits, '-' or '_'")
+    if what == "session id" and value in RESERVED_SESSION_IDS:
+        raise ChatError(f"invalid {what} {value!r}: reserved by the sessions API")
     return value
 
 
@@ -82,14 +105,28 @@ class Message:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Message:
+        """A message from its export, every field checked (ChatError if one is wrong)."""
+        if not isinstance(d, dict):
+            raise ChatError("not a valid session export: a message is not an object")
+        mid = _id(d.get("id"), "message id")
+        what = f"message {mid}"
+        parent_id = d.get("parent_id")
+        if parent_id is not None:
+            _id(parent_id, f"parent id of {what}")
+        role = d.get("role")
+        if role not in ROLES:
+            raise ChatError(f"not a valid session export: {what} has role {role!r:.40}")
+        status = d.get("status", "complete")
+        if status not in STATUSES:
+            raise ChatError(f"not a valid session export: {what} has status {status!r:.40}")
         return cls(
-            id=d["id"],
-            parent_id=d.get("parent_id"),
-            role=d["role"],
-            content=d["content"],
-            created_at=float(d.get("created_at", now())),
-            status=d.get("status", "complete"),
-            meta=dict(d.get("meta") or {}),
+            id=mid,
+            parent_id=parent_id,
+            role=role,
+            content=_text(d.get("content"), f"content of {what}"),
+            created_at=_time(d.get("created_at"), f"created_at of {what}"),
+            status=status,
+            meta=_meta(d.get("meta"), f"meta of {what}"),
         )
 
 
@@ -125,7 +162,16 @@ class Session:
     def children(self, parent_id: str | None) -> list[Message]:
         """Children of a message (or the roots for None), oldest first."""
         kids = [m for m in self.messages.values() if m.parent_id == parent_id]
-        return sorted(kids, key=lambda m: (m.created_at, m.id))
+        return sorted(kids, key=_order)
+
+    def children_index(self) -> dict[str | None, list[Message]]:
+        """Every message's children (the roots under None), oldest first, in one pass:
+        build it once where many messages are visited, instead of calling ``children``
+        (a scan of the whole tree) for each of them."""
+        index: dict[str | None, list[Message]] = {}
+        for m in sorted(self.messages.values(), key=_order):
+            index.setdefault(m.parent_id, []).append(m)
+        return index
 
     def siblings(self, message_id: str) -> list[Message]:
         """All versions of a message: the children of its parent, itself included."""
@@ -136,21 +182,49 @@ class Session:
         ids = [m.id for m in self.siblings(message_id)]
         return ids.index(message_id) + 1, len(ids)
 
+    def versions(self, messages: Iterable[Message] | None = None) -> list[tuple[int, int]]:
+        """``version`` of each of ``messages`` (default: the active path), in one pass."""
+        index = self.children_index()
+        position = {m.id: i for kids in index.values() for i, m in enumerate(kids, 1)}
+        return [
+            (position[m.id], len(index[m.parent_id]))
+            for m in (self.path() if messages is None else messages)
+        ]
+
     def latest_leaf(self, message_id: str) -> str:
         """Follow the newest child down from a message: where switching to it lands."""
+        index = self.children_index()
         node = message_id
-        while kids := self.children(node):
+        while kids := index.get(node):
             node = kids[-1].id
         return node
 
     def subtree(self, message_id: str) -> list[str]:
         """Ids of a message and all its descendants."""
+        index = self.children_index()
         out, todo = [], [message_id]
         while todo:
             node = todo.pop()
             out.append(node)
-            todo.extend(m.id for m in self.messages.values() if m.parent_id == node)
+            todo.extend(m.id for m in index.get(node, ()))
         return out
+
+    def tree_order(self) -> list[Message]:
+        """Every message, parents before their children (breadth-first from the roots);
+        messages that no root leads to (a cycle, a missing parent) are left out."""
+        index = self.children_index()
+        out = list(index.get(None, ()))
+        for m in out:  # grows as it goes: each message is visited once
+            out.extend(index.get(m.id, ()))
+        return out
+
+    def renumber(self) -> None:
+        """Give every message a fresh id, parent links and the active id following."""
+        ids = {mid: new_id() for mid in self.messages}
+        for m in self.messages.values():
+            m.id, m.parent_id = ids[m.id], ids.get(m.parent_id or "")
+        self.messages = {m.id: m for m in self.messages.values()}
+        self.active_id = ids.get(self.active_id or "")
 
     # -- serialisation ------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -175,42 +249,111 @@ class Session:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Session:
+        """A session from its export (``to_dict``), checked in full before anything is
+        kept: ids, roles, statuses, text fields, finite timestamps, meta, sampling params,
+        a parent link from every message to a root, and the caps above. Anything wrong is
+        a ChatError. Linear in the number of messages."""
         if not isinstance(d, dict):
             raise ChatError("not a valid session export: expected a JSON object")
-        try:
-            params = dict(d.get("params") or {})
-            params["stop"] = tuple(params.get("stop") or ())
-            messages = {m["id"]: Message.from_dict(m) for m in d.get("messages", [])}
-            session = cls(
-                id=d["id"],
-                title=d.get("title", ""),
-                model=d.get("model", ""),
-                system_prompt=d.get("system_prompt"),
-                params=SamplingParams(**params),
-                created_at=float(d.get("created_at", now())),
-                updated_at=float(d.get("updated_at", now())),
-                messages=messages,
-                active_id=d.get("active_id"),
+        sid = _id(d.get("id"), "session id")
+        raw = d.get("messages", [])
+        if not isinstance(raw, list):
+            raise ChatError("not a valid session export: messages must be a list")
+        if len(raw) > MAX_SESSION_MESSAGES:
+            raise ChatError(
+                f"not a valid session export: {len(raw)} messages, "
+                f"at most {MAX_SESSION_MESSAGES} can be imported"
             )
-        except (KeyError, TypeError, ValueError, AttributeError, HexinError) as e:
-            raise ChatError(f"not a valid session export: {e}") from None
-        check_id(session.id)
+        messages: dict[str, Message] = {}
+        for item in raw:
+            m = Message.from_dict(item)
+            if m.id in messages:
+                raise ChatError(f"not a valid session export: message id {m.id} appears twice")
+            messages[m.id] = m
+        system_prompt = d.get("system_prompt")
+        session = cls(
+            id=sid,
+            title=_text(d.get("title", ""), "title"),
+            model=_text(d.get("model", ""), "model"),
+            system_prompt=None if system_prompt is None else _text(system_prompt, "system_prompt"),
+            params=_params(d.get("params")),
+            created_at=_time(d.get("created_at"), "created_at"),
+            updated_at=_time(d.get("updated_at"), "updated_at"),
+            messages=messages,
+            active_id=d.get("active_id"),
+        )
         for m in messages.values():
-            if m.role not in ("user", "assistant"):
-                raise ChatError(f"not a valid session export: message role {m.role!r}")
             if m.parent_id is not None and m.parent_id not in messages:
                 raise ChatError(f"not a valid session export: {m.id} has no parent")
-        for m in messages.values():  # parent links must lead to a root
-            seen: set[str] = set()
-            node: str | None = m.id
-            while node is not None:
-                if node in seen:
-                    raise ChatError("not a valid session export: parent links form a cycle")
-                seen.add(node)
-                node = messages[node].parent_id
-        if session.active_id is not None and session.active_id not in messages:
+        # every parent exists, so a message no root leads to is on (or below) a cycle
+        if len(session.tree_order()) != len(messages):
+            raise ChatError("not a valid session export: parent links form a cycle")
+        if session.active_id is not None and (
+            not isinstance(session.active_id, str) or session.active_id not in messages
+        ):
             raise ChatError("not a valid session export: active message missing")
         return session
+
+
+def _id(value: Any, what: str) -> str:
+    try:
+        return check_id(value, what)
+    except ChatError as e:
+        raise ChatError(f"not a valid session export: {e}") from None
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ChatError(f"not a valid session export: {what} must be a string")
+    if len(value) > MAX_CONTENT_CHARS:
+        raise ChatError(
+            f"not a valid session export: {what} is over {MAX_CONTENT_CHARS} characters"
+        )
+    return value
+
+
+def _time(value: Any, what: str) -> float:
+    """A timestamp: a finite number (missing: now)."""
+    if value is None:
+        return now()
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ChatError(f"not a valid session export: {what} must be a finite number")
+    return float(value)
+
+
+def _meta(value: Any, what: str) -> dict[str, Any]:
+    """An object that is stored as JSON and read back as JSON: no NaN or infinities."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ChatError(f"not a valid session export: {what} must be an object")
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ChatError(f"not a valid session export: {what}: {e}") from None
+    return dict(value)
+
+
+def _params(value: Any) -> SamplingParams:
+    if value is None:
+        return SamplingParams()
+    if not isinstance(value, dict):
+        raise ChatError("not a valid session export: params must be an object")
+    params = dict(value)
+    stop = params.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (
+        not isinstance(stop, list) or not all(isinstance(x, str) for x in stop)
+    ):
+        raise ChatError("not a valid session export: params.stop must be a list of strings")
+    params["stop"] = tuple(stop or ())
+    try:
+        return SamplingParams(**params)
+    except TypeError as e:  # an unknown name
+        raise ChatError(f"not a valid session export: params: {e}") from None
+    except HexinError as e:
+        raise ChatError(f"not a valid session export: params: {e}") from None
 
 
 def _order(m: Message) -> tuple[float, str]:

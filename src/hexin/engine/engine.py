@@ -111,20 +111,44 @@ class Engine:
         *,
         cache_key: str | None = None,
         cache_tail: bool = False,
+        on_close: Callable[[RequestHandle], None] | None = None,
     ) -> RequestHandle:
         """Queue a request; its handle streams text as tokens are decoded (once the loop
-        runs: ``start()`` or ``with engine:``)."""
-        prompt = list(prompt_ids)
+        runs: ``start()`` or ``with engine:``). ``on_close`` runs on the engine thread as
+        the request ends (see ``RequestHandle``): it must only hand work over, never wait."""
+        seq = self._sequence(list(prompt_ids), params, cache_key, cache_tail, on_close)
+        with self._lock:
+            self._admissible(seq)
+            self._incoming.append(seq)
+            self._by_handle[seq.handle] = seq
+            self._lock.notify()
+        return seq.handle
+
+    def check(self, prompt_ids: Seq[int], params: SamplingParams) -> None:
+        """Raise now what ``submit`` would raise for this request (too long, queue full),
+        without queueing it, so a caller can refuse a request before storing anything."""
+        seq = self._sequence(list(prompt_ids), params, None, False, None)
+        with self._lock:
+            self._admissible(seq)
+
+    def _sequence(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        cache_key: str | None,
+        cache_tail: bool,
+        on_close: Callable[[RequestHandle], None] | None,
+    ) -> Sequence:
         if not prompt:
             raise ValueError("empty prompt: give at least one token")
         check_fits(len(prompt), self.context_limit)
-        handle = RequestHandle(len(prompt), self._request_cancel)
+        handle = RequestHandle(len(prompt), self._request_cancel, on_close)
         # a sequence can grow only as far as the context and the whole pool allow
         capacity = (self.pool.num_blocks - 1) * self.pool.block_size
         budget = min(
             params.max_tokens, self.context_limit - len(prompt), capacity - len(prompt) - 1
         )
-        seq = Sequence(
+        return Sequence(
             prompt_ids=prompt,
             params=params,
             handle=handle,
@@ -133,14 +157,12 @@ class Engine:
             cache_key=cache_key,
             cache_tail=cache_tail,
         )
-        with self._lock:
-            if self._stop:
-                raise RuntimeError("engine is shut down")
-            self.scheduler.check(seq, queued=len(self._incoming))  # EngineBusy, too long
-            self._incoming.append(seq)
-            self._by_handle[handle] = seq
-            self._lock.notify()
-        return handle
+
+    def _admissible(self, seq: Sequence) -> None:
+        """Under the lock: refuse a request the engine cannot take now."""
+        if self._stop:
+            raise RuntimeError("engine is shut down")
+        self.scheduler.check(seq, queued=len(self._incoming))  # EngineBusy, too long
 
     def generate(
         self,

@@ -67,7 +67,15 @@ class RequestHandle:
     ``completion`` holds counts and the stop reason once ``done`` is set. ``cancel()``
     from any thread frees the request's blocks within one engine step."""
 
-    def __init__(self, prompt_tokens: int, on_cancel: Callable[[RequestHandle], None]) -> None:
+    def __init__(
+        self,
+        prompt_tokens: int,
+        on_cancel: Callable[[RequestHandle], None],
+        on_close: Callable[[RequestHandle], None] | None = None,
+    ) -> None:
+        """``on_close(handle)`` runs (in the engine thread) when the request ends, before
+        ``done`` is set, so whoever waits on the handle sees its effects. It is given here, before
+        the request is queued, so it cannot miss an end that comes early."""
         self.completion = Completion(prompt_tokens=prompt_tokens)
         self.done = threading.Event()
         self.error: BaseException | None = None
@@ -75,23 +83,18 @@ class RequestHandle:
         self._events: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._on_cancel = on_cancel
         self._listeners: list[Callable[[], None]] = []
-        self._on_close: list[Callable[[], None]] = []
+        self._on_close = on_close
 
     # engine side
     def push(self, text: str) -> None:
         self._events.put(text)
         self._notify()
 
-    def on_close(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` (in the engine thread) when the request ends, before ``done``
-        is set: whoever waits on the handle then sees its effects."""
-        self._on_close.append(callback)
-
     def close(self, error: BaseException | None = None) -> None:
         self.error = error
-        for callback in self._on_close:
+        if self._on_close is not None:
             try:
-                callback()
+                self._on_close(self)
             except Exception as e:  # the engine must survive a failing consumer
                 self.error = self.error or e
         self.done.set()

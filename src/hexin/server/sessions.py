@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from hexin.chat.service import ChatService, Reply
@@ -64,13 +65,22 @@ async def call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
 
 
 def session_view(session: Session) -> dict[str, Any]:
-    """The whole tree plus the active path, with each message's version (i of n)."""
+    """The whole tree plus the active path, with each message's version (i of n).
+    Linear in the size of the tree (one children index for all the versions)."""
     data = session.to_dict()
-    data["path"] = []
-    for m in session.path():
-        i, n = session.version(m.id)
-        data["path"].append(m.to_dict() | {"version": i, "versions": n})
+    path = session.path()
+    data["path"] = [
+        m.to_dict() | {"version": i, "versions": n}
+        for m, (i, n) in zip(path, session.versions(path), strict=True)
+    ]
     return data
+
+
+async def view(fn: Callable[..., Session], *args: Any, status: int = 200, **kw: Any) -> Response:
+    """A service call that returns a session, answered with its view. The call, the view
+    and its JSON are all made off the event loop: for a large tree they take a while, and
+    the loop must keep answering everyone else meanwhile."""
+    return await call(lambda: JSONResponse(session_view(fn(*args, **kw)), status_code=status))
 
 
 async def finished(request: Request, reply: Reply) -> dict[str, Any]:
@@ -98,36 +108,37 @@ async def list_sessions(
 
 @router.post("", status_code=201)
 async def create_session(body: SessionCreate, svc: Svc):
-    session = await call(
+    return await view(
         svc.create,
         title=body.title,
         system_prompt=body.system_prompt,
         params=body.params,
         session_id=body.id,
+        status=201,
     )
-    return session_view(session)
 
 
 @router.post("/import", status_code=201)
 async def import_session(body: dict[str, Any], svc: Svc):
-    return session_view(await call(svc.import_, body))
+    """A session from its export, checked in full before anything is stored (any fault
+    is a 400 and changes nothing); see ``ChatService.import_``."""
+    return await view(svc.import_, body, status=201)
 
 
 @router.get("/{session_id}")
 async def read_session(session_id: str, svc: Svc):
-    return session_view(await call(svc.get, valid_id(session_id)))
+    return await view(svc.get, valid_id(session_id))
 
 
 @router.patch("/{session_id}")
 async def update_session(session_id: str, body: SessionUpdate, svc: Svc):
-    session = await call(
+    return await view(
         svc.update,
         valid_id(session_id),
         title=body.title,
         system_prompt=body.system_prompt,
         params=body.params,
     )
-    return session_view(session)
 
 
 @router.delete("/{session_id}", status_code=204)
@@ -137,7 +148,8 @@ async def delete_session(session_id: str, svc: Svc) -> None:
 
 @router.get("/{session_id}/export")
 async def export_session(session_id: str, svc: Svc):
-    return await call(svc.export, valid_id(session_id))
+    sid = valid_id(session_id)
+    return await call(lambda: JSONResponse(svc.export(sid)))
 
 
 @router.post("/{session_id}/messages")
@@ -160,9 +172,9 @@ async def edit(request: Request, session_id: str, body: EditIn, svc: Svc):
 
 @router.post("/{session_id}/rollback")
 async def rollback(session_id: str, svc: Svc):
-    return session_view(await call(svc.rollback, valid_id(session_id)))
+    return await view(svc.rollback, valid_id(session_id))
 
 
 @router.post("/{session_id}/switch")
 async def switch(session_id: str, body: SwitchIn, svc: Svc):
-    return session_view(await call(svc.switch, valid_id(session_id), body.message_id))
+    return await view(svc.switch, valid_id(session_id), body.message_id)
