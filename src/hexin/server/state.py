@@ -13,16 +13,18 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from hexin.chat.service import ChatService
-from hexin.chat.store import Store
+from hexin.chat.store import StorageError, StorageFull, Store
 from hexin.chat.tree import SessionBusy, SessionNotFound
 from hexin.engine import Engine, EngineBusy
 from hexin.errors import HexinError
-from hexin.options import EngineConfig, ModelOptions
+from hexin.options import MAX_TOKENS_DEFAULT, EngineConfig, ModelOptions
 from hexin.sampling import InvalidParams
 from hexin.server.metrics import Metrics
 
 log = logging.getLogger("hexin.server")
 MAX_BODY_BYTES = 4 << 20
+#: path prefixes that need the API key, when one is set
+PROTECTED = ("/api/", "/v1/", "/tokenize", "/detokenize", "/metrics")
 MAX_MESSAGE_CHARS = 100_000
 
 
@@ -34,6 +36,8 @@ class ServerConfig:
     db: str | None = None
     api_key: str | None = None
     cors: list[str] = field(default_factory=list)
+    #: the cap on an OpenAI chat completion that names no max_tokens
+    max_tokens_default: int = MAX_TOKENS_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -50,12 +54,16 @@ BAD_REQUEST = ErrorKind(400, "invalid_request_error", "bad_request")
 SESSION_NOT_FOUND = ErrorKind(404, "not_found_error", "session_not_found")
 SESSION_BUSY = ErrorKind(409, "conflict_error", "session_busy")
 ENGINE_BUSY = ErrorKind(503, "server_busy", "engine_busy")
+STORAGE_FULL = ErrorKind(507, "storage_full", "storage_full")
+STORAGE_ERROR = ErrorKind(503, "storage_error", "storage_error")
 INTERNAL = ErrorKind(500, "server_error", "internal_error")
 #: first match wins, so subclasses come before their bases
 ERROR_KINDS: tuple[tuple[type[Exception], ErrorKind], ...] = (
     (SessionNotFound, SESSION_NOT_FOUND),
     (SessionBusy, SESSION_BUSY),
     (EngineBusy, ENGINE_BUSY),
+    (StorageFull, STORAGE_FULL),
+    (StorageError, STORAGE_ERROR),
     (HexinError, BAD_REQUEST),
     (ValueError, BAD_REQUEST),
 )
