@@ -6,6 +6,7 @@ Every wait here has a deadline, so a server bug fails a test instead of hanging 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -158,6 +159,31 @@ class Server:
             close_timeout=5,
             max_size=None,
         )
+
+    def ws_with(
+        self,
+        session_id: str,
+        *,
+        query: str = "",
+        headers: dict[str, str] | None = None,
+        subprotocols: list[str] | None = None,
+    ) -> ClientConnection:
+        """A socket with exactly the given credentials (none by default): a query string,
+        headers, subprotocols (``key_subprotocols``)."""
+        return connect(
+            f"{self.ws_url}/c/{session_id}{query}",
+            additional_headers=headers or {},
+            subprotocols=subprotocols,
+            open_timeout=15,
+            close_timeout=5,
+            max_size=None,
+        )
+
+
+def key_subprotocols(key: str) -> list[str]:
+    """How a browser sends the API key: ["hexin", "hexin.key." + base64url(key)]."""
+    encoded = base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+    return ["hexin", f"hexin.key.{encoded}"]
 
 
 # -- WebSocket protocol helpers -----------------------------------------------------------

@@ -1,10 +1,14 @@
 """The chat WebSocket of a real ``hexin serve`` process: streamed turns with usage and the
 per-session KV cache, stopping mid-reply, regenerate / rollback / edit over the socket, the
-same tree through the REST API, and the conversation surviving a server restart."""
+same tree through the REST API, the conversation surviving a server restart, and bad
+input (a binary frame, a reply whose stream fails) answered with an error frame."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+from types import SimpleNamespace
 
 import pytest
 import websockets
@@ -20,6 +24,10 @@ from server_util import (
     send,
     turn,
 )
+from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
+
+from hexin.engine import EngineBusy
+from hexin.server.websocket import Connection
 
 LONG = {"temperature": 0, "max_tokens": 200}
 
@@ -237,3 +245,131 @@ def test_conversation_survives_restart(server):
         assert done["usage"]["cached_tokens"] == 0
         assert done["usage"]["prompt_tokens"] > before[sid]["path"][-1]["meta"]["prompt_tokens"]
         assert len(request_session(ws)["path"]) == 6
+
+
+def test_binary_frame_gets_an_error_and_the_socket_stays_open(server):
+    with server.ws("ws-binary") as ws:
+        recv_session(ws)
+        ws.send(json.dumps({"type": "session"}).encode())  # valid JSON, but binary
+        msg = recv(ws, timeout=10)
+        assert msg["type"] == "error" and msg["code"] == "bad_request", msg
+        assert "binary" in msg["message"]
+        assert request_session(ws)["id"] == "ws-binary"
+        check_done(turn(ws, "Hi!", {"temperature": 0, "max_tokens": 4}))
+    assert "Exception in ASGI application" not in server.log(), server.log()
+
+
+def test_subprotocol_hexin_is_selected(server):
+    """A browser fails a handshake that selects none of the subprotocols it offered."""
+    with server.ws_with("ws-proto", subprotocols=["hexin"]) as ws:
+        assert ws.subprotocol == "hexin"
+        assert recv_session(ws)["id"] == "ws-proto"
+    with server.ws_with("ws-proto") as ws:  # none offered, none selected
+        assert ws.subprotocol is None
+        recv_session(ws)
+
+
+# -- Connection.stream, model-free: what a socket hears when a reply fails ----------------
+class FakeSocket:
+    """Collects the frames sent; with ``gone_after``, sending fails as a closed socket
+    does (``gone`` the exception) once that many frames went out."""
+
+    def __init__(self, gone_after: int | None = None, gone: Exception | None = None) -> None:
+        self.frames: list[dict] = []
+        self.gone_after, self.gone, self.attempts = gone_after, gone, 0
+
+    async def send_text(self, text: str) -> None:
+        self.attempts += 1
+        if self.gone_after is not None and len(self.frames) >= self.gone_after:
+            raise self.gone
+        self.frames.append(json.loads(text))
+
+
+META = {
+    "prompt_tokens": 5,
+    "cached_tokens": 0,
+    "completion_tokens": 2,
+    "stop_reason": "eos",
+    "dropped_turns": 0,
+    "ttft_ms": 1.0,
+    "tokens_per_s": 10.0,
+}
+
+
+class FakeReply:
+    """A reply that streams ``tokens`` and then raises ``error`` (if any)."""
+
+    def __init__(self, tokens: list[str], error: Exception | None = None) -> None:
+        self.tokens, self.error, self.stopped = tokens, error, False
+        self.user_message = SimpleNamespace(id="u1", to_dict=lambda: {"id": "u1"})
+        self.handle = SimpleNamespace(completion=None)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    async def stream(self):
+        for text in self.tokens:
+            await asyncio.sleep(0)
+            yield text
+        if self.error is not None:
+            raise self.error
+
+    def wait(self):
+        assert self.error is None, "wait() after a failed stream"
+        content = "".join(self.tokens)
+        return SimpleNamespace(meta=META, to_dict=lambda: {"id": "a1", "content": content})
+
+
+def connection(ws: FakeSocket, replies: list[FakeReply]) -> Connection:
+    service = SimpleNamespace(send=lambda sid, content, params: replies.pop(0))
+    state = SimpleNamespace(metrics=SimpleNamespace(completion=lambda c: None))
+    return Connection(ws, state, service, "s1")
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (RuntimeError("CUDA error: device-side assert"), "internal_error"),
+        (EngineBusy("full"), "engine_busy"),
+    ],
+)
+def test_a_failing_reply_stream_ends_with_an_error_frame_and_the_socket_stays_usable(error, code):
+    ws = FakeSocket()
+    failing, good = FakeReply(["Hel", "lo"], error), FakeReply(["Fine", "."])
+    conn = connection(ws, [failing, good])
+
+    async def scenario() -> None:
+        await conn.handle(json.dumps({"type": "user", "content": "Hi"}))
+        await asyncio.wait_for(conn.task, 5)  # promptly, not a hang
+        # the socket is free for the next turn, which ends with done
+        await conn.handle(json.dumps({"type": "user", "content": "Again"}))
+        await asyncio.wait_for(conn.task, 5)
+
+    asyncio.run(scenario())
+    kinds = [f["type"] for f in ws.frames]
+    turn_frames = ["user_message", "reply_start", "token", "token"]
+    assert kinds == [*turn_frames, "error", *turn_frames, "done"], ws.frames
+    err = ws.frames[4]
+    assert err["code"] == code, err
+    if code == "internal_error":  # the details stay in the server
+        assert "CUDA" not in err["message"]
+    assert failing.stopped and conn.reply is None
+    assert ws.frames[-1]["message"]["content"] == "Fine."
+
+
+@pytest.mark.parametrize(
+    "gone", [WebSocketDisconnect(1006), WebSocketDisconnected("closed"), OSError("reset")]
+)
+def test_a_client_gone_mid_reply_stops_it_without_more_sends(gone):
+    ws = FakeSocket(gone_after=3, gone=gone)  # user_message, reply_start, one token
+    reply = FakeReply(["a", "b", "c", "d"])
+    conn = connection(ws, [reply])
+
+    async def scenario() -> None:
+        await conn.handle(json.dumps({"type": "user", "content": "Hi"}))
+        await asyncio.wait_for(conn.task, 5)
+
+    asyncio.run(scenario())
+    assert [f["type"] for f in ws.frames] == ["user_message", "reply_start", "token"]
+    assert ws.attempts == 4  # the failed token; no error frame tried on a dead socket
+    assert reply.stopped and conn.reply is None

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from server_util import Server
+from server_util import Server, key_subprotocols, recv_session
+from websockets.exceptions import ConnectionClosed
 
 try:
     from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -512,21 +513,57 @@ def test_unreachable_banner_and_reconnect(page: Page, server: WebServer) -> None
     expect(pg.get_by_test_id("message").last).to_contain_text("Hello! How can I help?")
 
 
-def test_api_key_is_sent(page: Page, server: WebServer) -> None:
-    """A key from the settings goes out as a bearer header and as ?api_key= on the
-    socket (the test server has no key, so it ignores both)."""
-    pg = page
-    sid = server.import_session("key check", [("Hi", "Hello.")])
-    pg.goto("/")
-    pg.get_by_test_id("open-settings").click()
-    pg.get_by_test_id("set-api-key").fill("s3cret")
-    pg.get_by_test_id("settings-save").click()
-    assert pg.evaluate("localStorage.getItem('hexin.apiKey')") == "s3cret"
-    with pg.expect_websocket() as ws_info, pg.expect_request("**/api/sessions/*") as req_info:
-        pg.goto(f"/#/c/{sid}")
-    assert "api_key=s3cret" in ws_info.value.url
-    assert req_info.value.headers.get("authorization") == "Bearer s3cret"
-    expect(pg.get_by_test_id("connection")).to_have_attribute("data-state", "open", timeout=UI_MS)
+def test_api_key_is_sent_and_never_logged(
+    browser: Browser, default_gguf: Path, tmp_path: Path
+) -> None:
+    """With --api-key, a key from the settings goes out as a bearer header on HTTP and as a
+    subprotocol on the socket, never in a URL; after a whole chat the server's log holds no
+    trace of it. A socket with the key in ?api_key= still works, and is logged redacted."""
+    key = "k3y-" + uuid.uuid4().hex
+    encoded = key_subprotocols(key)[1].removeprefix("hexin.key.")
+    srv = WebServer(default_gguf, tmp_path, api_key=key).start()
+    context = browser.new_context(viewport=DESKTOP, color_scheme="light", base_url=srv.base)
+    errors: list[str] = []
+    try:
+        pg = context.new_page()
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        sid = srv.import_session("key check", [("Hi", "Hello.")])
+        pg.goto("/")
+        pg.get_by_test_id("open-settings").click()
+        pg.get_by_test_id("set-api-key").fill(key)
+        pg.get_by_test_id("settings-save").click()
+        assert pg.evaluate("localStorage.getItem('hexin.apiKey')") == key
+        with pg.expect_websocket() as ws_info, pg.expect_request("**/api/sessions/*") as req_info:
+            pg.goto(f"/#/c/{sid}")
+        assert key not in ws_info.value.url and "api_key" not in ws_info.value.url
+        assert req_info.value.headers.get("authorization") == f"Bearer {key}"
+        open_state = pg.get_by_test_id("connection")
+        expect(open_state).to_have_attribute("data-state", "open", timeout=UI_MS)
+
+        # a real turn over the socket
+        box = pg.get_by_test_id("chat-input")
+        box.fill("What is the capital of France?")
+        box.press("Enter")
+        wait_replies(pg, 2)
+        expect(assistant_done(pg).last.get_by_test_id("message-content")).not_to_be_empty()
+
+        # other clients: the subprotocol (right and wrong key) and the query string
+        with srv.ws_with(sid, subprotocols=key_subprotocols(key)) as ws:
+            assert ws.subprotocol == "hexin"
+            assert recv_session(ws)["id"] == sid
+        with srv.ws_with(sid, subprotocols=key_subprotocols("wrong")) as ws:
+            with pytest.raises(ConnectionClosed) as info:
+                recv_session(ws)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 4401
+        with srv.ws_with(sid, query=f"?api_key={key}") as ws:
+            assert recv_session(ws)["id"] == sid
+    finally:
+        context.close()
+        srv.stop()
+    assert not errors, f"uncaught errors in the page: {errors}"
+    log = srv.log_path.read_text(errors="replace")
+    assert f'"WebSocket /c/{sid}?api_key=<redacted>"' in log, log[-3000:]
+    assert key not in log and encoded not in log, log[-3000:]
 
 
 def test_long_conversation_scrolls_and_reports_dropped_turns(page: Page, server: WebServer) -> None:

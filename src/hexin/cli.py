@@ -111,6 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from hexin.server import logs
     from hexin.server.app import ServerConfig, create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -121,10 +122,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         db=args.db,
         api_key=args.api_key or os.environ.get("HEXIN_API_KEY"),
         cors=args.cors,
+        max_tokens_default=args.max_tokens_default,
     )
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print(f"hexin: warning: serving on {args.host} without --api-key", file=sys.stderr)
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
+    logs.install()  # no secret (an ?api_key= in a logged path) in the logs
+    uvicorn.run(
+        create_app(config),
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        log_config=logs.uvicorn_log_config(),
+    )
     return 0
 
 

@@ -8,14 +8,23 @@ Server -> client: {"type": "session", "session"} on connect and after tree chang
 begins; {"type": "token", "text"} while it streams; {"type": "done", "message", "usage",
 "stop_reason", "dropped_turns", "timing"}; {"type": "error", "message", "code"} for
 anything wrong, the connection staying open (codes: ``state.ERROR_KINDS``, "bad_request"
-for a malformed message). An unknown session id is created on first use. A
-closed socket stops its reply (which is saved as stopped). Close codes: 4401 missing or
-wrong API key, 4400 invalid session id, 1013 the model is still loading (retry).
+for a malformed message or a binary frame). Every reply ends with ``done`` or ``error``
+(an engine error during a reply is reported, and the socket stays open). An unknown
+session id is created on first use. A closed socket stops its reply (which is saved as
+stopped). Close codes: 4401 missing or wrong API key, 4400 invalid session id, 1013 the
+model is still loading (retry).
+
+The API key: an ``Authorization: Bearer KEY`` header, or (browsers cannot set headers)
+the subprotocols ``["hexin", "hexin.key." + base64url(KEY)]`` (UTF-8, no padding), the
+server selecting "hexin"; ``?api_key=KEY`` still works (redacted in the logs, see
+``hexin.server.logs``) but puts the key in URLs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 from typing import Any
@@ -34,6 +43,25 @@ from hexin.server.state import (
 )
 
 router = APIRouter()
+SUBPROTOCOL = "hexin"
+KEY_PREFIX = "hexin.key."
+
+
+class ClientGone(Exception):
+    """A frame could not be sent: the client has gone away."""
+
+
+def subprotocol_key(offered: list[str]) -> str | None:
+    """The API key offered as a ``hexin.key.<base64url>`` subprotocol, if any."""
+    for proto in offered:
+        if proto.startswith(KEY_PREFIX):
+            encoded = proto[len(KEY_PREFIX) :]
+            try:
+                raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+                return raw.decode()
+            except (binascii.Error, ValueError):
+                return ""  # offered, but unreadable: a wrong key
+    return None
 
 
 class Connection:
@@ -43,7 +71,12 @@ class Connection:
         self.task: asyncio.Task | None = None
 
     async def send(self, payload: dict[str, Any]) -> None:
-        await self.ws.send_text(json.dumps(payload, ensure_ascii=False))
+        """Send one frame; ``ClientGone`` when the socket can no longer take it."""
+        text = json.dumps(payload, ensure_ascii=False)
+        try:
+            await self.ws.send_text(text)
+        except Exception as e:  # closed (WebSocketDisconnect, or RuntimeError once closed)
+            raise ClientGone from e
 
     async def error(self, message: str, code: str = BAD_REQUEST.code) -> None:
         await self.send({"type": "error", "message": message, "code": code})
@@ -54,8 +87,9 @@ class Connection:
         await self.error(error.message, error.code or BAD_REQUEST.code)
 
     async def send_session(self) -> None:
-        session = await asyncio.to_thread(self.service.get, self.sid)
-        await self.send({"type": "session", "session": session_view(session)})
+        # loading and laying out a long tree is work for a thread, not the event loop
+        view = await asyncio.to_thread(lambda: session_view(self.service.get(self.sid)))
+        await self.send({"type": "session", "session": view})
 
     async def handle(self, raw: str) -> None:
         try:
@@ -128,10 +162,11 @@ class Connection:
                     "timing": {"ttft_ms": meta["ttft_ms"], "tokens_per_s": meta["tokens_per_s"]},
                 }
             )
-        except (WebSocketDisconnect, RuntimeError):
+        except ClientGone:  # nobody to tell: stop generating for them
             reply.stop()
-        except Exception as e:
-            with contextlib.suppress(Exception):
+        except Exception as e:  # the reply failed (engine or store): say so, stay open
+            reply.stop()
+            with contextlib.suppress(ClientGone):
                 await self.failed(e)
         finally:
             self.reply = None
@@ -144,11 +179,16 @@ class Connection:
 @router.websocket("/c/{session_id}")
 async def chat_socket(ws: WebSocket, session_id: str) -> None:
     state: State = ws.app.state.hexin
+    offered = list(ws.scope.get("subprotocols") or ())
     # accept first, then close with a reason: a refused handshake looks like a dead
-    # server to a browser, which could not tell "wrong key" from "down"
-    await ws.accept()
+    # server to a browser, which could not tell "wrong key" from "down"; a browser that
+    # offered subprotocols fails a handshake that selects none
+    await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
     header = ws.headers.get("authorization")
-    if not state.authorized(header, ws.query_params.get("api_key")):
+    key = subprotocol_key(offered)
+    if key is None:
+        key = ws.query_params.get("api_key")
+    if not state.authorized(header, key):
         await ws.close(code=4401, reason="missing or wrong API key")
         return
     try:
@@ -170,12 +210,20 @@ async def chat_socket(ws: WebSocket, session_id: str) -> None:
     try:
         await conn.send_session()
         while True:
-            raw = await ws.receive_text()
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            raw = message.get("text")
+            if raw is None:
+                await conn.error("binary frames are not supported: send JSON as text")
+                continue
             try:
                 await conn.handle(raw)
+            except ClientGone:
+                raise
             except Exception as e:
                 await conn.failed(e)
-    except WebSocketDisconnect:
+    except (WebSocketDisconnect, ClientGone):
         pass
     finally:
         conn.close()

@@ -23,9 +23,19 @@ export function url(path) {
 export function wsUrl(path) {
   const u = url(path);
   u.protocol = u.protocol === "https:" ? "wss:" : "ws:";
-  const key = apiKey();
-  if (key) u.searchParams.set("api_key", key);
   return u.toString();
+}
+
+/** The subprotocols the chat socket offers: "hexin" (the one the server selects) and,
+ * with a key, "hexin.key." + base64url(key). A browser cannot set an Authorization
+ * header on a WebSocket, and a key in the URL would end up in access logs. */
+export function wsProtocols() {
+  const key = apiKey();
+  if (!key) return ["hexin"];
+  let bin = "";
+  for (const byte of new TextEncoder().encode(key)) bin += String.fromCharCode(byte);
+  const b64 = btoa(bin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  return ["hexin", `hexin.key.${b64}`];
 }
 
 export class ApiError extends Error {

@@ -1,7 +1,7 @@
 // The conversation view: one WebSocket per open session (/c/{id}), streamed replies,
 // versions (regenerate / edit) with a < i/n > pager, rollback, copy, auto-scroll.
 
-import { api, ApiError, backoff, net, wsUrl } from "./api.js";
+import { api, ApiError, backoff, net, wsProtocols, wsUrl } from "./api.js";
 import { renderMarkdown } from "./markdown.js";
 import { clearReplyStats, setConnection, showReplyStats, statsFromMeta } from "./status.js";
 import { $, copyText, h, toast } from "./util.js";
@@ -32,7 +32,7 @@ class ChatSocket {
     clearTimeout(this.timer);
     this.timer = null;
     if (!this.id) return;
-    const ws = new WebSocket(wsUrl(`c/${encodeURIComponent(this.id)}`));
+    const ws = new WebSocket(wsUrl(`c/${encodeURIComponent(this.id)}`), wsProtocols());
     this.ws = ws;
     this.ready = false;
     this.onState(this.attempt ? "reconnecting" : "connecting");
