@@ -101,3 +101,48 @@ def test_eight_clients_at_once(server):
     for prompt, got in zip(WS_PROMPTS, ws_results, strict=True):
         assert got["text"] == alone[prompt]["text"], prompt
         assert got["done"]["usage"]["completion_tokens"] == alone[prompt]["completion_tokens"]
+
+
+def run_openai_plain(server: Server, prompt: str, barrier: threading.Barrier) -> dict:
+    with server.http(timeout=TIMEOUT_S) as http:
+        barrier.wait(TIMEOUT_S)
+        body = chat_body(prompt)
+        del body["stream_options"]
+        r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] in ("stop", "length")
+    return {"text": choice["message"]["content"], "finish": choice["finish_reason"]}
+
+
+def run_poisoned(server: Server, barrier: threading.Barrier) -> dict:
+    """A completion valid by the schema whose temperature once made sampling raise and
+    the engine fail every request batched with it."""
+    with server.http(timeout=TIMEOUT_S) as http:
+        barrier.wait(TIMEOUT_S)
+        body = {"prompt": "x", "max_tokens": MAX_TOKENS, "temperature": 1e-40, "seed": 3}
+        r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_a_poisoned_request_leaves_its_batch_intact(server):
+    """SSE, plain and WebSocket requests batched with the degenerate one all finish as
+    usual ([DONE], a finish reason, ``done``) with the text each gives alone."""
+    sse_prompt, plain_prompt, ws_prompt = OAI_PROMPTS[0], OAI_PROMPTS[1], WS_PROMPTS[0]
+    alone = {p: run_openai_stream(server, p, None) for p in (sse_prompt, plain_prompt, ws_prompt)}
+    barrier = threading.Barrier(4)
+    with ThreadPoolExecutor(4) as pool:
+        sse = pool.submit(run_openai_stream, server, sse_prompt, barrier)
+        plain = pool.submit(run_openai_plain, server, plain_prompt, barrier)
+        ws = pool.submit(run_ws, server, "poison-neighbour", ws_prompt, barrier)
+        poisoned = pool.submit(run_poisoned, server, barrier)
+        results = [f.result(timeout=TIMEOUT_S * 2) for f in (sse, plain, ws, poisoned)]
+    got_sse, got_plain, got_ws, got_poisoned = results
+    assert got_sse["text"] == alone[sse_prompt]["text"]
+    assert got_plain["text"] == alone[plain_prompt]["text"]
+    assert got_ws["text"] == alone[ws_prompt]["text"]
+    assert got_poisoned["choices"][0]["finish_reason"] in ("stop", "length")
+    assert got_poisoned["usage"]["completion_tokens"] >= 1
+    with server.http() as http:
+        assert http.get("/health").status_code == 200

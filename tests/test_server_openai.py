@@ -11,10 +11,14 @@ import openai
 import pytest
 from server_util import FRANCE, Server, sse_events
 
+#: ``--max-tokens-default`` here: a chat completion naming no max_tokens stops there
+DEFAULT_CAP = 24
+
 
 @pytest.fixture(scope="module")
 def server(default_gguf, tmp_path_factory):
-    srv = Server(default_gguf, tmp_path_factory.mktemp("openai")).start()
+    extra = ("--max-tokens-default", str(DEFAULT_CAP))
+    srv = Server(default_gguf, tmp_path_factory.mktemp("openai"), extra=extra).start()
     yield srv
     srv.stop()
 
@@ -152,6 +156,44 @@ def test_completions_default_max_tokens_is_16(client):
         assert r.usage.completion_tokens == 16
 
 
+def test_chat_without_max_tokens_stops_at_the_default_cap(client):
+    msgs = [{"role": "user", "content": "Write a long story about a dragon and a knight."}]
+    r = client.chat.completions.create(model="m", messages=msgs, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == DEFAULT_CAP
+    # streamed, the same cap
+    chunks = list(
+        client.chat.completions.create(
+            model="m",
+            messages=msgs,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage.completion_tokens == DEFAULT_CAP
+    # a max_tokens given is not capped by it
+    r = client.chat.completions.create(
+        model="m", messages=msgs, temperature=0, max_tokens=DEFAULT_CAP + 8
+    )
+    assert r.usage.completion_tokens == DEFAULT_CAP + 8
+
+
+def test_max_tokens_default_flag():
+    from hexin.cli import build_parser
+    from hexin.options import MAX_TOKENS_DEFAULT
+    from hexin.server.state import ServerConfig
+
+    args = build_parser().parse_args(["serve"])
+    assert args.max_tokens_default == ServerConfig().max_tokens_default == MAX_TOKENS_DEFAULT
+    assert MAX_TOKENS_DEFAULT == 2048
+    args = build_parser().parse_args(["serve", "--max-tokens-default", "64"])
+    assert args.max_tokens_default == 64
+    for bad in ("0", "-3", "lots"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--max-tokens-default", bad])
+
+
 def test_shared_prefix_is_cached(client, server):
     # a fresh, ~150-token system prompt: nothing before this test shares its blocks
     nonce = secrets.token_hex(4)
@@ -278,6 +320,13 @@ def test_top_k_via_extra_body(client):
         ({"n": 2}, "n"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        # a stop that is no string nor list of strings is refused, never coerced
+        ({"extra_body": {"stop": {"a": 1}}}, "stop"),
+        ({"extra_body": {"stop": [1, "a"]}}, "stop"),
+        ({"extra_body": {"stop": 7}}, "stop"),
+        # JSON types only: "1" is no number, 1 no boolean
+        ({"extra_body": {"temperature": "1"}}, "temperature"),
+        ({"extra_body": {"stream": 1}}, "stream"),
         ({"extra_body": {"top_k": -1}}, "top_k"),
     ],
 )

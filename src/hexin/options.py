@@ -17,6 +17,9 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 #: lossless regroup) and runs prompts and the other matrices in int8; "auto" is "q4" for a
 #: CPU model from a file with Q4 blocks and "none" otherwise. Quantized modes run on a CPU.
 QUANT_CHOICES = ("auto", "none", "int8", "q4")
+#: ``--max-tokens-default``: the most tokens an OpenAI chat completion that names no
+#: ``max_tokens`` generates (text completions default to 16, as OpenAI's do)
+MAX_TOKENS_DEFAULT = 2048
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,19 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return value
+
+
 def add_engine_args(p: argparse.ArgumentParser, *, serving: bool) -> None:
-    """``--context`` always; the pool and batch sizes (``serving``) for the server."""
+    """``--context`` always; the pool and batch sizes and the default reply cap
+    (``serving``) for the server."""
     p.add_argument("--context", type=int, default=None, help="context limit in tokens")
     if serving:
         p.add_argument(
@@ -102,6 +116,14 @@ def add_engine_args(p: argparse.ArgumentParser, *, serving: bool) -> None:
             type=parse_size,
             default=EngineConfig.kv_memory,
             help="KV pool, e.g. 1G",
+        )
+        p.add_argument(
+            "--max-tokens-default",
+            type=positive_int,
+            default=MAX_TOKENS_DEFAULT,
+            metavar="N",
+            help="tokens an OpenAI chat completion without max_tokens may generate "
+            f"(default: {MAX_TOKENS_DEFAULT})",
         )
 
 

@@ -3,6 +3,11 @@ ops endpoints, and the routers.
 
 The model loads in a background thread at start-up, so the server answers at once:
 ``/health`` says 503 until the engine is ready, and other endpoints refuse politely.
+
+The OpenAPI document (/openapi.json) says what the server answers: every error in one
+shape (the ``Error`` schema), 400 for a bad request (never FastAPI's 422), 401 on the
+paths an API key guards, 413 for an oversize body, 503 while the model loads. A known
+path asked with a method it does not serve is 405 with an ``Allow`` header.
 """
 
 from __future__ import annotations
@@ -17,14 +22,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 
 from hexin.errors import HexinError
 from hexin.server import openai_api, sessions, websocket
+from hexin.server.openapi import document_errors
 from hexin.server.state import (
     MAX_BODY_BYTES,
     MAX_MESSAGE_CHARS,
+    PROTECTED,
     ApiError,
     ServerConfig,
     State,
@@ -32,7 +40,6 @@ from hexin.server.state import (
 )
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
-PROTECTED = ("/api/", "/v1/", "/tokenize", "/detokenize", "/metrics")
 
 
 class BodyLimit:
@@ -58,22 +65,43 @@ class BodyLimit:
         return await self.app(scope, counted, send)
 
 
+#: the methods a 405's ``Allow`` header can name
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(scope) -> list[str]:
+    """The methods the app's routes (not the web UI's mount) serve at this path."""
+    routes = [r for r in scope["app"].router.routes if not isinstance(r, Mount)]
+    return [
+        method
+        for method in METHODS
+        if any(r.matches(dict(scope, method=method))[0] == Match.FULL for r in routes)
+    ]
+
+
 class WebFiles(StaticFiles):
-    """The web UI's files; anything but GET/HEAD of a path that is no route is "not
-    found" (StaticFiles would say 405, e.g. to POST /v1/embeddings)."""
+    """The web UI's files, mounted at "/" so it sees every request no route took: a path
+    some route serves with other methods is 405 (with ``Allow``); anything else but
+    GET/HEAD is "not found", as OpenAI answers (e.g. POST /v1/embeddings), not 405."""
 
     async def get_response(self, path, scope):
+        allowed = allowed_methods(scope)
+        if allowed:
+            headers = {"Allow": ", ".join(allowed)}
+            raise StarletteHTTPException(405, "Method Not Allowed", headers=headers)
         if scope["method"] not in ("GET", "HEAD"):
             raise StarletteHTTPException(404, "Not Found")
         return await super().get_response(path, scope)
 
 
 class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True)  # JSON types only, as the document says
     content: str = Field(max_length=MAX_MESSAGE_CHARS)
     add_special: bool = True
 
 
 class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
     tokens: list[int] = Field(max_length=MAX_MESSAGE_CHARS)
 
 
@@ -94,6 +122,13 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
 
     app = FastAPI(title="hexin", version="0.1.0", lifespan=lifespan)
     app.state.hexin = state
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_errors(FastAPI.openapi(app), config)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     if config.cors:
         app.add_middleware(
             CORSMiddleware,
@@ -144,7 +179,9 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        return ApiError(e.status_code, str(e.detail), type_="http_error").response()
+        response = ApiError(e.status_code, str(e.detail), type_="http_error").response()
+        response.headers.update(e.headers or {})  # e.g. a 405's Allow
+        return response
 
     @app.get("/health")
     async def health() -> JSONResponse:

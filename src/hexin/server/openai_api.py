@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from hexin.engine import RequestHandle
 from hexin.output import Completion
@@ -25,18 +26,44 @@ from hexin.sampling import SamplingParams
 from hexin.server.state import MAX_MESSAGE_CHARS, ApiError, State, api_error_from, get_state
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+#: a generation's 200 answer: the finished object, or with "stream" server-sent events,
+#: each a JSON chunk in ``data`` and then "[DONE]" (the schema of one event, as Open API
+#: 3.1 reads an event stream's schema)
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+}
+GENERATED = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}}
 
 
-class ChatMessage(BaseModel):
+def strings(value: Any, info: ValidationInfo) -> Any:
+    """A string or a list of strings, as JSON gave it: anything else (an object, a number,
+    a list holding one) is refused, never coerced. Only ``stop`` may be null."""
+    if isinstance(value, str) or (value is None and info.field_name == "stop"):
+        return value
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return value
+    raise PydanticCustomError("string_or_strings", "must be a string or an array of strings")
+
+
+class Strict(BaseModel):
+    """A request body whose fields take only their JSON type, as the OpenAPI document
+    gives it: 0 is no boolean, "1" no number."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "developer"]
     content: str = Field(max_length=MAX_MESSAGE_CHARS)
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Strict):
     model: str | None = None
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, ge=0, le=1)
@@ -48,6 +75,8 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
+
+    _stop_strings = field_validator("stop", mode="before")(strings)
 
     def sampling(self, default_max: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -72,6 +101,8 @@ class CompletionRequest(SamplingFields):
     temperature: float = Field(default=1.0, ge=0, le=2)
     max_tokens: int | None = Field(default=16, ge=1)
 
+    _prompt_strings = field_validator("prompt", mode="before")(strings)
+
 
 def finish_reason(c: Completion) -> str:
     return "length" if c.stop_reason == "length" else "stop"
@@ -90,7 +121,8 @@ def submit(state: State, prompt: str, req: SamplingFields) -> RequestHandle:
     engine, _ = state.require()  # any "model" is accepted: one model is served
     ids = engine.tokenizer.encode(prompt)
     try:
-        params = req.sampling(default_max=max(1, engine.context_limit - len(ids)))
+        # the engine also stops a reply at the context limit
+        params = req.sampling(default_max=state.config.max_tokens_default)
         return engine.submit(ids, params)
     except ApiError:
         raise
@@ -182,7 +214,7 @@ async def models(request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=GENERATED)
 async def chat_completions(request: Request, req: ChatRequest):
     state: State = get_state(request)
     engine, _ = state.require()
@@ -216,7 +248,7 @@ async def chat_completions(request: Request, req: ChatRequest):
     return await respond(state, handle, req, chunk, rid, "chat.completion", choice, request)
 
 
-@router.post("/completions")
+@router.post("/completions", responses=GENERATED)
 async def completions(request: Request, req: CompletionRequest):
     state: State = get_state(request)
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
