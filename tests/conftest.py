@@ -105,3 +105,10 @@ def tiny_config() -> ModelConfig:
         head_dim=4,
         intermediate_size=16,
     )
+
+
+@pytest.fixture
+def http(server):
+    """An HTTP client of the requesting module's ``server`` (a ``server_util.Server``)."""
+    with server.http() as client:
+        yield client

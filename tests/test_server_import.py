@@ -38,12 +38,6 @@ def server(story_dir, tmp_path_factory):
     srv.stop()
 
 
-@pytest.fixture
-def http(server):
-    with server.http() as client:
-        yield client
-
-
 def db_digest(server: Server) -> str:
     """sha256 of every row of the sessions and messages tables, read through a separate
     read-only connection to the server's database file."""

@@ -29,12 +29,6 @@ def server(default_gguf, tmp_path_factory):
 
 
 @pytest.fixture
-def http(server):
-    with server.http() as client:
-        yield client
-
-
-@pytest.fixture
 def anon(server):
     with server.http(headers={}) as client:
         yield client

@@ -15,12 +15,6 @@ def server(default_gguf, tmp_path_factory):
     srv.stop()
 
 
-@pytest.fixture
-def http(server):
-    with server.http() as client:
-        yield client
-
-
 def check_reply(body: dict, content: str | None = None) -> dict:
     """A generating call's answer: the finished reply and the user message it answers."""
     assert set(body) == {"message", "user_message"}

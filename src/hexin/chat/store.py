@@ -236,8 +236,7 @@ class Store:
                 s.renumber()
             _upsert_session(db, s)
             db.executemany(
-                """INSERT INTO messages (id, session_id, parent_id, role, content, status,
-                       meta, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                INSERT_MESSAGE,
                 [_message_row(s.id, m) for m in s.tree_order()],
             )
 
@@ -336,6 +335,10 @@ def _any_message_exists(db: sqlite3.Connection, ids: list[str]) -> bool:
     return False
 
 
+INSERT_MESSAGE = """INSERT INTO messages (id, session_id, parent_id, role, content, status,
+    meta, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"""
+
+
 def _message_row(session_id: str, m: Message) -> tuple[Any, ...]:
     return (
         m.id,
@@ -350,17 +353,4 @@ def _message_row(session_id: str, m: Message) -> tuple[Any, ...]:
 
 
 def _insert_message(db: sqlite3.Connection, session_id: str, m: Message) -> None:
-    db.execute(
-        """INSERT INTO messages (id, session_id, parent_id, role, content, status, meta,
-               created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
-        (
-            m.id,
-            session_id,
-            m.parent_id,
-            m.role,
-            m.content,
-            m.status,
-            json.dumps(m.meta),
-            m.created_at,
-        ),
-    )
+    db.execute(INSERT_MESSAGE, _message_row(session_id, m))
