@@ -101,6 +101,7 @@ print("torch" in sys.modules)
         (["--help"], "story"),
         (["story", "--help"], "--prompt"),
         (["bench", "--help"], "--threads"),
+        (["info"], "prompt: int8 x int8"),
     ],
 )
 def test_parsing_help_and_models_never_import_torch(tmp_path, argv, printed):

@@ -154,6 +154,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_info(args: argparse.Namespace) -> int:
+    """The processor's features and the kernel each matrix role runs on it."""
+    from hexin import cpu
+
+    info = cpu.report()
+    forced = " (forced by HEXIN_CPU_FEATURES)" if info["forced"] else ""
+    print(f"cpu: {info['cpu']}")
+    print(f"features: {', '.join(info['features']) or 'none of ' + ', '.join(cpu.KNOWN)}{forced}")
+    for role, kernel in info["kernels"].items():
+        print(f"  {role}: {kernel}")
+    return 0
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     """Fetch a registered model into the cache."""
     from hexin.weights import registry
@@ -199,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list registered and cached models")
     models.set_defaults(func=cmd_models)
+
+    info = sub.add_parser("info", help="CPU features and the kernels chosen for them")
+    info.set_defaults(func=cmd_info)
 
     pull = sub.add_parser("pull", help="fetch a registered model into the cache")
     pull.add_argument("name", nargs="?", default="smollm2-135m-instruct")

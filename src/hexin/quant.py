@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from hexin import ops
+from hexin import cpu, ops
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,14 @@ class Int8Linear(Linear):
 
     def __init__(self, weight: Tensor, *, terms: int = 2) -> None:
         """``terms``: int8 terms per activation row (see ``_int8_matmul_eager``); one is
-        enough for an LM head, whose likeliest outputs ``refine_top`` recomputes."""
+        enough for an LM head, whose likeliest outputs ``refine_top`` recomputes. The
+        integer weight is kept in the form this CPU's kernel takes (``int_mm``)."""
         self.out_features, self.in_features = weight.shape
         self.terms = terms
         w = weight.float()
         self.scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.q = torch.round(w / self.scale[:, None]).to(torch.int8).contiguous()
+        q = torch.round(w / self.scale[:, None]).to(torch.int8).contiguous()
+        self.q = q if cpu.int8_kernel() == "vnni" else q.float()
 
     def __call__(self, x: Tensor, *, prompt: bool = False) -> Tensor:
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1]).float()
@@ -75,7 +77,7 @@ class Int8Linear(Linear):
 
     @property
     def nbytes(self) -> int:
-        return self.q.numel() + self.scale.nbytes
+        return self.q.numel() * self.q.element_size() + self.scale.nbytes
 
     def rows(self, index: Tensor) -> Tensor:
         """Dequantized fp32 rows ``index`` of the weight (exactly what the kernel uses)."""
@@ -103,10 +105,33 @@ def _round_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(x / scale).to(torch.int8), scale
 
 
+#: inputs per fp32 GEMM in ``int_mm``: 1024 products of int8 values (at most 127 * 127
+#: each) sum below 2^24, so every partial sum is an integer fp32 holds exactly
+EXACT_K = 1024
+
+
+def int_mm(a: Tensor, q: Tensor) -> Tensor:
+    """a (M, K) int8 @ q (N, K)^T as exact int32 sums, by the kernel ``q`` was made for
+    (``cpu.int8_kernel``): int8 ``q`` through ``torch._int_mm`` (oneDNN, VNNI), integer-
+    valued fp32 ``q`` through fp32 GEMMs over ``EXACT_K`` inputs at a time. The sums are
+    the same integers either way, so results never depend on the kernel or on how many
+    rows a call has."""
+    if q.dtype == torch.int8:
+        return torch._int_mm(a, q.mT)
+    af = a.float()
+    acc = None
+    for start in range(0, a.shape[1], EXACT_K):
+        end = start + EXACT_K
+        part = (af[:, start:end] @ q[:, start:end].mT).to(torch.int32)
+        acc = part if acc is None else acc + part
+    assert acc is not None, "int_mm needs at least one input column"
+    return acc
+
+
 def _int8_matmul_one_term(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     """x (M, K) fp32 @ (q * scale)^T with each row of x rounded to int8 once."""
     high, s_high = _round_rows(x)
-    return torch._int_mm(high, q.mT) * (s_high * scale)
+    return int_mm(high, q) * (s_high * scale)
 
 
 def _int8_matmul_eager(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
@@ -116,7 +141,7 @@ def _int8_matmul_eager(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     rows = x.shape[0]
     high, s_high = _round_rows(x)
     low, s_low = _round_rows(x - high * s_high)
-    acc = torch._int_mm(torch.cat((high, low)), q.mT).float()
+    acc = int_mm(torch.cat((high, low)), q).float()
     return (acc[:rows] * s_high + acc[rows:] * s_low) * scale
 
 

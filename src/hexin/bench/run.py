@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from hexin import cpu
 from hexin.bench.llamacpp import LlamaCpp, llama_cpp_version
 from hexin.bench.measure import Neighbours, measure_all
 from hexin.bench.progress import say
@@ -84,6 +85,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         },
         "machine": {
             **machine_info(),
+            "kernels": cpu.report(),
             "load_before": load_before,
             "load_after": os.getloadavg(),
             "neighbour_cores": watch.cores(),

@@ -1,0 +1,78 @@
+"""What the processor can do, found once, and the kernel each role runs because of it.
+
+PyTorch's int8 x int8 matmul (``torch._int_mm``) calls oneDNN only where the CPU has
+AVX-512 VNNI; elsewhere (AVX2 machines, AMD Zen 2/3, Intel Core without AVX-512) it is a
+scalar loop, hundreds of times slower. There hexin runs the same integer products through
+an fp32 GEMM instead, which is exact for int8 values in chunks of ``quant.EXACT_K``, so
+both kernels give bitwise the same sums.
+
+``HEXIN_CPU_FEATURES`` replaces the detected feature list (comma-separated, e.g.
+``avx2,fma`` to pretend there is no AVX-512), so that every path can be tested on any
+machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from pathlib import Path
+
+#: the features hexin's kernel choices look at, as Linux names them in /proc/cpuinfo
+KNOWN = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
+@functools.cache
+def features() -> frozenset[str]:
+    """The CPU's feature flags (x86 flags from /proc/cpuinfo; empty elsewhere), or those
+    ``HEXIN_CPU_FEATURES`` names."""
+    forced = os.environ.get("HEXIN_CPU_FEATURES")
+    if forced is not None:
+        return frozenset(f.strip().lower() for f in forced.split(",") if f.strip())
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def int8_kernel() -> str:
+    """The kernel for int8 x int8 products: "vnni" (``torch._int_mm`` through oneDNN, on
+    AVX-512 VNNI) or "fp32" (the same integer sums through an fp32 GEMM: vectorised on
+    any CPU)."""
+    return "vnni" if "avx512_vnni" in features() else "fp32"
+
+
+def kernels() -> dict[str, str]:
+    """The kernel each matrix role runs on this CPU (see ``hexin info``)."""
+    int8 = f"int8 x int8, {int8_kernel()}"
+    return {
+        "dense (--quant none)": "fp32 / bf16 GEMM (MKL, oneDNN)",
+        "prompt": int8,
+        "decode (q4)": "int4 weights x bf16 activations (PyTorch's packed int4 kernel)",
+        "decode (int8)": int8,
+        "lm head": f"{int8}, top 32 recomputed in fp32",
+    }
+
+
+def report() -> dict[str, object]:
+    """What was found and what runs: for ``hexin info``, ``hexin bench`` and the server."""
+    found = features()
+    return {
+        "cpu": model_name(),
+        "features": sorted(f for f in KNOWN if f in found),
+        "forced": "HEXIN_CPU_FEATURES" in os.environ,
+        "kernels": kernels(),
+    }
