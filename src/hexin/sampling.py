@@ -17,6 +17,9 @@ class InvalidParams(HexinError):
     """A sampling parameter is out of range."""
 
 
+#: temperatures below this sample as it does: already greedy (fp32 logits that differ at
+#: all differ by far more than 1e-30 times any score that exp() keeps above 0)
+MIN_TEMPERATURE = 1e-30
 #: what a torch generator can be seeded with (64 bits, signed or not)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
@@ -92,10 +95,12 @@ class Sampler:
         p = self.params
         if p.greedy:
             return int(torch.argmax(logits))
-        # relative to the top logit, so that any temperature > 0, however small, divides
-        # finite numbers into finite or -inf scores: a tiny one behaves as greedy
+        # relative to the top logit, and by at least MIN_TEMPERATURE (which fp32 holds,
+        # where 1e-50 would round to 0 and divide 0 by 0), so that any temperature > 0
+        # gives finite or -inf scores: a tiny one behaves as greedy
         logits = logits.float()
-        probs = torch.softmax((logits - logits.max()) / p.temperature, dim=-1)
+        scaled = (logits - logits.max()) / max(p.temperature, MIN_TEMPERATURE)
+        probs = torch.softmax(scaled, dim=-1)
         probs, ids = torch.sort(probs, descending=True)
         if p.top_k is not None and p.top_k < probs.shape[-1]:
             probs, ids = probs[: p.top_k], ids[: p.top_k]
