@@ -133,6 +133,7 @@ class Llama:
         positions = offsets.unsqueeze(-1) + torch.arange(t, device=self.device)  # (B, T)
         cos, sin = ops.rope_cos_sin(positions, self.inv_freq)
         x = ops.embedding(tokens.to(self.device), self.embed)
+        mask: ops.AttentionMask | None = None
         for i, layer in enumerate(self.layers):
             n = ops.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
             qk, v = (
@@ -144,7 +145,11 @@ class Llama:
             # bytes); prompts are compute-bound, where fp32 is faster on CPUs without AMX
             adt = x.dtype if wide else keys.dtype
             q, keys, values = (_cast(a, adt) for a in (q, keys, values))
-            attn = ops.fused_attention(q, keys, values, offsets, padded=cache.padded)
+            if mask is None:  # the same for every layer of the step
+                mask = ops.attention_mask(
+                    t, keys.shape[-3], offsets, padded=cache.padded, device=self.device
+                )
+            attn = ops.fused_attention(q, keys, values, offsets, mask=mask)
             x = x + layer.wo(_cast(attn, x.dtype), prompt=wide)
             n = ops.rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
             gate, up = layer.gate_up(n, prompt=wide).chunk(2, -1)

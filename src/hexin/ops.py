@@ -131,37 +131,58 @@ def key_width(length: int) -> int:
     return -(-length // KEY_GROUP) * KEY_GROUP
 
 
+#: how ``fused_attention`` hides what a query must not see: a boolean mask tensor (or None),
+#: and whether the kernel's own causal masking applies instead
+AttentionMask = tuple[Tensor | None, bool]
+
+
+def attention_mask(
+    t: int, length: int, offset: Tensor | int, *, padded: bool, device: torch.device
+) -> AttentionMask:
+    """The mask for ``t`` queries over ``length`` keys after ``offset`` cached tokens.
+    Built only when needed: over unpadded keys (``padded=False``: exactly offset + T of
+    them) one query token sees them all, and a whole prompt with nothing cached is the
+    kernel's own causal case, which skips the masked half of the work. Every layer of a
+    step has the same one, so the model builds it once per step."""
+    if not padded and t == length:  # a whole prompt, nothing cached: plain causal
+        return None, t > 1
+    if t > 1 or padded:
+        if isinstance(offset, Tensor):
+            offset = offset.view(*offset.shape, 1)  # broadcast over the head axis
+        return causal_mask(t, length, offset, device=device), False
+    return None, False
+
+
 def fused_attention(
-    q: Tensor, k: Tensor, v: Tensor, offset: Tensor | int, *, padded: bool = True
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    offset: Tensor | int,
+    *,
+    padded: bool = True,
+    mask: AttentionMask | None = None,
 ) -> Tensor:
     """Grouped-query causal self-attention through PyTorch's fused scaled-dot-product kernel.
 
     q (…, T, H, D); k, v (…, L, K, D) holding the cached keys followed by the new ones;
     ``offset`` = cached tokens before the queries, per sequence; keys past a sequence's
-    own (right padding) are hidden by the same causal mask. Returns (…, T, H * D).
+    own (right padding) are hidden by the same causal mask (``attention_mask``, or
+    ``mask`` when the caller built it already). Returns (…, T, H * D).
 
     The kernel never materialises the (T, L) score tensor and serves grouped-query heads
     without copies. The tests hold it equal (to float rounding) to a readable
     reference written out op by op (tests/reference_ops.py), which is several times
-    slower for decoding. A mask is built only when needed: over unpadded keys
-    (``padded=False``: exactly offset + T of them) one query token sees them all, and a
-    whole prompt with nothing cached is the kernel's own causal case, which skips the
-    masked half of the work.
+    slower for decoding.
     """
     *lead, t, h, d = q.shape
-    length = k.shape[-3]
-    mask, causal = None, False
-    if not padded and t == length:  # a whole prompt, nothing cached: plain causal
-        causal = t > 1
-    elif t > 1 or padded:
-        if isinstance(offset, Tensor):
-            offset = offset.view(*offset.shape, 1)  # broadcast over the head axis
-        mask = causal_mask(t, length, offset, device=q.device)
+    if mask is None:
+        mask = attention_mask(t, k.shape[-3], offset, padded=padded, device=q.device)
+    attn_mask, causal = mask
     out = torch.nn.functional.scaled_dot_product_attention(
         q.movedim(-3, -2),
         k.movedim(-3, -2),
         v.movedim(-3, -2),
-        attn_mask=mask,
+        attn_mask=attn_mask,
         is_causal=causal,
         enable_gqa=True,
     )
