@@ -403,3 +403,21 @@ def test_a_tiny_temperature_samples_like_greedy_beside_others(story):
         results = [h.result() for h in handles]
     for i, c in zip(ids, results, strict=True):
         assert c.token_ids == alone(model, tok, i, GREEDY.with_(max_tokens=16)).token_ids
+
+
+def test_16_seeded_q4_requests_give_the_tokens_each_gives_alone(smol_q4):
+    """The default CPU mode, sampled and seeded, batched 16 at a time as requests come and
+    go: each request's tokens are those it gives alone ("The sky is" among them, which once
+    changed its words beside two other requests)."""
+    model, tok = smol_q4
+    texts = ["The sky is"] + [f"{p} Then" for p in STORY_PROMPTS] + STORY_PROMPTS[:7]
+    jobs = [
+        (tok.encode(text), SamplingParams(temperature=0.8, top_p=0.95, seed=100 + i,
+                                          max_tokens=6 + 2 * i))
+        for i, text in enumerate(texts)
+    ]  # fmt: skip
+    expected = [alone(model, tok, ids, params).token_ids for ids, params in jobs]
+    with Engine(model, tok) as engine:
+        handles = [engine.submit(ids, params) for ids, params in jobs]
+        assert [h.result().token_ids for h in handles] == expected
+        assert engine.stats().cached_tokens == 0  # nothing came from the prefix cache
