@@ -307,7 +307,7 @@ class ChatService:
         self._claim(session.id)
         try:
             # everything the engine could refuse is refused before anything is stored
-            self.engine.check(prompt.ids, merged.with_(max_tokens=prompt.reply_budget))
+            self.engine.check(prompt.ids)
             user = Message(id=new_id(), parent_id=parent_id, role="user", content=content)
             title = None if session.title else content.strip().splitlines()[0][:MAX_TITLE]
             self.store.add_message(session.id, user, title=title)

@@ -118,18 +118,24 @@ class Engine:
         the request ends (see ``RequestHandle``): it must only hand work over, never wait."""
         seq = self._sequence(list(prompt_ids), params, cache_key, cache_tail, on_close)
         with self._lock:
-            self._admissible(seq)
+            self._admissible(len(seq.prompt_ids))
             self._incoming.append(seq)
             self._by_handle[seq.handle] = seq
             self._lock.notify()
         return seq.handle
 
-    def check(self, prompt_ids: Seq[int], params: SamplingParams) -> None:
-        """Raise now what ``submit`` would raise for this request (too long, queue full),
-        without queueing it, so a caller can refuse a request before storing anything."""
-        seq = self._sequence(list(prompt_ids), params, None, False, None)
+    def check(self, prompt_ids: Seq[int]) -> None:
+        """Raise now what ``submit`` would raise for this prompt (empty, too long, queue
+        full), without queueing it, so a caller can refuse a request before storing
+        anything. (Sampling values are checked by ``SamplingParams`` itself.)"""
+        self._fits(len(prompt_ids))
         with self._lock:
-            self._admissible(seq)
+            self._admissible(len(prompt_ids))
+
+    def _fits(self, prompt_tokens: int) -> None:
+        if not prompt_tokens:
+            raise ValueError("empty prompt: give at least one token")
+        check_fits(prompt_tokens, self.context_limit)
 
     def _sequence(
         self,
@@ -139,9 +145,7 @@ class Engine:
         cache_tail: bool,
         on_close: Callable[[RequestHandle], None] | None,
     ) -> Sequence:
-        if not prompt:
-            raise ValueError("empty prompt: give at least one token")
-        check_fits(len(prompt), self.context_limit)
+        self._fits(len(prompt))
         handle = RequestHandle(len(prompt), self._request_cancel, on_close)
         # a sequence can grow only as far as the context and the whole pool allow
         capacity = (self.pool.num_blocks - 1) * self.pool.block_size
@@ -158,11 +162,11 @@ class Engine:
             cache_tail=cache_tail,
         )
 
-    def _admissible(self, seq: Sequence) -> None:
+    def _admissible(self, prompt_tokens: int) -> None:
         """Under the lock: refuse a request the engine cannot take now."""
         if self._stop:
             raise RuntimeError("engine is shut down")
-        self.scheduler.check(seq, queued=len(self._incoming))  # EngineBusy, too long
+        self.scheduler.check(prompt_tokens, queued=len(self._incoming))  # busy, too long
 
     def generate(
         self,

@@ -43,14 +43,14 @@ class Scheduler:
         self.prompt_tokens = 0
         self.cached_tokens = 0
 
-    def check(self, seq: Sequence, queued: int = 0) -> None:
+    def check(self, prompt_tokens: int, queued: int = 0) -> None:
         """Refuse a request that could never run, or that would overfill the queue."""
         if len(self.waiting) + queued >= self.max_waiting:
             raise EngineBusy(f"server busy: {self.max_waiting} requests already waiting")
-        need = self._blocks_for(len(seq.token_ids) + 1)
+        need = self._blocks_for(prompt_tokens + 1)
         if need > self.pool.num_blocks - 1:
             raise HexinError(
-                f"prompt of {len(seq.token_ids)} tokens needs {need} KV blocks, more than "
+                f"prompt of {prompt_tokens} tokens needs {need} KV blocks, more than "
                 f"the pool's {self.pool.num_blocks - 1}; raise the KV memory budget"
             )
 
