@@ -19,7 +19,19 @@ import platform
 from pathlib import Path
 
 #: the features hexin's kernel choices look at, as Linux names them in /proc/cpuinfo
-KNOWN = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+KNOWN = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512dq",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_int8",
+)
 
 
 @functools.cache
@@ -55,15 +67,38 @@ def int8_kernel() -> str:
     return "vnni" if "avx512_vnni" in features() else "fp32"
 
 
+def native_isa() -> str | None:
+    """The instruction set hexin's own kernels (``hexin.native``) are built for here: the
+    widest integer dot product the CPU has, or None (PyTorch's kernels) on an x86 CPU
+    without AVX2. Other architectures get the portable C."""
+    found = features()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= found:
+        return "avx512_vnni"
+    if {"avx2", "fma", "f16c"} <= found:
+        return "avx_vnni" if "avx_vnni" in found else "avx2"
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        return None
+    return "generic"
+
+
 def kernels() -> dict[str, str]:
     """The kernel each matrix role runs on this CPU (see ``hexin info``)."""
+    from hexin import native  # it imports torch; this module stays light
+
     int8 = f"int8 x int8, {int8_kernel()}"
+    own = native.kernels()
+    if own is None:
+        decode = "int4 weights x bf16 activations (PyTorch's packed int4 kernel)"
+        head = f"{int8}, top 32 recomputed in fp32"
+    else:
+        decode = f"hexin's own q4 x q8 ({own.isa}), one call per layer"
+        head = f"hexin's own q8 x q8 ({own.isa}), top 32 recomputed in fp32"
     return {
         "dense (--quant none)": "fp32 / bf16 GEMM (MKL, oneDNN)",
         "prompt": int8,
-        "decode (q4)": "int4 weights x bf16 activations (PyTorch's packed int4 kernel)",
+        "decode (q4)": decode,
         "decode (int8)": int8,
-        "lm head": f"{int8}, top 32 recomputed in fp32",
+        "lm head (q4 mode)": head,
     }
 
 

@@ -1,0 +1,778 @@
+/* hexin's own CPU kernels: 4-bit weights x 8-bit activations, and a whole decode layer in
+ * one call.
+ *
+ * Built by hexin/native/__init__.py at first use, once per machine and instruction set, with
+ * one of -mavx512vnni (VNNI dpbusd, 64 products an instruction), -mavxvnni (the 256-bit
+ * form on Intel Core) or plain -mavx2 (maddubs + madd, as every AVX2 CPU has); the portable
+ * C below is the fallback for anything else. Loaded through ctypes, which drops the GIL
+ * for the call.
+ *
+ * Weights ("q4"): per output row, blocks of 32 inputs, each 16 bytes of nibbles (input j
+ * in the low nibble of byte j, input j + 16 in the high nibble), a scale d and a minimum
+ * m: w = q * d + m, q in [0, 15]. This is GGUF's Q4_0 / Q4_1 content, regrouped.
+ *
+ * Activations ("q8"): each row rounded to int8 per block of 32 (scale = |max| / 127), with
+ * s = scale * (sum of the block's int8 values) for the minimum's term. Two neighbouring
+ * blocks are stored interleaved ([a0 0..15, a1 0..15, a0 16..31, a1 16..31]) so that one
+ * 32-byte load of two weight blocks lines up with them after splitting nibbles.
+ *
+ * Every output value is computed by one thread, in one fixed order of operations that
+ * does not depend on how many rows the call has or which rows are its neighbours: results
+ * are the same for a sequence alone or in any batch.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define HX_ISA "avx512_vnni"
+#define HX_AVX512 1
+#elif defined(__AVXVNNI__) && defined(__AVX2__)
+#define HX_ISA "avx_vnni"
+#define HX_AVX2 1
+#define HX_DPBUSD256(acc, u, s) _mm256_dpbusd_avx_epi32((acc), (u), (s))
+#elif defined(__AVX2__) && defined(__FMA__)
+#define HX_ISA "avx2"
+#define HX_AVX2 1
+#define HX_Q8_SIGNED 1 /* maddubs would saturate on unsigned 8-bit weights: signed, m = 0 */
+#else
+#define HX_ISA "generic"
+#endif
+
+#define QK 32 /* inputs per block */
+
+const char *hx_isa(void) { return HX_ISA; }
+
+/* Whether 8-bit weights are stored signed (w = q d) rather than offset by 128 (w = q d + m,
+ * m = -128 d), as ``dpbusd`` needs its first operand unsigned. */
+int hx_q8_signed(void) {
+#if defined(HX_Q8_SIGNED)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* ------------------------------------------------------------------ threads */
+
+/* Work is shared through OpenMP, built against the libgomp PyTorch loads: the same worker
+ * threads run PyTorch's ops and these kernels, rather than two pools spinning against each
+ * other on the same cores. */
+typedef void (*hx_task)(void *ctx, int ith, int nth);
+
+static int pool_threads = 1;
+
+/* Use ``threads`` threads per call (PyTorch's count). Returns the count in use. */
+int hx_init(int threads) {
+#ifdef _OPENMP
+    pool_threads = threads > 0 ? threads : 1;
+#else
+    (void)threads;
+#endif
+    return pool_threads;
+}
+
+static void run_parallel(hx_task fn, void *ctx) {
+#ifdef _OPENMP
+    if (pool_threads > 1) {
+#pragma omp parallel num_threads(pool_threads)
+        fn(ctx, omp_get_thread_num(), omp_get_num_threads());
+        return;
+    }
+#endif
+    fn(ctx, 0, 1);
+}
+
+static void split(int n, int ith, int nth, int *lo, int *hi) {
+    int per = (n + nth - 1) / nth;
+    *lo = ith * per < n ? ith * per : n;
+    *hi = *lo + per < n ? *lo + per : n;
+}
+
+/* ------------------------------------------------------------------ activations */
+
+/* Blocks are laid out in groups: of 4 while 4 remain, then of 2, then 1. Within a group of
+ * g blocks, the first halves (inputs 0..15) of its blocks come first, in order, then the
+ * second halves: one load of 4 (or 2) weight blocks' nibbles, split into low and high
+ * nibbles, lines up with the group's two halves. */
+static int group_of(int b, int nb, int *first) {
+    int quads = nb / 4 * 4;
+    if (b < quads) {
+        *first = b / 4 * 4;
+        return 4;
+    }
+    if (b < quads + (nb - quads) / 2 * 2) {
+        *first = quads + (b - quads) / 2 * 2;
+        return 2;
+    }
+    *first = b;
+    return 1;
+}
+
+/* One row of K floats as q8 blocks: q (K bytes, or with two terms 2K: the rounded values,
+ * then the rounding errors in 1/128 steps), d and s (K / 32 each).
+ *
+ * Two terms keep each activation to 1/256 of its block's largest magnitude (15 bits, more
+ * than bf16's 8): 128 q1 + q2 is an exact integer, so the products stay integer sums. A
+ * layer's inputs take two (greedy replies keep fp32's choice at near-ties); the LM head,
+ * whose likeliest outputs are recomputed in fp32 afterwards, one. */
+static void quantize_row(const float *x, int K, int terms, int8_t *q, float *d, float *s) {
+    int nb = K / QK;
+    for (int b = 0; b < nb; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        float scale = amax / 127.0f;
+        float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int8_t v[QK], e[QK];
+        int sum = 0, err = 0;
+        for (int j = 0; j < QK; j++) {
+            float t = xb[j] * inv;
+            v[j] = (int8_t)nearbyintf(t);
+            e[j] = (int8_t)nearbyintf((t - (float)v[j]) * 128.0f);
+            sum += v[j];
+            err += e[j];
+        }
+        int first, g = group_of(b, nb, &first);
+        for (int term = 0; term < terms; term++) {
+            const int8_t *src = term ? e : v;
+            int8_t *base = q + (size_t)term * K + first * QK;
+            memcpy(base + (b - first) * 16, src, 16);
+            memcpy(base + g * 16 + (b - first) * 16, src + 16, 16);
+        }
+        if (terms == 2) {
+            d[b] = scale / 128.0f;
+            s[b] = d[b] * (float)(128 * sum + err);
+        } else {
+            d[b] = scale;
+            s[b] = scale * (float)sum;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ q4 x q8 dot products */
+
+typedef struct {
+    const uint8_t *q; /* (N, K / 32, 16) nibbles, or (N, K) bytes */
+    const uint16_t *d; /* (N, K / 32) fp16, as GGUF stores them */
+    const uint16_t *m; /* (N, K / 32) fp16 */
+    int32_t n, k;
+    int32_t bits; /* 4: nibbles as above; 8: one byte a value, in the activations' layout */
+} hx_weight;
+
+/* fp16 bits to float, for the portable path (the SIMD paths convert with F16C) */
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 31, mant = h & 1023, bits;
+    if (exp == 0) { /* zero or subnormal: mant * 2^-24 */
+        float f = (float)mant * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    bits = exp == 31 ? sign | 0x7F800000u | (mant << 13) : sign | ((exp + 112) << 23) | (mant << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#define MAXR 4 /* activation rows per tile */
+#define MAXN 2 /* weight rows per tile */
+
+#if defined(HX_AVX512) || defined(HX_AVX2)
+static inline float hsum256(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+/* int32 sums (4 lanes a block) of two blocks' weights lo/hi times int8 a0/a1 */
+static inline __m256i dot256(const int BITS, __m256i lo, __m256i hi, __m256i a0, __m256i a1) {
+#if defined(HX_Q8_SIGNED)
+    if (BITS == 8) {
+        const __m256i ones = _mm256_set1_epi16(1);
+        __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(lo), _mm256_sign_epi8(a0, lo));
+        __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(hi), _mm256_sign_epi8(a1, hi));
+        return _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
+    }
+#else
+    (void)BITS;
+#endif
+#if defined(HX_AVX512)
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, a0), hi, a1);
+#elif defined(HX_DPBUSD256)
+    return HX_DPBUSD256(HX_DPBUSD256(_mm256_setzero_si256(), lo, a0), hi, a1);
+#else
+    __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, a0), _mm256_maddubs_epi16(hi, a1));
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+#endif
+}
+#endif
+
+/* out[i][r] = x_r . w_(n + i) for NR weight rows and R activation rows: per block,
+ * d_w d_a (q_w . q_a) + m_w s_a. Every (i, r) accumulator sees the same operations in the
+ * same order whatever NR and R are, so no output depends on the others in its tile. */
+static inline __attribute__((always_inline)) void dot_tile(
+    const hx_weight *w, int n, const int BITS, const int TERMS, const int NR, const int R,
+    const int8_t *const *aq,
+    const float *const *ad, const float *const *as, float out[MAXN][MAXR]) {
+    const int nb = w->k / QK, BB = BITS * 4; /* bytes a block */
+    const size_t second = (size_t)w->k;   /* offset of an activation row's second term */
+    const uint8_t *wq[MAXN];
+    const uint16_t *wd[MAXN], *wm[MAXN];
+    for (int i = 0; i < NR; i++) {
+        wq[i] = w->q + (size_t)(n + i) * nb * BB;
+        wd[i] = w->d + (size_t)(n + i) * nb;
+        wm[i] = w->m + (size_t)(n + i) * nb;
+    }
+    const int quads = nb / 4 * 4, pairs_end = quads + (nb - quads) / 2 * 2;
+#if defined(HX_AVX512) || defined(HX_AVX2)
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    const __m256i pair_pattern = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
+#if defined(HX_AVX512)
+    const __m512i low4x = _mm512_set1_epi8(0x0F);
+    const __m512i quad_pattern = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc[MAXN][MAXR];
+    for (int i = 0; i < NR; i++)
+        for (int r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
+    for (int b = 0; b < quads; b += 4) {
+        __m512i lo[MAXN], hi[MAXN];
+        __m128 wd4[MAXN];
+        for (int i = 0; i < NR; i++) {
+            if (BITS == 4) {
+                __m512i raw = _mm512_loadu_si512((const void *)(wq[i] + b * 16));
+                lo[i] = _mm512_and_si512(raw, low4x);
+                hi[i] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4x);
+            } else {
+                lo[i] = _mm512_loadu_si512((const void *)(wq[i] + b * 32));
+                hi[i] = _mm512_loadu_si512((const void *)(wq[i] + b * 32 + 64));
+            }
+            wd4[i] = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(wd[i] + b)));
+        }
+        for (int r = 0; r < R; r++) {
+            __m512i a0 = _mm512_loadu_si512((const void *)(aq[r] + b * QK));
+            __m512i a1 = _mm512_loadu_si512((const void *)(aq[r] + b * QK + 64));
+            __m512i e0 = a0, e1 = a1;
+            if (TERMS == 2) {
+                e0 = _mm512_loadu_si512((const void *)(aq[r] + second + b * QK));
+                e1 = _mm512_loadu_si512((const void *)(aq[r] + second + b * QK + 64));
+            }
+            __m128 ad4 = _mm_loadu_ps(ad[r] + b);
+            for (int i = 0; i < NR; i++) {
+                __m512i dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[i], a0);
+                dp = _mm512_dpbusd_epi32(dp, hi[i], a1);
+                if (TERMS == 2) {
+                    __m512i de = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[i], e0);
+                    de = _mm512_dpbusd_epi32(de, hi[i], e1);
+                    dp = _mm512_add_epi32(_mm512_slli_epi32(dp, 7), de);
+                }
+                __m512 sv = _mm512_permutexvar_ps(quad_pattern,
+                                                  _mm512_castps128_ps512(_mm_mul_ps(wd4[i], ad4)));
+                acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), sv, acc[i][r]);
+            }
+        }
+    }
+    __m256 acc2[MAXN][MAXR];
+    for (int i = 0; i < NR; i++)
+        for (int r = 0; r < R; r++) acc2[i][r] = _mm256_setzero_ps();
+#else
+    const __m256i lo_pattern = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0);
+    const __m256i hi_pattern = _mm256_set_epi32(3, 3, 3, 3, 2, 2, 2, 2);
+    __m256 acc2[MAXN][MAXR];
+    for (int i = 0; i < NR; i++)
+        for (int r = 0; r < R; r++) acc2[i][r] = _mm256_setzero_ps();
+    for (int b = 0; b < quads; b += 4) {
+        __m256i lo0[MAXN], hi0[MAXN], lo1[MAXN], hi1[MAXN];
+        __m128 wd4[MAXN];
+        for (int i = 0; i < NR; i++) {
+            if (BITS == 4) {
+                __m256i raw0 = _mm256_loadu_si256((const __m256i *)(wq[i] + b * 16));
+                __m256i raw1 = _mm256_loadu_si256((const __m256i *)(wq[i] + b * 16 + 32));
+                lo0[i] = _mm256_and_si256(raw0, low4);
+                hi0[i] = _mm256_and_si256(_mm256_srli_epi16(raw0, 4), low4);
+                lo1[i] = _mm256_and_si256(raw1, low4);
+                hi1[i] = _mm256_and_si256(_mm256_srli_epi16(raw1, 4), low4);
+            } else {
+                const __m256i *raw = (const __m256i *)(wq[i] + b * 32);
+                lo0[i] = _mm256_loadu_si256(raw);
+                lo1[i] = _mm256_loadu_si256(raw + 1);
+                hi0[i] = _mm256_loadu_si256(raw + 2);
+                hi1[i] = _mm256_loadu_si256(raw + 3);
+            }
+            wd4[i] = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(wd[i] + b)));
+        }
+        for (int r = 0; r < R; r++) {
+            const __m256i *a = (const __m256i *)(aq[r] + b * QK);
+            __m256i a0 = _mm256_loadu_si256(a), a1 = _mm256_loadu_si256(a + 1);
+            __m256i a2 = _mm256_loadu_si256(a + 2), a3 = _mm256_loadu_si256(a + 3);
+            const __m256i *e = (const __m256i *)(aq[r] + second + b * QK);
+            __m128 ad4 = _mm_loadu_ps(ad[r] + b);
+            for (int i = 0; i < NR; i++) {
+                __m256 s4 = _mm256_castps128_ps256(_mm_mul_ps(wd4[i], ad4));
+                __m256i d01 = dot256(BITS, lo0[i], hi0[i], a0, a2);
+                __m256i d23 = dot256(BITS, lo1[i], hi1[i], a1, a3);
+                if (TERMS == 2) {
+                    d01 = _mm256_add_epi32(_mm256_slli_epi32(d01, 7),
+                                           dot256(BITS, lo0[i], hi0[i], _mm256_loadu_si256(e),
+                                                  _mm256_loadu_si256(e + 2)));
+                    d23 = _mm256_add_epi32(_mm256_slli_epi32(d23, 7),
+                                           dot256(BITS, lo1[i], hi1[i], _mm256_loadu_si256(e + 1),
+                                                  _mm256_loadu_si256(e + 3)));
+                }
+                acc2[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d01),
+                                             _mm256_permutevar8x32_ps(s4, lo_pattern), acc2[i][r]);
+                acc2[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d23),
+                                             _mm256_permutevar8x32_ps(s4, hi_pattern), acc2[i][r]);
+            }
+        }
+    }
+#endif
+    for (int b = quads; b < pairs_end; b += 2) { /* a lone pair: [a0 0..15, a1 0..15, a0 16.., a1 16..] */
+        for (int i = 0; i < NR; i++) {
+            __m256i lo, hi;
+            if (BITS == 4) {
+                __m256i raw = _mm256_loadu_si256((const __m256i *)(wq[i] + b * 16));
+                lo = _mm256_and_si256(raw, low4);
+                hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+            } else {
+                lo = _mm256_loadu_si256((const __m256i *)(wq[i] + b * 32));
+                hi = _mm256_loadu_si256((const __m256i *)(wq[i] + b * 32 + 32));
+            }
+            __m128 wd2 = _mm_cvtph_ps(_mm_cvtsi32_si128(*(const int32_t *)(wd[i] + b)));
+            for (int r = 0; r < R; r++) {
+                const __m256i *a = (const __m256i *)(aq[r] + b * QK);
+                __m256i dp = dot256(BITS, lo, hi, _mm256_loadu_si256(a), _mm256_loadu_si256(a + 1));
+                if (TERMS == 2) {
+                    const __m256i *e = (const __m256i *)(aq[r] + second + b * QK);
+                    dp = _mm256_add_epi32(_mm256_slli_epi32(dp, 7),
+                                          dot256(BITS, lo, hi, _mm256_loadu_si256(e), _mm256_loadu_si256(e + 1)));
+                }
+                __m128 ad2 = _mm_castpd_ps(_mm_load_sd((const double *)(ad[r] + b)));
+                __m256 sv = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_mul_ps(wd2, ad2)),
+                                                     pair_pattern);
+                acc2[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dp), sv, acc2[i][r]);
+            }
+        }
+    }
+    for (int i = 0; i < NR; i++) {
+        for (int r = 0; r < R; r++) {
+            float tail = 0.0f;
+            if (pairs_end < nb) { /* a lone block, in natural order */
+                int b = nb - 1;
+                __m128i lo, hi;
+                if (BITS == 4) {
+                    __m128i raw = _mm_loadu_si128((const __m128i *)(wq[i] + b * 16));
+                    lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+                    hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+                } else {
+                    lo = _mm_loadu_si128((const __m128i *)(wq[i] + b * 32));
+                    hi = _mm_loadu_si128((const __m128i *)(wq[i] + b * 32 + 16));
+                }
+                const __m128i *a = (const __m128i *)(aq[r] + b * QK);
+                __m256i dp = dot256(BITS, _mm256_castsi128_si256(lo), _mm256_castsi128_si256(hi),
+                                    _mm256_castsi128_si256(_mm_loadu_si128(a)),
+                                    _mm256_castsi128_si256(_mm_loadu_si128(a + 1)));
+                if (TERMS == 2) {
+                    const __m128i *e = (const __m128i *)(aq[r] + second + b * QK);
+                    dp = _mm256_add_epi32(_mm256_slli_epi32(dp, 7),
+                                          dot256(BITS, _mm256_castsi128_si256(lo), _mm256_castsi128_si256(hi),
+                                                 _mm256_castsi128_si256(_mm_loadu_si128(e)),
+                                                 _mm256_castsi128_si256(_mm_loadu_si128(e + 1))));
+                }
+                __m128i s = _mm256_castsi256_si128(dp);
+                s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+                s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+                tail = _cvtsh_ss(wd[i][b]) * ad[r][b] * (float)_mm_cvtsi128_si32(s);
+            }
+            __m256 mv = _mm256_setzero_ps();
+            int b = 0;
+            for (; b + 8 <= nb; b += 8)
+                mv = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm[i] + b))),
+                                     _mm256_loadu_ps(as[r] + b), mv);
+            float msum = hsum256(mv);
+            for (; b < nb; b++) msum += _cvtsh_ss(wm[i][b]) * as[r][b];
+#if defined(HX_AVX512)
+            float main = _mm512_reduce_add_ps(acc[i][r]);
+#else
+            float main = 0.0f;
+#endif
+            out[i][r] = main + hsum256(acc2[i][r]) + tail + msum;
+        }
+    }
+#else
+    (void)quads;
+    (void)pairs_end;
+    for (int i = 0; i < NR; i++) {
+        for (int r = 0; r < R; r++) {
+            float total = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                int first, g = group_of(b, nb, &first), isum = 0;
+                for (int term = 0; term < TERMS; term++) {
+                    const int8_t *a = aq[r] + term * second + first * QK + (b - first) * 16;
+                    int part = 0;
+                    if (BITS == 4) {
+                        const uint8_t *qb = wq[i] + b * 16;
+                        for (int j = 0; j < 16; j++)
+                            part += (qb[j] & 15) * a[j] + (qb[j] >> 4) * a[j + g * 16];
+                    } else {
+                        const uint8_t *qb = wq[i] + first * QK + (b - first) * 16;
+                        for (int j = 0; j < 16; j++) part += qb[j] * a[j] + qb[j + g * 16] * a[j + g * 16];
+                    }
+                    isum = isum * 128 + part;
+                }
+                total += half_to_float(wd[i][b]) * ad[r][b] * (float)isum +
+                         half_to_float(wm[i][b]) * as[r][b];
+            }
+            out[i][r] = total;
+        }
+    }
+#endif
+}
+
+/* dot_tile with constant tile sizes, widths and terms, so the compiler unrolls each case */
+static void dot_rows(const hx_weight *w, int n, int terms, int NR, int R, const int8_t *const *aq,
+                     const float *const *ad, const float *const *as, float out[MAXN][MAXR]) {
+#define HX_CASE(nbits, t, nr, r)                                  \
+    if (w->bits == nbits && terms == t && NR == nr && R == r)     \
+        return dot_tile(w, n, nbits, t, nr, r, aq, ad, as, out);
+#define HX_ROWS(nbits, t) \
+    HX_CASE(nbits, t, 2, 4) HX_CASE(nbits, t, 2, 3) HX_CASE(nbits, t, 2, 2) HX_CASE(nbits, t, 2, 1) \
+    HX_CASE(nbits, t, 1, 4) HX_CASE(nbits, t, 1, 3) HX_CASE(nbits, t, 1, 2) HX_CASE(nbits, t, 1, 1)
+    HX_ROWS(4, 1) HX_ROWS(4, 2) HX_ROWS(8, 1) HX_ROWS(8, 2)
+#undef HX_ROWS
+#undef HX_CASE
+}
+
+typedef struct {
+    const hx_weight *w;
+    int rows;
+    const int8_t *aq;
+    const float *ad, *as;
+    float *y;
+    int ldy, terms;
+    const float *residual; /* optional: y = residual + x W^T */
+} matmul_job;
+
+static void matmul_task(void *ctx, int ith, int nth) {
+    const matmul_job *j = ctx;
+    int K = j->w->k, nb = K / QK, lo, hi;
+    /* whole tiles of MAXN weight rows per thread */
+    split((j->w->n + MAXN - 1) / MAXN, ith, nth, &lo, &hi);
+    lo *= MAXN;
+    hi = hi * MAXN < j->w->n ? hi * MAXN : j->w->n;
+    for (int n = lo; n < hi; n += MAXN) {
+        int NR = hi - n < MAXN ? hi - n : MAXN;
+        for (int r0 = 0; r0 < j->rows; r0 += MAXR) {
+            int R = j->rows - r0 < MAXR ? j->rows - r0 : MAXR;
+            const int8_t *aq[MAXR];
+            const float *ad[MAXR], *as[MAXR];
+            float out[MAXN][MAXR];
+            for (int r = 0; r < R; r++) {
+                aq[r] = j->aq + (size_t)(r0 + r) * K * j->terms;
+                ad[r] = j->ad + (size_t)(r0 + r) * nb;
+                as[r] = j->as + (size_t)(r0 + r) * nb;
+            }
+            dot_rows(j->w, n, j->terms, NR, R, aq, ad, as, out);
+            for (int i = 0; i < NR; i++) {
+                for (int r = 0; r < R; r++) {
+                    size_t at = (size_t)(r0 + r) * j->ldy + n + i;
+                    j->y[at] = j->residual ? j->residual[at] + out[i][r] : out[i][r];
+                }
+            }
+        }
+    }
+}
+
+typedef struct {
+    int8_t *q;
+    float *d, *s;
+    int k, terms;
+} q8_buffer;
+
+static int q8_alloc(q8_buffer *b, int rows, int k, int terms) {
+    b->k = k;
+    b->terms = terms;
+    b->q = malloc((size_t)rows * k * terms);
+    b->d = malloc(sizeof(float) * rows * (k / QK));
+    b->s = malloc(sizeof(float) * rows * (k / QK));
+    return b->q && b->d && b->s;
+}
+
+static void q8_free(q8_buffer *b) {
+    free(b->q);
+    free(b->d);
+    free(b->s);
+}
+
+static void q8_row(q8_buffer *b, int r, const float *x) {
+    int nb = b->k / QK;
+    quantize_row(x, b->k, b->terms, b->q + (size_t)r * b->k * b->terms, b->d + (size_t)r * nb,
+                 b->s + (size_t)r * nb);
+}
+
+typedef struct {
+    q8_buffer *buffer;
+    const float *x;
+    int rows, ldx;
+} quantize_job;
+
+static void quantize_task(void *ctx, int ith, int nth) {
+    const quantize_job *j = ctx;
+    int lo, hi;
+    split(j->rows, ith, nth, &lo, &hi);
+    for (int r = lo; r < hi; r++) q8_row(j->buffer, r, j->x + (size_t)r * j->ldx);
+}
+
+/* all rows of x (rows, ldx) into ``buffer``, split across threads when there are many */
+static void quantize_rows(q8_buffer *buffer, const float *x, int rows, int ldx) {
+    quantize_job job = {buffer, x, rows, ldx};
+    if (rows >= 8)
+        run_parallel(quantize_task, &job);
+    else
+        quantize_task(&job, 0, 1);
+}
+
+static void matmul(const hx_weight *w, int rows, const q8_buffer *a, float *y, int ldy,
+                   const float *residual) {
+    matmul_job job = {w, rows, a->q, a->d, a->s, y, ldy, a->terms, residual};
+    run_parallel(matmul_task, &job);
+}
+
+/* y (rows, w.n) = x (rows, w.k) W^T, activations rounded to q8 per block in ``terms`` (1 or
+ * 2) terms. Returns 0, or -1 when memory ran out. */
+int hx_linear(const hx_weight *w, int rows, int terms, const float *x, float *y) {
+    q8_buffer a;
+    int ok = q8_alloc(&a, rows, w->k, terms == 2 ? 2 : 1);
+    if (ok) {
+        quantize_rows(&a, x, rows, w->k);
+        matmul(w, rows, &a, y, w->n, NULL);
+    }
+    q8_free(&a);
+    return ok ? 0 : -1;
+}
+
+/* ------------------------------------------------------------------ a decode layer */
+
+typedef struct {
+    int32_t hidden, heads, kv_heads, head_dim, intermediate;
+    float eps;
+    const float *attn_norm, *mlp_norm;
+    const hx_weight *qkv, *wo, *gate_up, *down;
+} hx_layer;
+
+typedef struct {
+    int32_t rows;
+    const float *cos, *sin;   /* (rows, head_dim / 2): this step's rotation */
+    const int32_t *positions; /* (rows,): where each row's token goes (= tokens before it) */
+    const int64_t *table;     /* (rows, table_width) block ids */
+    int32_t table_width, block_size;
+    uint16_t *k, *v; /* this layer's bf16 cache: (blocks * block_size, kv_heads, head_dim) */
+} hx_step;
+
+static void rms_norm_row(const float *x, const float *w, int n, float eps, float *out) {
+    float acc[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) acc[l] += x[i + l] * x[i + l];
+    float ss = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) ss += x[i] * x[i];
+    float inv = 1.0f / sqrtf(ss / (float)n + eps);
+    for (i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
+}
+
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1); /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* e^x for x <= 0 (softmax after subtracting the maximum): 2^(x log2 e) split into an
+ * integer power and a degree-6 polynomial on [-0.5, 0.5]; relative error below 2e-7 */
+static inline float exp_neg(float x) {
+    if (x < -87.0f) return 0.0f;
+    float t = x * 1.44269504088896341f;
+    float n = nearbyintf(t);
+    float f = t - n;
+    float p = 1.535336188319500e-4f;
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, 4);
+    return p * scale;
+}
+
+/* q . k for fp32 q and bf16 k (D a multiple of 8) */
+static inline float dot_bf16(const float *q, const uint16_t *k, int D) {
+#if defined(HX_AVX512) || defined(HX_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < D; i += 8) {
+        __m256i k32 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(k + i))), 16);
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_castsi256_ps(k32), acc);
+    }
+    return hsum256(acc);
+#else
+    float part[8] = {0};
+    for (int i = 0; i + 8 <= D; i += 8)
+        for (int l = 0; l < 8; l++) part[l] += q[i + l] * from_bf16(k[i + l]);
+    return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+#endif
+}
+
+/* acc += p v for bf16 v */
+static inline void axpy_bf16(float p, const uint16_t *v, float *acc, int D) {
+#if defined(HX_AVX512) || defined(HX_AVX2)
+    __m256 pv = _mm256_set1_ps(p);
+    for (int i = 0; i < D; i += 8) {
+        __m256i v32 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(v + i))), 16);
+        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, _mm256_castsi256_ps(v32), _mm256_loadu_ps(acc + i)));
+    }
+#else
+    for (int i = 0; i < D; i++) acc[i] += p * from_bf16(v[i]);
+#endif
+}
+
+typedef struct {
+    const hx_layer *L;
+    const hx_step *S;
+    const float *qkv; /* (rows, (heads + 2 kv_heads) * head_dim), rotated */
+    float *out;       /* (rows, heads * head_dim) */
+    int max_len;
+} attention_job;
+
+static void attention_task(void *ctx, int ith, int nth) {
+    const attention_job *j = ctx;
+    const hx_layer *L = j->L;
+    const hx_step *S = j->S;
+    int H = L->heads, KV = L->kv_heads, D = L->head_dim, group = H / KV;
+    int width = (H + 2 * KV) * D;
+    float scale = 1.0f / sqrtf((float)D);
+    float *scores = malloc(sizeof(float) * (j->max_len > 0 ? j->max_len : 1));
+    float *acc = malloc(sizeof(float) * D);
+    if (!scores || !acc) abort();
+    int lo, hi;
+    split(S->rows * H, ith, nth, &lo, &hi);
+    for (int task = lo; task < hi; task++) {
+        int r = task / H, h = task % H, g = h / group;
+        const float *q = j->qkv + (size_t)r * width + h * D;
+        int len = S->positions[r] + 1;
+        const int64_t *blocks = S->table + (size_t)r * S->table_width;
+        float best = -INFINITY;
+        for (int t = 0; t < len; t++) {
+            int64_t slot = blocks[t / S->block_size] * S->block_size + t % S->block_size;
+            const uint16_t *k = S->k + ((size_t)slot * KV + g) * D;
+            scores[t] = dot_bf16(q, k, D) * scale;
+            best = fmaxf(best, scores[t]);
+        }
+        float total = 0.0f;
+        for (int t = 0; t < len; t++) {
+            scores[t] = exp_neg(scores[t] - best);
+            total += scores[t];
+        }
+        for (int i = 0; i < D; i++) acc[i] = 0.0f;
+        for (int t = 0; t < len; t++) {
+            int64_t slot = blocks[t / S->block_size] * S->block_size + t % S->block_size;
+            const uint16_t *v = S->v + ((size_t)slot * KV + g) * D;
+            axpy_bf16(scores[t], v, acc, D);
+        }
+        float *o = j->out + (size_t)r * H * D + h * D;
+        for (int i = 0; i < D; i++) o[i] = acc[i] / total;
+    }
+    free(scores);
+    free(acc);
+}
+
+/* Rotate-half RoPE of one head in place. */
+static void rope_head(float *x, const float *cos, const float *sin, int D) {
+    int half = D / 2;
+    for (int i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i] + a * sin[i];
+    }
+}
+
+/* x sigmoid(x), with e^-|x| from exp_neg (vectorisable, unlike libm's expf) */
+static inline float silu(float x) {
+    float e = exp_neg(-fabsf(x));
+    return x >= 0.0f ? x / (1.0f + e) : x * e / (1.0f + e);
+}
+
+/* One decoder layer for a decode step: x (rows, hidden) is the residual stream, updated in
+ * place; this step's keys and values are written to the cache. Returns 0, or -1 when
+ * memory ran out (x is then unchanged). */
+int hx_decode_layer(const hx_layer *L, const hx_step *S, float *x) {
+    int rows = S->rows, hidden = L->hidden, H = L->heads, KV = L->kv_heads, D = L->head_dim;
+    int inter = L->intermediate, width = (H + 2 * KV) * D;
+    float *norm = malloc(sizeof(float) * rows * (hidden > H * D ? hidden : H * D));
+    float *qkv = malloc(sizeof(float) * rows * width);
+    float *attn = malloc(sizeof(float) * rows * H * D);
+    float *gu = malloc(sizeof(float) * rows * 2 * inter);
+    float *mid = malloc(sizeof(float) * rows * hidden);
+    q8_buffer a_hidden = {0}, a_attn = {0}, a_inter = {0};
+    int ok = norm && qkv && attn && gu && mid && q8_alloc(&a_hidden, rows, hidden, 2) &&
+             q8_alloc(&a_attn, rows, H * D, 2) && q8_alloc(&a_inter, rows, inter, 2);
+    if (ok) {
+        int max_len = 0;
+        for (int r = 0; r < rows; r++) {
+            rms_norm_row(x + (size_t)r * hidden, L->attn_norm, hidden, L->eps, norm);
+            q8_row(&a_hidden, r, norm);
+            if (S->positions[r] + 1 > max_len) max_len = S->positions[r] + 1;
+        }
+        matmul(L->qkv, rows, &a_hidden, qkv, width, NULL);
+        for (int r = 0; r < rows; r++) {
+            float *row = qkv + (size_t)r * width;
+            const float *c = S->cos + (size_t)r * (D / 2), *s = S->sin + (size_t)r * (D / 2);
+            for (int h = 0; h < H + KV; h++) rope_head(row + h * D, c, s, D);
+            int pos = S->positions[r];
+            int64_t slot = S->table[(size_t)r * S->table_width + pos / S->block_size] * S->block_size +
+                           pos % S->block_size;
+            for (int i = 0; i < KV * D; i++) {
+                S->k[(size_t)slot * KV * D + i] = to_bf16(row[H * D + i]);
+                S->v[(size_t)slot * KV * D + i] = to_bf16(row[(H + KV) * D + i]);
+            }
+        }
+        attention_job aj = {L, S, qkv, attn, max_len};
+        run_parallel(attention_task, &aj);
+        quantize_rows(&a_attn, attn, rows, H * D);
+        matmul(L->wo, rows, &a_attn, mid, hidden, x);
+        for (int r = 0; r < rows; r++) {
+            rms_norm_row(mid + (size_t)r * hidden, L->mlp_norm, hidden, L->eps, norm);
+            q8_row(&a_hidden, r, norm);
+        }
+        matmul(L->gate_up, rows, &a_hidden, gu, 2 * inter, NULL);
+        for (int r = 0; r < rows; r++) {
+            float *g = gu + (size_t)r * 2 * inter, *u = g + inter;
+            for (int i = 0; i < inter; i++) g[i] = silu(g[i]) * u[i];
+        }
+        quantize_rows(&a_inter, gu, rows, 2 * inter);
+        matmul(L->down, rows, &a_inter, x, hidden, mid);
+    }
+    free(norm);
+    free(qkv);
+    free(attn);
+    free(gu);
+    free(mid);
+    q8_free(&a_hidden);
+    q8_free(&a_attn);
+    q8_free(&a_inter);
+    return ok ? 0 : -1;
+}
