@@ -112,3 +112,47 @@ def http(server):
     """An HTTP client of the requesting module's ``server`` (a ``server_util.Server``)."""
     with server.http() as client:
         yield client
+
+
+#: every kernel selection a machine can be given, as (HEXIN_CPU_FEATURES, HEXIN_NATIVE):
+#: hexin's own kernels built for each instruction set, and PyTorch's kernels (the fallback
+#: without a compiler) with and without AVX-512; None leaves a variable unset
+KERNEL_SELECTIONS = {
+    "own-avx512_vnni": (None, None),
+    "own-avx_vnni": ("avx2,fma,f16c,avx_vnni", None),
+    "own-avx2": ("avx2,fma,f16c", None),
+    "pytorch": (None, "0"),
+    "pytorch-avx2": ("avx2,fma,f16c", "0"),
+}
+#: what the real CPU must have for a selection to run on it (else the test is skipped)
+NEEDS = {"own-avx512_vnni": "avx512_vnni", "own-avx_vnni": "avx_vnni", "own-avx2": "avx2"}
+
+
+def force_kernels(monkeypatch: pytest.MonkeyPatch, features: str | None, own: str | None) -> None:
+    """Make hexin select kernels as it would for ``features``, or with ``HEXIN_NATIVE=own``."""
+    from hexin import cpu, native
+
+    for name, value in (("HEXIN_CPU_FEATURES", features), ("HEXIN_NATIVE", own)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    cpu.features.cache_clear()
+    native.kernels.cache_clear()
+
+
+@pytest.fixture(params=list(KERNEL_SELECTIONS))
+def kernel_selection(request, monkeypatch) -> str:
+    """Each kernel selection in turn (models built inside the test use it)."""
+    from hexin import cpu, native
+
+    force_kernels(monkeypatch, None, None)
+    if (need := NEEDS.get(request.param)) and need not in cpu.features():
+        pytest.skip(f"this CPU has no {need}")
+    force_kernels(monkeypatch, *KERNEL_SELECTIONS[request.param])
+    if request.param.startswith("own") and native.kernels() is None:
+        pytest.skip("no C compiler: hexin's own kernels cannot be built here")
+    yield request.param
+    monkeypatch.undo()
+    cpu.features.cache_clear()
+    native.kernels.cache_clear()

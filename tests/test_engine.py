@@ -120,17 +120,13 @@ def test_concurrent_requests_on_default_model_match_alone(smol):
         assert [h.result().token_ids for h in handles] == expected
 
 
-@pytest.fixture(scope="module")
-def smol_q4(default_model):
-    return Llama.from_loaded(default_model, quant="q4"), default_model.tokenizer
-
-
-def test_q4_tokens_do_not_depend_on_batch_or_prefix_cache(smol_q4):
+def test_q4_tokens_do_not_depend_on_batch_or_prefix_cache(default_model, kernel_selection):
     """The default CPU mode keeps the property the exact mode has: a request's tokens are
     the same alone, beside others (int4 decode rows are computed independently), and when
     its prompt is served from the prefix cache (prompt tokens always take the int8 path,
-    whose integer sums do not depend on how many rows a call has)."""
-    model, tok = smol_q4
+    whose integer sums do not depend on how many rows a call has). On every kernel
+    selection."""
+    model, tok = Llama.from_loaded(default_model, quant="q4"), default_model.tokenizer
     prompts = ["What is 2+2?", "Name a color.", "Write a haiku about rain.", "Say hi."]
     reqs = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}])) for p in prompts]
     params = [GREEDY.with_(max_tokens=12), GREEDY.with_(max_tokens=16)] + [
@@ -405,11 +401,11 @@ def test_a_tiny_temperature_samples_like_greedy_beside_others(story):
         assert c.token_ids == alone(model, tok, i, GREEDY.with_(max_tokens=16)).token_ids
 
 
-def test_16_seeded_q4_requests_give_the_tokens_each_gives_alone(smol_q4):
+def test_16_seeded_q4_requests_give_the_tokens_each_gives_alone(default_model, kernel_selection):
     """The default CPU mode, sampled and seeded, batched 16 at a time as requests come and
     go: each request's tokens are those it gives alone ("The sky is" among them, which once
-    changed its words beside two other requests)."""
-    model, tok = smol_q4
+    changed its words beside two other requests). On every kernel selection."""
+    model, tok = Llama.from_loaded(default_model, quant="q4"), default_model.tokenizer
     texts = ["The sky is"] + [f"{p} Then" for p in STORY_PROMPTS] + STORY_PROMPTS[:7]
     jobs = [
         (tok.encode(text), SamplingParams(temperature=0.8, top_p=0.95, seed=100 + i,

@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from hexin import ops
+from hexin import native, ops
 from hexin.config import ModelConfig
 
 
@@ -107,6 +107,12 @@ class KVCache:
         width = ops.key_width(end) if t == 1 else end
         self.padded = width != end
         return self.k[layer, :width].unsqueeze(0), self.v[layer, :width].unsqueeze(0)
+
+    def slots(self) -> native.Slots:
+        """Where the native decode kernel finds and puts keys and values: one block of the
+        whole capacity."""
+        table = torch.zeros(1, 1, dtype=torch.int64)
+        return native.Slots(table, self.capacity, self.k, self.v)
 
     def advance(self, tokens: Tensor) -> None:
         """Count this step's tokens (1, T) as cached, after every layer has stored them."""

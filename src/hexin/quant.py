@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from hexin import cpu, ops
+from hexin import cpu, native, ops
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,33 @@ class Int4Linear(Linear):
     @property
     def nbytes(self) -> int:
         return self.packed.numel() * self.packed.element_size() + self.scales_zeros.nbytes
+
+
+class BlockLinear(Linear):
+    """A weight in blocks of 32 (4 or 8 bits a value) multiplied by hexin's own kernel
+    (``native``) for decode steps, activations rounded to 8 bits per block, each row on its
+    own; prompt tokens go to ``wide`` (int8), as in ``Int4Linear``."""
+
+    def __init__(self, weight: native.BlockWeight, *, wide: Linear, terms: int = 2) -> None:
+        """``terms``: int8 terms per activation block (see ``kernels.c``'s quantize_row):
+        two for a layer, one for an LM head, whose likeliest outputs ``refine_top``
+        recomputes."""
+        self.native, self.wide, self.terms = weight, wide, terms
+        self.out_features, self.in_features = weight.out_features, weight.in_features
+
+    def __call__(self, x: Tensor, *, prompt: bool = False) -> Tensor:
+        kernels = native.kernels()
+        if prompt or kernels is None:
+            return self.wide(x)
+        y = kernels.linear(self.native, x.reshape(-1, self.in_features).float(), terms=self.terms)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def refine_top(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.wide.refine_top(x, y)
+
+    @property
+    def nbytes(self) -> int:
+        return self.native.nbytes
 
 
 def concat_int4(parts: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:

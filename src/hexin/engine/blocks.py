@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hexin import ops
+from hexin import native, ops
 from hexin.config import ModelConfig
 from hexin.errors import HexinError
 
@@ -209,7 +209,7 @@ class PagedBatch:
         bs = pool.block_size
         dev = table.device
         t_max = max(lengths) if lengths else 1
-        self._blocks, self._width = table.flatten(), width
+        self._table, self._blocks, self._width = table, table.flatten(), width
         self._batch_shape = (table.shape[0], table.shape[1] * bs)
         steps = torch.arange(t_max, device=dev)
         if lengths is None:
@@ -259,6 +259,13 @@ class PagedBatch:
         keys = self.pool.k[layer].index_select(0, self._blocks).view(shape)
         values = self.pool.v[layer].index_select(0, self._blocks).view(shape)
         return keys[:, : self._width], values[:, : self._width]
+
+    def slots(self) -> native.Slots:
+        """The pool's slots for the native decode kernel (see ``native.Slots``)."""
+        pool = self.pool
+        return native.Slots(
+            self._table, pool.block_size, pool.k.flatten(1, 2), pool.v.flatten(1, 2)
+        )
 
     def advance(self, tokens: Tensor) -> None:
         """The scheduler moves each sequence's counters after the step."""

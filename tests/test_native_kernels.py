@@ -1,0 +1,120 @@
+"""hexin's own CPU kernels (``hexin.native``): selection by CPU feature, each instruction
+set's build against a dense reference, row independence, and the fallback without a
+compiler. Every build this CPU can run is tested here, whatever the machine's default."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hexin import cpu, native
+from tests.conftest import force_kernels
+
+#: (features, the build hexin picks); an x86 CPU without AVX2 gets PyTorch's kernels
+SELECTION = [
+    ("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512_vnni", "avx512_vnni"),
+    ("avx2,fma,f16c,avx_vnni", "avx_vnni"),  # Intel Core 12th-14th gen
+    ("avx2,fma,f16c", "avx2"),  # AMD Zen 2/3
+    ("avx2,fma,f16c,avx512f", "avx2"),  # AVX-512 without VNNI: the AVX2 build
+]
+#: instruction set -> the CPU feature it needs to run here
+RUNS_ON = {"avx512_vnni": "avx512_vnni", "avx_vnni": "avx_vnni", "avx2": "avx2", "generic": None}
+
+
+@pytest.mark.parametrize(("features", "isa"), SELECTION)
+def test_the_build_follows_the_features(monkeypatch, features, isa):
+    force_kernels(monkeypatch, features, None)
+    assert native.select_isa() == isa
+    force_kernels(monkeypatch, features, "0")
+    assert native.select_isa() is None  # HEXIN_NATIVE=0: PyTorch's kernels
+    force_kernels(monkeypatch, "sse4_2", None)
+    if cpu.platform.machine() == "x86_64":
+        assert native.select_isa() is None
+
+
+def test_no_scalar_kernel_is_selected_on_this_machine(monkeypatch):
+    """On an x86 CPU with AVX2 every decode role runs a SIMD build of hexin's kernels (the
+    portable C is only ever chosen by hand), and prompts never reach PyTorch's scalar int8
+    loop (``cpu.int8_kernel``)."""
+    force_kernels(monkeypatch, None, None)
+    if "avx2" not in cpu.features():
+        pytest.skip("not an AVX2 machine")
+    assert native.select_isa() in ("avx512_vnni", "avx_vnni", "avx2")
+    if native.kernels() is not None:
+        assert native.kernels().isa == native.select_isa()  # type: ignore[union-attr]
+        assert "hexin's own" in cpu.kernels()["decode (q4)"]
+    assert cpu.int8_kernel() == "vnni" or "avx512_vnni" not in cpu.features()
+
+
+@pytest.fixture(params=list(RUNS_ON))
+def kernels(request):
+    need = RUNS_ON[request.param]
+    if need and need not in cpu.features():
+        pytest.skip(f"this CPU has no {need}")
+    if (cc := native.compiler()) is None:
+        pytest.skip("no C compiler")
+    return native.Kernels(native.build(request.param, cc))
+
+
+def random_q4(n: int, k: int, g: torch.Generator) -> tuple[native.Q4Weight, torch.Tensor]:
+    """A random 4-bit weight and the dense weight it encodes."""
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(n, k // 32, generator=g) * 0.01).half().float()
+    zero = (torch.randn(n, k // 32, generator=g) * 0.02).half().float()
+    weight = native.Q4Weight(q, scale, zero)
+    dense = (q.float() - 8).view(n, -1, 32) * weight.d.float()[..., None]
+    return weight, (dense + (weight.m.float() + 8 * weight.d.float())[..., None]).view(n, k)
+
+
+@pytest.mark.parametrize("k", [32, 64, 96, 576, 608])  # one block, a pair, a pair + 1, ...
+@pytest.mark.parametrize("bits", [4, 8])
+def test_each_build_matches_the_dense_product_and_rows_stay_independent(kernels, k, bits):
+    g = torch.Generator().manual_seed(k + bits)
+    if bits == 4:
+        weight, dense = random_q4(37, k, g)
+    else:
+        dense = torch.randn(37, k, generator=g) * 0.05
+        weight = native.Q8Weight(dense, signed=kernels.q8_signed)
+    x = torch.randn(9, k, generator=g)
+    exact = x.double() @ dense.double().T
+    for terms, tolerance in ((1, 0.03), (2, 0.01 if bits == 4 else 0.03)):
+        y = kernels.linear(weight, x, terms=terms)
+        error = ((y.double() - exact).norm() / exact.norm()).item()
+        assert error < tolerance, f"{kernels.isa} {bits}-bit, {terms} terms: error {error:.4f}"
+        # each row alone gives the same bits as in a batch of 9
+        alone = torch.cat([kernels.linear(weight, x[i : i + 1], terms=terms) for i in range(9)])
+        assert torch.equal(alone, y)
+
+
+def test_two_terms_are_much_closer_than_one(kernels):
+    g = torch.Generator().manual_seed(1)
+    weight, dense = random_q4(64, 576, g)
+    x = torch.randn(4, 576, generator=g)
+    exact = x.double() @ dense.double().T
+    err = [(kernels.linear(weight, x, terms=t).double() - exact).norm() for t in (1, 2)]
+    assert err[1] < err[0] / 20  # 15-bit activations vs 8-bit
+
+
+def test_without_a_compiler_hexin_says_so_and_runs_pytorch_kernels(monkeypatch, tmp_path, capfd):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or clang on it
+    monkeypatch.delenv("CC", raising=False)
+    force_kernels(monkeypatch, None, None)
+    try:
+        assert native.kernels() is None
+        assert (
+            "no C compiler found: running PyTorch's kernels instead (slower)"
+            in capfd.readouterr().err
+        )
+    finally:
+        native.kernels.cache_clear()
+
+
+def test_a_build_is_compiled_once_and_reused(monkeypatch, tmp_path, capfd):
+    monkeypatch.setenv("HEXIN_HOME", str(tmp_path))
+    cc = native.compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    first = native.build("generic", cc)
+    assert "compiling CPU kernels for generic" in capfd.readouterr().err
+    assert native.build("generic", cc) == first and first.parent == tmp_path / "kernels"
+    assert capfd.readouterr().err == ""  # the second time, nothing to compile
