@@ -24,12 +24,12 @@ RUNS_ON = {"avx512_vnni": "avx512_vnni", "avx_vnni": "avx_vnni", "avx2": "avx2",
 @pytest.mark.parametrize(("features", "isa"), SELECTION)
 def test_the_build_follows_the_features(monkeypatch, features, isa):
     force_kernels(monkeypatch, features, None)
-    assert native.select_isa() == isa
+    assert cpu.own_isa() == isa
     force_kernels(monkeypatch, features, "0")
-    assert native.select_isa() is None  # HEXIN_NATIVE=0: PyTorch's kernels
+    assert cpu.own_isa() is None  # HEXIN_NATIVE=0: PyTorch's kernels
     force_kernels(monkeypatch, "sse4_2", None)
     if cpu.platform.machine() == "x86_64":
-        assert native.select_isa() is None
+        assert cpu.own_isa() is None
 
 
 def test_no_scalar_kernel_is_selected_on_this_machine(monkeypatch):
@@ -39,9 +39,9 @@ def test_no_scalar_kernel_is_selected_on_this_machine(monkeypatch):
     force_kernels(monkeypatch, None, None)
     if "avx2" not in cpu.features():
         pytest.skip("not an AVX2 machine")
-    assert native.select_isa() in ("avx512_vnni", "avx_vnni", "avx2")
+    assert cpu.own_isa() in ("avx512_vnni", "avx_vnni", "avx2")
     if native.kernels() is not None:
-        assert native.kernels().isa == native.select_isa()  # type: ignore[union-attr]
+        assert native.kernels().isa == cpu.own_isa()  # type: ignore[union-attr]
         assert "hexin's own" in cpu.kernels()["decode (q4)"]
     assert cpu.int8_kernel() == "vnni" or "avx512_vnni" not in cpu.features()
 
@@ -51,7 +51,7 @@ def kernels(request):
     need = RUNS_ON[request.param]
     if need and need not in cpu.features():
         pytest.skip(f"this CPU has no {need}")
-    if (cc := native.compiler()) is None:
+    if (cc := cpu.c_compiler()) is None:
         pytest.skip("no C compiler")
     return native.Kernels(native.build(request.param, cc))
 
@@ -111,7 +111,7 @@ def test_without_a_compiler_hexin_says_so_and_runs_pytorch_kernels(monkeypatch, 
 
 def test_a_build_is_compiled_once_and_reused(monkeypatch, tmp_path, capfd):
     monkeypatch.setenv("HEXIN_HOME", str(tmp_path))
-    cc = native.compiler()
+    cc = cpu.c_compiler()
     if cc is None:
         pytest.skip("no C compiler")
     first = native.build("generic", cc)

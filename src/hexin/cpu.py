@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import shutil
 from pathlib import Path
 
 #: the features hexin's kernel choices look at, as Linux names them in /proc/cpuinfo
@@ -81,18 +82,39 @@ def native_isa() -> str | None:
     return "generic"
 
 
+#: the builds of hexin's own kernels (``hexin.native``), one per instruction set
+OWN_BUILDS = ("avx512_vnni", "avx_vnni", "avx2", "generic")
+
+
+def own_isa() -> str | None:
+    """The build of hexin's own kernels to use: ``native_isa``, unless ``HEXIN_NATIVE``
+    says otherwise ("0": PyTorch's kernels; a build's name: that build)."""
+    choice = os.environ.get("HEXIN_NATIVE", "").strip().lower()
+    if choice in ("0", "off", "false", "no"):
+        return None
+    if choice in OWN_BUILDS:
+        return choice
+    return native_isa()
+
+
+def c_compiler() -> str | None:
+    """The C compiler that builds hexin's kernels ($CC, else cc, gcc or clang), or None."""
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and (path := shutil.which(name)):
+            return path
+    return None
+
+
 def kernels() -> dict[str, str]:
     """The kernel each matrix role runs on this CPU (see ``hexin info``)."""
-    from hexin import native  # it imports torch; this module stays light
-
     int8 = f"int8 x int8, {int8_kernel()}"
-    own = native.kernels()
-    if own is None:
+    isa = own_isa()
+    if isa is None or c_compiler() is None:
         decode = "int4 weights x bf16 activations (PyTorch's packed int4 kernel)"
         head = f"{int8}, top 32 recomputed in fp32"
     else:
-        decode = f"hexin's own q4 x q8 ({own.isa}), one call per layer"
-        head = f"hexin's own q8 x q8 ({own.isa}), top 32 recomputed in fp32"
+        decode = f"hexin's own q4 x q8 ({isa}), one call per layer"
+        head = f"hexin's own q8 x q8 ({isa}), top 32 recomputed in fp32"
     return {
         "dense (--quant none)": "fp32 / bf16 GEMM (MKL, oneDNN)",
         "prompt": int8,

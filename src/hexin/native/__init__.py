@@ -21,7 +21,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "generic": [],
 }  # fmt: skip
+assert tuple(ISA_FLAGS) == cpu.OWN_BUILDS
 COMMON_FLAGS = [
     "-O3", "-std=c11", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-Wall", "-Werror",
 ]  # fmt: skip
@@ -59,14 +59,6 @@ def cache_dir() -> Path:
         return Path(home) / "kernels"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "hexin" / "kernels"
-
-
-def compiler() -> str | None:
-    """The C compiler to build with ($CC, else cc, gcc or clang), or None."""
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and (path := shutil.which(name)):
-            return path
-    return None
 
 
 def _note(text: str) -> None:
@@ -184,26 +176,14 @@ class Kernels:
             raise MemoryError("hexin's decode kernel ran out of memory")
 
 
-def select_isa() -> str | None:
-    """The instruction set to build for, from the CPU's features (``cpu.features``), or
-    None for PyTorch's kernels: ``HEXIN_NATIVE=0`` asks for those, ``HEXIN_NATIVE=generic``
-    for the portable C."""
-    choice = os.environ.get("HEXIN_NATIVE", "").strip().lower()
-    if choice in ("0", "off", "false", "no"):
-        return None
-    if choice in ISA_FLAGS:
-        return choice
-    return cpu.native_isa()
-
-
 @functools.cache
 def kernels() -> Kernels | None:
     """The library for this machine, built at first use; None where it cannot be (and
     hexin runs PyTorch's kernels)."""
-    isa = select_isa()
+    isa = cpu.own_isa()
     if isa is None:
         return None
-    cc = compiler()
+    cc = cpu.c_compiler()
     if cc is None:
         _note("no C compiler found: running PyTorch's kernels instead (slower)")
         return None
