@@ -48,6 +48,12 @@
 #endif
 
 #define QK 32 /* inputs per block */
+#define PREFETCH_BYTES 3072 /* how far ahead of its current row a thread asks for weights */
+#if defined(__GNUC__)
+#define PREFETCH(p) __builtin_prefetch((p), 0, 3)
+#else
+#define PREFETCH(p) ((void)(p))
+#endif
 
 const char *hx_isa(void) { return HX_ISA; }
 
@@ -181,7 +187,11 @@ static inline float half_to_float(uint16_t h) {
     return f;
 }
 
+#if defined(HX_AVX512)
 #define MAXR 4 /* activation rows per tile */
+#else
+#define MAXR 4 /* 8 accumulators of 16 registers */
+#endif
 #define MAXN 2 /* weight rows per tile */
 
 #if defined(HX_AVX512) || defined(HX_AVX2)
@@ -243,7 +253,7 @@ static inline __attribute__((always_inline)) void dot_tile(
         for (int r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
     for (int b = 0; b < quads; b += 4) {
         __m512i lo[MAXN], hi[MAXN];
-        __m128 wd4[MAXN];
+        __m512 wdx[MAXN]; /* the weight rows' 4 block scales, each over its 4 lanes */
         for (int i = 0; i < NR; i++) {
             if (BITS == 4) {
                 __m512i raw = _mm512_loadu_si512((const void *)(wq[i] + b * 16));
@@ -253,7 +263,8 @@ static inline __attribute__((always_inline)) void dot_tile(
                 lo[i] = _mm512_loadu_si512((const void *)(wq[i] + b * 32));
                 hi[i] = _mm512_loadu_si512((const void *)(wq[i] + b * 32 + 64));
             }
-            wd4[i] = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(wd[i] + b)));
+            __m128 wd4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(wd[i] + b)));
+            wdx[i] = _mm512_permutexvar_ps(quad_pattern, _mm512_castps128_ps512(wd4));
         }
         for (int r = 0; r < R; r++) {
             __m512i a0 = _mm512_loadu_si512((const void *)(aq[r] + b * QK));
@@ -263,7 +274,7 @@ static inline __attribute__((always_inline)) void dot_tile(
                 e0 = _mm512_loadu_si512((const void *)(aq[r] + second + b * QK));
                 e1 = _mm512_loadu_si512((const void *)(aq[r] + second + b * QK + 64));
             }
-            __m128 ad4 = _mm_loadu_ps(ad[r] + b);
+            __m512 adx = _mm512_permutexvar_ps(quad_pattern, _mm512_castps128_ps512(_mm_loadu_ps(ad[r] + b)));
             for (int i = 0; i < NR; i++) {
                 __m512i dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[i], a0);
                 dp = _mm512_dpbusd_epi32(dp, hi[i], a1);
@@ -272,9 +283,8 @@ static inline __attribute__((always_inline)) void dot_tile(
                     de = _mm512_dpbusd_epi32(de, hi[i], e1);
                     dp = _mm512_add_epi32(_mm512_slli_epi32(dp, 7), de);
                 }
-                __m512 sv = _mm512_permutexvar_ps(quad_pattern,
-                                                  _mm512_castps128_ps512(_mm_mul_ps(wd4[i], ad4)));
-                acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), sv, acc[i][r]);
+                /* the same products as scaling once per block: permuting is exact */
+                acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), _mm512_mul_ps(wdx[i], adx), acc[i][r]);
             }
         }
     }
@@ -441,11 +451,20 @@ static void dot_rows(const hx_weight *w, int n, int terms, int NR, int R, const 
 #define HX_CASE(nbits, t, nr, r)                                  \
     if (w->bits == nbits && terms == t && NR == nr && R == r)     \
         return dot_tile(w, n, nbits, t, nr, r, aq, ad, as, out);
+#if MAXR == 8
+#define HX_WIDE(nbits, t, nr) \
+    HX_CASE(nbits, t, nr, 8) HX_CASE(nbits, t, nr, 7) HX_CASE(nbits, t, nr, 6) HX_CASE(nbits, t, nr, 5)
+#else
+#define HX_WIDE(nbits, t, nr)
+#endif
+#define HX_NARROW(nbits, t, nr) \
+    HX_CASE(nbits, t, nr, 4) HX_CASE(nbits, t, nr, 3) HX_CASE(nbits, t, nr, 2) HX_CASE(nbits, t, nr, 1)
 #define HX_ROWS(nbits, t) \
-    HX_CASE(nbits, t, 2, 4) HX_CASE(nbits, t, 2, 3) HX_CASE(nbits, t, 2, 2) HX_CASE(nbits, t, 2, 1) \
-    HX_CASE(nbits, t, 1, 4) HX_CASE(nbits, t, 1, 3) HX_CASE(nbits, t, 1, 2) HX_CASE(nbits, t, 1, 1)
+    HX_WIDE(nbits, t, 2) HX_NARROW(nbits, t, 2) HX_WIDE(nbits, t, 1) HX_NARROW(nbits, t, 1)
     HX_ROWS(4, 1) HX_ROWS(4, 2) HX_ROWS(8, 1) HX_ROWS(8, 2)
 #undef HX_ROWS
+#undef HX_NARROW
+#undef HX_WIDE
 #undef HX_CASE
 }
 
@@ -466,8 +485,19 @@ static void matmul_task(void *ctx, int ith, int nth) {
     split((j->w->n + MAXN - 1) / MAXN, ith, nth, &lo, &hi);
     lo *= MAXN;
     hi = hi * MAXN < j->w->n ? hi * MAXN : j->w->n;
+    const size_t row_bytes = (size_t)nb * j->w->bits * 4;
+    const int ahead = (int)((PREFETCH_BYTES + row_bytes - 1) / row_bytes);
     for (int n = lo; n < hi; n += MAXN) {
         int NR = hi - n < MAXN ? hi - n : MAXN;
+        /* the rows this thread takes a few tiles later: a decode step reads each weight
+         * once, from memory, and the hardware's prefetcher alone left it waiting (a
+         * quarter of a one-row step, measured) */
+        for (int p = n + ahead; p < n + ahead + NR && p < hi; p++) {
+            const char *row = (const char *)(j->w->q + p * row_bytes);
+            for (size_t off = 0; off < row_bytes; off += 64) PREFETCH(row + off);
+            PREFETCH(j->w->d + (size_t)p * nb);
+            PREFETCH(j->w->m + (size_t)p * nb);
+        }
         for (int r0 = 0; r0 < j->rows; r0 += MAXR) {
             int R = j->rows - r0 < MAXR ? j->rows - r0 : MAXR;
             const int8_t *aq[MAXR];
@@ -492,12 +522,13 @@ static void matmul_task(void *ctx, int ith, int nth) {
 typedef struct {
     int8_t *q;
     float *d, *s;
-    int k, terms;
+    int k, terms, rows;
 } q8_buffer;
 
 static int q8_alloc(q8_buffer *b, int rows, int k, int terms) {
     b->k = k;
     b->terms = terms;
+    b->rows = rows;
     b->q = malloc((size_t)rows * k * terms);
     b->d = malloc(sizeof(float) * rows * (k / QK));
     b->s = malloc(sizeof(float) * rows * (k / QK));
@@ -620,33 +651,72 @@ static inline float exp_neg(float x) {
     return p * scale;
 }
 
-/* q . k for fp32 q and bf16 k (D a multiple of 8) */
-static inline float dot_bf16(const float *q, const uint16_t *k, int D) {
+/* bf16 values as fp32 (n a multiple of 8) */
+static inline void widen_bf16(const uint16_t *src, float *dst, int n) {
+#if defined(HX_AVX512) || defined(HX_AVX2)
+    for (int i = 0; i < n; i += 8) {
+        __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i))), 16);
+        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(w));
+    }
+#else
+    for (int i = 0; i < n; i++) dst[i] = from_bf16(src[i]);
+#endif
+}
+
+/* a . b in 8 lanes, then the lanes summed (n a multiple of 8) */
+static inline float dot(const float *a, const float *b, int n) {
 #if defined(HX_AVX512) || defined(HX_AVX2)
     __m256 acc = _mm256_setzero_ps();
-    for (int i = 0; i < D; i += 8) {
-        __m256i k32 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(k + i))), 16);
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_castsi256_ps(k32), acc);
-    }
+    for (int i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
     return hsum256(acc);
 #else
     float part[8] = {0};
-    for (int i = 0; i + 8 <= D; i += 8)
-        for (int l = 0; l < 8; l++) part[l] += q[i + l] * from_bf16(k[i + l]);
+    for (int i = 0; i < n; i += 8)
+        for (int l = 0; l < 8; l++) part[l] += a[i + l] * b[i + l];
     return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
 #endif
 }
 
-/* acc += p v for bf16 v */
-static inline void axpy_bf16(float p, const uint16_t *v, float *acc, int D) {
+/* acc += p v */
+static inline void axpy(float p, const float *v, float *acc, int n) {
 #if defined(HX_AVX512) || defined(HX_AVX2)
     __m256 pv = _mm256_set1_ps(p);
-    for (int i = 0; i < D; i += 8) {
-        __m256i v32 = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(v + i))), 16);
-        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, _mm256_castsi256_ps(v32), _mm256_loadu_ps(acc + i)));
-    }
+    for (int i = 0; i < n; i += 8)
+        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
 #else
-    for (int i = 0; i < D; i++) acc[i] += p * from_bf16(v[i]);
+    for (int i = 0; i < n; i++) acc[i] += p * v[i];
+#endif
+}
+
+/* out[i] = scale * (q . keys[i]) for n <= 8 bf16 keys; each dot is summed in 8 lanes and the
+ * lanes of all 8 reduced together, the same operations for a key whatever its neighbours */
+static inline void dot8(const float *q, const uint16_t *const *keys, int n, int D, float scale,
+                        float *out) {
+#if defined(HX_AVX512) || defined(HX_AVX2)
+    __m256 acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 8) {
+        __m256 qv = _mm256_loadu_ps(q + d);
+        for (int i = 0; i < n; i++) {
+            __m256i k32 = _mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(keys[i] + d))), 16);
+            acc[i] = _mm256_fmadd_ps(qv, _mm256_castsi256_ps(k32), acc[i]);
+        }
+    }
+    __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
+    __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
+    __m256 h0 = _mm256_hadd_ps(h01, h23), h1 = _mm256_hadd_ps(h45, h67);
+    /* h0 = [k0 k1 k2 k3 | k0 k1 k2 k3] halves, h1 likewise for k4..k7 */
+    __m256 lo = _mm256_permute2f128_ps(h0, h1, 0x20), hi = _mm256_permute2f128_ps(h0, h1, 0x31);
+    float sums[8];
+    _mm256_storeu_ps(sums, _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale)));
+    for (int i = 0; i < n; i++) out[i] = sums[i];
+#else
+    float kf[256];
+    for (int i = 0; i < n; i++) {
+        widen_bf16(keys[i], kf, D);
+        out[i] = dot(q, kf, D) * scale;
+    }
 #endif
 }
 
@@ -658,6 +728,9 @@ typedef struct {
     int max_len;
 } attention_job;
 
+/* One (row, kv head) task: the query heads sharing those keys and values (grouped-query
+ * attention) read each cached key and value once. Each head's sums run in the same order
+ * whatever else is in the step. */
 static void attention_task(void *ctx, int ith, int nth) {
     const attention_job *j = ctx;
     const hx_layer *L = j->L;
@@ -665,39 +738,93 @@ static void attention_task(void *ctx, int ith, int nth) {
     int H = L->heads, KV = L->kv_heads, D = L->head_dim, group = H / KV;
     int width = (H + 2 * KV) * D;
     float scale = 1.0f / sqrtf((float)D);
-    float *scores = malloc(sizeof(float) * (j->max_len > 0 ? j->max_len : 1));
-    float *acc = malloc(sizeof(float) * D);
-    if (!scores || !acc) abort();
+    int max_len = j->max_len > 0 ? j->max_len : 1;
+    float *scores = malloc(sizeof(float) * group * max_len);
+    float *acc = malloc(sizeof(float) * group * D);
+    float *kv = malloc(sizeof(float) * D);
+    float *total = malloc(sizeof(float) * group);
+    if (!scores || !acc || !kv || !total) abort();
     int lo, hi;
-    split(S->rows * H, ith, nth, &lo, &hi);
+    split(S->rows * KV, ith, nth, &lo, &hi);
     for (int task = lo; task < hi; task++) {
-        int r = task / H, h = task % H, g = h / group;
-        const float *q = j->qkv + (size_t)r * width + h * D;
+        int r = task / KV, g = task % KV;
+        const float *q = j->qkv + (size_t)r * width + g * group * D;
         int len = S->positions[r] + 1;
         const int64_t *blocks = S->table + (size_t)r * S->table_width;
-        float best = -INFINITY;
+        for (int t = 0; t < len; t += 8) { /* keys 8 at a time: one reduction for 8 dots */
+            int n = len - t < 8 ? len - t : 8;
+            const uint16_t *keys[8];
+            for (int i = 0; i < n; i++) {
+                int at = t + i;
+                int64_t slot = blocks[at / S->block_size] * S->block_size + at % S->block_size;
+                keys[i] = S->k + ((size_t)slot * KV + g) * D;
+            }
+            for (int h = 0; h < group; h++) dot8(q + h * D, keys, n, D, scale, scores + h * len + t);
+        }
+        for (int h = 0; h < group; h++) {
+            float *sc = scores + h * len, best = -INFINITY, sum = 0.0f;
+            for (int t = 0; t < len; t++) best = fmaxf(best, sc[t]);
+            for (int t = 0; t < len; t++) sc[t] = exp_neg(sc[t] - best); /* vectorised */
+            for (int t = 0; t < len; t++) sum += sc[t];
+            total[h] = sum;
+        }
+        memset(acc, 0, sizeof(float) * group * D);
         for (int t = 0; t < len; t++) {
             int64_t slot = blocks[t / S->block_size] * S->block_size + t % S->block_size;
-            const uint16_t *k = S->k + ((size_t)slot * KV + g) * D;
-            scores[t] = dot_bf16(q, k, D) * scale;
-            best = fmaxf(best, scores[t]);
+            widen_bf16(S->v + ((size_t)slot * KV + g) * D, kv, D);
+            for (int h = 0; h < group; h++) axpy(scores[h * len + t], kv, acc + h * D, D);
         }
-        float total = 0.0f;
-        for (int t = 0; t < len; t++) {
-            scores[t] = exp_neg(scores[t] - best);
-            total += scores[t];
-        }
-        for (int i = 0; i < D; i++) acc[i] = 0.0f;
-        for (int t = 0; t < len; t++) {
-            int64_t slot = blocks[t / S->block_size] * S->block_size + t % S->block_size;
-            const uint16_t *v = S->v + ((size_t)slot * KV + g) * D;
-            axpy_bf16(scores[t], v, acc, D);
-        }
-        float *o = j->out + (size_t)r * H * D + h * D;
-        for (int i = 0; i < D; i++) o[i] = acc[i] / total;
+        float *o = j->out + (size_t)r * H * D + g * group * D;
+        for (int i = 0; i < group * D; i++) o[i] = acc[i] / total[i / D];
     }
     free(scores);
     free(acc);
+    free(kv);
+    free(total);
+}
+
+/* x sigmoid(x), with e^-|x| from exp_neg (vectorisable, unlike libm's expf) */
+static inline float silu(float x) {
+    float e = exp_neg(-fabsf(x));
+    return x >= 0.0f ? x / (1.0f + e) : x * e / (1.0f + e);
+}
+
+/* The per-row steps between the matrix products: for many rows, split across threads. */
+typedef struct {
+    const hx_layer *L;
+    int kind; /* NORM: RMSNorm of x into q8; SWIGLU: silu(gate) * up of gu into q8 */
+    const float *x;
+    float *scratch;
+    q8_buffer *out;
+    const float *weight;
+} row_job;
+
+enum { NORM, SWIGLU };
+
+static void row_task(void *ctx, int ith, int nth) {
+    const row_job *j = ctx;
+    int lo, hi, hidden = j->L->hidden, inter = j->L->intermediate;
+    split(j->out->rows, ith, nth, &lo, &hi);
+    for (int r = lo; r < hi; r++) {
+        if (j->kind == NORM) {
+            float *n = j->scratch + (size_t)r * hidden;
+            rms_norm_row(j->x + (size_t)r * hidden, j->weight, hidden, j->L->eps, n);
+            q8_row(j->out, r, n);
+        } else {
+            float *g = (float *)j->x + (size_t)r * 2 * inter, *u = g + inter;
+            for (int i = 0; i < inter; i++) g[i] = silu(g[i]) * u[i];
+            q8_row(j->out, r, g);
+        }
+    }
+}
+
+static void rows_step(const hx_layer *L, int kind, const float *x, float *scratch, q8_buffer *out,
+                      const float *weight) {
+    row_job job = {L, kind, x, scratch, out, weight};
+    if (out->rows >= 8)
+        run_parallel(row_task, &job);
+    else
+        row_task(&job, 0, 1);
 }
 
 /* Rotate-half RoPE of one head in place. */
@@ -710,19 +837,13 @@ static void rope_head(float *x, const float *cos, const float *sin, int D) {
     }
 }
 
-/* x sigmoid(x), with e^-|x| from exp_neg (vectorisable, unlike libm's expf) */
-static inline float silu(float x) {
-    float e = exp_neg(-fabsf(x));
-    return x >= 0.0f ? x / (1.0f + e) : x * e / (1.0f + e);
-}
-
 /* One decoder layer for a decode step: x (rows, hidden) is the residual stream, updated in
  * place; this step's keys and values are written to the cache. Returns 0, or -1 when
  * memory ran out (x is then unchanged). */
 int hx_decode_layer(const hx_layer *L, const hx_step *S, float *x) {
     int rows = S->rows, hidden = L->hidden, H = L->heads, KV = L->kv_heads, D = L->head_dim;
     int inter = L->intermediate, width = (H + 2 * KV) * D;
-    float *norm = malloc(sizeof(float) * rows * (hidden > H * D ? hidden : H * D));
+    float *norm = malloc(sizeof(float) * rows * hidden);
     float *qkv = malloc(sizeof(float) * rows * width);
     float *attn = malloc(sizeof(float) * rows * H * D);
     float *gu = malloc(sizeof(float) * rows * 2 * inter);
@@ -732,11 +853,9 @@ int hx_decode_layer(const hx_layer *L, const hx_step *S, float *x) {
              q8_alloc(&a_attn, rows, H * D, 2) && q8_alloc(&a_inter, rows, inter, 2);
     if (ok) {
         int max_len = 0;
-        for (int r = 0; r < rows; r++) {
-            rms_norm_row(x + (size_t)r * hidden, L->attn_norm, hidden, L->eps, norm);
-            q8_row(&a_hidden, r, norm);
+        for (int r = 0; r < rows; r++)
             if (S->positions[r] + 1 > max_len) max_len = S->positions[r] + 1;
-        }
+        rows_step(L, NORM, x, norm, &a_hidden, L->attn_norm);
         matmul(L->qkv, rows, &a_hidden, qkv, width, NULL);
         for (int r = 0; r < rows; r++) {
             float *row = qkv + (size_t)r * width;
@@ -754,16 +873,9 @@ int hx_decode_layer(const hx_layer *L, const hx_step *S, float *x) {
         run_parallel(attention_task, &aj);
         quantize_rows(&a_attn, attn, rows, H * D);
         matmul(L->wo, rows, &a_attn, mid, hidden, x);
-        for (int r = 0; r < rows; r++) {
-            rms_norm_row(mid + (size_t)r * hidden, L->mlp_norm, hidden, L->eps, norm);
-            q8_row(&a_hidden, r, norm);
-        }
+        rows_step(L, NORM, mid, norm, &a_hidden, L->mlp_norm);
         matmul(L->gate_up, rows, &a_hidden, gu, 2 * inter, NULL);
-        for (int r = 0; r < rows; r++) {
-            float *g = gu + (size_t)r * 2 * inter, *u = g + inter;
-            for (int i = 0; i < inter; i++) g[i] = silu(g[i]) * u[i];
-        }
-        quantize_rows(&a_inter, gu, rows, 2 * inter);
+        rows_step(L, SWIGLU, gu, NULL, &a_inter, NULL);
         matmul(L->down, rows, &a_inter, x, hidden, mid);
     }
     free(norm);
