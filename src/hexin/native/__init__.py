@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
-from hexin import cpu
+from hexin import cpu, paths
 
 if TYPE_CHECKING:
     from hexin.config import ModelConfig
@@ -54,13 +54,6 @@ COMMON_FLAGS = [
 ]  # fmt: skip
 
 
-def cache_dir() -> Path:
-    if home := os.environ.get("HEXIN_HOME"):
-        return Path(home) / "kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "hexin" / "kernels"
-
-
 def _note(text: str) -> None:
     print(f"hexin: {text}", file=sys.stderr, flush=True)
 
@@ -72,7 +65,7 @@ def library_path(isa: str, cc: str) -> Path:
     digest = hashlib.sha256(
         SOURCE.read_bytes() + " ".join(ISA_FLAGS[isa] + COMMON_FLAGS).encode() + version.encode()
     ).hexdigest()[:16]
-    return cache_dir() / f"kernels-{isa}-{digest}.so"
+    return paths.cache_dir("kernels") / f"kernels-{isa}-{digest}.so"
 
 
 def build(isa: str, cc: str) -> Path:

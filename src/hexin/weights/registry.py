@@ -8,7 +8,6 @@ is taken out of it into the cache. The story model (2.7 MB) ships inside hexin i
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from hexin import paths
 from hexin.errors import HexinError
 
 
@@ -57,11 +57,8 @@ class PullError(HexinError):
 
 
 def cache_dir() -> Path:
-    """Where fetched models live: $HEXIN_HOME/models, else the XDG cache folder."""
-    if home := os.environ.get("HEXIN_HOME"):
-        return Path(home) / "models"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "hexin" / "models"
+    """Where fetched models live (``paths.cache_dir``)."""
+    return paths.cache_dir("models")
 
 
 def bundled_path(name: str) -> Path:
