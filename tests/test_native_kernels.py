@@ -4,6 +4,8 @@ compiler. Every build this CPU can run is tested here, whatever the machine's de
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 
@@ -107,6 +109,17 @@ def test_without_a_compiler_hexin_says_so_and_runs_pytorch_kernels(monkeypatch, 
         )
     finally:
         native.kernels.cache_clear()
+
+
+@pytest.mark.parametrize("isa", list(RUNS_ON))
+def test_the_source_compiles_without_warnings(isa):
+    """Users' compilers build it quietly (warnings are not errors there: a newer compiler's
+    new warning must not cost anyone the kernels)."""
+    if (cc := cpu.c_compiler()) is None:
+        pytest.skip("no C compiler")
+    cmd = [cc, *native.COMMON_FLAGS, *native.ISA_FLAGS[isa], "-Wall", "-Wextra", "-fsyntax-only"]
+    done = subprocess.run([*cmd, str(native.SOURCE)], capture_output=True, text=True)
+    assert done.returncode == 0 and "warning" not in done.stderr, done.stderr
 
 
 def test_a_build_is_compiled_once_and_reused(monkeypatch, tmp_path, capfd):

@@ -49,9 +49,7 @@ ISA_FLAGS = {
     "generic": [],
 }  # fmt: skip
 assert tuple(ISA_FLAGS) == cpu.OWN_BUILDS
-COMMON_FLAGS = [
-    "-O3", "-std=c11", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-Wall", "-Werror",
-]  # fmt: skip
+COMMON_FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno"]
 
 
 def _note(text: str) -> None:
