@@ -193,6 +193,7 @@ static inline float half_to_float(uint16_t h) {
 #define MAXR 4 /* 8 accumulators of 16 registers */
 #endif
 #define MAXN 2 /* weight rows per tile */
+_Static_assert(MAXN * MAXR == 8, "hsum8x8 reduces one tile's 8 outputs");
 
 #if defined(HX_AVX512) || defined(HX_AVX2)
 static inline float hsum256(__m256 v) {
@@ -200,6 +201,17 @@ static inline float hsum256(__m256 v) {
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     h = _mm_add_ss(h, _mm_movehdup_ps(h));
     return _mm_cvtss_f32(h);
+}
+
+/* out[k] = the sum of v[k]'s 8 lanes, for 8 vectors at once: a tree of horizontal adds
+ * that treats every k alike */
+static inline void hsum8x8(const __m256 v[8], float out[8]) {
+    __m256 h01 = _mm256_hadd_ps(v[0], v[1]), h23 = _mm256_hadd_ps(v[2], v[3]);
+    __m256 h45 = _mm256_hadd_ps(v[4], v[5]), h67 = _mm256_hadd_ps(v[6], v[7]);
+    __m256 h0 = _mm256_hadd_ps(h01, h23), h1 = _mm256_hadd_ps(h45, h67);
+    /* h0 = [v0 v1 v2 v3 | v0 v1 v2 v3] partial sums of each half, h1 likewise for v4..v7 */
+    __m256 lo = _mm256_permute2f128_ps(h0, h1, 0x20), hi = _mm256_permute2f128_ps(h0, h1, 0x31);
+    _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
 }
 
 /* int32 sums (4 lanes a block) of two blocks' weights lo/hi times int8 a0/a1 */
@@ -370,6 +382,10 @@ static inline __attribute__((always_inline)) void dot_tile(
             }
         }
     }
+    /* each output's lanes, reduced 8 outputs at a time (the same tree for every slot) */
+    __m256 lanes[MAXN * MAXR];
+    float extra[MAXN][MAXR];
+    for (int k = 0; k < MAXN * MAXR; k++) lanes[k] = _mm256_setzero_ps();
     for (int i = 0; i < NR; i++) {
         for (int r = 0; r < R; r++) {
             float tail = 0.0f;
@@ -405,16 +421,21 @@ static inline __attribute__((always_inline)) void dot_tile(
             for (; b + 8 <= nb; b += 8)
                 mv = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm[i] + b))),
                                      _mm256_loadu_ps(as[r] + b), mv);
-            float msum = hsum256(mv);
+            float msum = 0.0f;
             for (; b < nb; b++) msum += _cvtsh_ss(wm[i][b]) * as[r][b];
+            __m256 all = _mm256_add_ps(acc2[i][r], mv);
 #if defined(HX_AVX512)
-            float main = _mm512_reduce_add_ps(acc[i][r]);
-#else
-            float main = 0.0f;
+            all = _mm256_add_ps(all, _mm256_add_ps(_mm512_castps512_ps256(acc[i][r]),
+                                                   _mm512_extractf32x8_ps(acc[i][r], 1)));
 #endif
-            out[i][r] = main + hsum256(acc2[i][r]) + tail + msum;
+            lanes[i * MAXR + r] = all;
+            extra[i][r] = tail + msum;
         }
     }
+    float sums[MAXN * MAXR];
+    hsum8x8(lanes, sums);
+    for (int i = 0; i < NR; i++)
+        for (int r = 0; r < R; r++) out[i][r] = sums[i * MAXR + r] + extra[i][r];
 #else
     (void)quads;
     (void)pairs_end;
@@ -703,14 +724,9 @@ static inline void dot8(const float *q, const uint16_t *const *keys, int n, int 
             acc[i] = _mm256_fmadd_ps(qv, _mm256_castsi256_ps(k32), acc[i]);
         }
     }
-    __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]), h23 = _mm256_hadd_ps(acc[2], acc[3]);
-    __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]), h67 = _mm256_hadd_ps(acc[6], acc[7]);
-    __m256 h0 = _mm256_hadd_ps(h01, h23), h1 = _mm256_hadd_ps(h45, h67);
-    /* h0 = [k0 k1 k2 k3 | k0 k1 k2 k3] halves, h1 likewise for k4..k7 */
-    __m256 lo = _mm256_permute2f128_ps(h0, h1, 0x20), hi = _mm256_permute2f128_ps(h0, h1, 0x31);
     float sums[8];
-    _mm256_storeu_ps(sums, _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(scale)));
-    for (int i = 0; i < n; i++) out[i] = sums[i];
+    hsum8x8(acc, sums);
+    for (int i = 0; i < n; i++) out[i] = sums[i] * scale;
 #else
     float kf[256];
     for (int i = 0; i < n; i++) {
