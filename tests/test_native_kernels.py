@@ -131,3 +131,25 @@ def test_a_build_is_compiled_once_and_reused(monkeypatch, tmp_path, capfd):
     assert "compiling CPU kernels for generic" in capfd.readouterr().err
     assert native.build("generic", cc) == first and first.parent == tmp_path / "kernels"
     assert capfd.readouterr().err == ""  # the second time, nothing to compile
+
+
+def test_a_model_keeps_the_build_it_was_made_for(default_model, monkeypatch):
+    """Weights are laid out for one build (8-bit ones signed for AVX2, offset for VNNI): a
+    model keeps that build when the selection changes later, and computes what it did."""
+    if "avx2" not in cpu.features() or cpu.c_compiler() is None:
+        pytest.skip("needs AVX2 and a C compiler")
+    from hexin.model import Llama
+
+    force_kernels(monkeypatch, "avx2,fma,f16c", None)
+    model = Llama.from_loaded(default_model, quant="q4")
+    assert model.kernels is not None and model.kernels.isa == "avx2"
+
+    def step() -> torch.Tensor:
+        cache = model.new_cache()
+        model.forward(torch.tensor([[1, 504, 3458]]), cache)
+        return model.forward(torch.tensor([[314]]), cache)
+
+    before = step()
+    force_kernels(monkeypatch, None, "0")  # now PyTorch's kernels for new models
+    assert torch.equal(step(), before)
+    native.kernels.cache_clear()

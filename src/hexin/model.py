@@ -79,20 +79,23 @@ class Llama:
         ).to(self.device)
         #: each layer as one call of hexin's own decode kernel, where every projection runs
         #: it (q4 weights, fp32 activations, bf16 cache on a CPU it was built for); else None
-        self.fused = self._fused_layers()
+        self.fused: list[native.Layer] | None = None
+        self.kernels: native.Kernels | None = None
+        self._fuse_layers()
 
-    def _fused_layers(self) -> list[native.Layer] | None:
+    def _fuse_layers(self) -> None:
         if self.dtype != torch.float32 or self.kv_dtype != torch.bfloat16:
-            return None
-        fused = []
+            return
+        fused, builds = [], set()
         for ly in self.layers:
-            projections = tuple(
-                getattr(m, "native", None) for m in (ly.qkv, ly.wo, ly.gate_up, ly.down)
-            )
-            if any(p is None for p in projections):
-                return None
-            fused.append(native.layer_struct(self.config, ly.attn_norm, ly.mlp_norm, projections))  # type: ignore[arg-type]
-        return fused
+            mats = (ly.qkv, ly.wo, ly.gate_up, ly.down)
+            if not all(isinstance(m, BlockLinear) for m in mats):
+                return
+            weights = tuple(m.native for m in mats)  # type: ignore[attr-defined]
+            builds |= {m.kernels for m in mats}  # type: ignore[attr-defined]
+            fused.append(native.layer_struct(self.config, ly.attn_norm, ly.mlp_norm, weights))
+        if len(builds) == 1:
+            self.fused, self.kernels = fused, builds.pop()
 
     @classmethod
     def from_loaded(
@@ -182,14 +185,14 @@ class Llama:
     def _decode_fused(self, tokens: Tensor, cache: KVView) -> Tensor:
         """A decode step (T = 1) with each layer in one call of the native kernel, which
         computes every row on its own (the same result alone or in any batch)."""
-        kernels = native.kernels()
-        assert kernels is not None and self.fused is not None
+        kernels, fused = self.kernels, self.fused
+        assert kernels is not None and fused is not None
         offsets = cache.offsets
         cache.reserve(1)
         cos, sin = ops.rope_cos_sin(offsets, self.inv_freq)
         step = native.DecodeStep(offsets, cos, sin, cache.slots())  # type: ignore[attr-defined]
         x = ops.embedding(tokens[:, 0], self.embed).float().contiguous()
-        for i, layer in enumerate(self.fused):
+        for i, layer in enumerate(fused):
             kernels.decode_layer(layer, step.at_layer(i), x)
         cache.advance(tokens)
         n = ops.rms_norm(x, self.norm, self.config.rms_norm_eps)
@@ -286,11 +289,12 @@ class _LinearFactory:
             if all(g is not None for g in groups):
                 q, scale, zero = concat_int4(groups)  # type: ignore[arg-type]
                 if kernels is not None:
-                    return BlockLinear(native.Q4Weight(q, scale, zero), wide=wide, terms=terms)
+                    weight4 = native.Q4Weight(q, scale, zero)
+                    return BlockLinear(weight4, kernels, wide=wide, terms=terms)
                 return Int4Linear(q, scale, zero, wide=wide)
             if kernels is not None:  # e.g. the LM head, Q8_0 in the file (4 bits cost 2.2%)
                 weight8 = native.Q8Weight(weight, signed=kernels.q8_signed)
-                return BlockLinear(weight8, wide=wide, terms=terms)
+                return BlockLinear(weight8, kernels, wide=wide, terms=terms)
         return Int8Linear(weight, terms=1 if head else 2)
 
 

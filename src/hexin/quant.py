@@ -240,18 +240,26 @@ class BlockLinear(Linear):
     (``native``) for decode steps, activations rounded to 8 bits per block, each row on its
     own; prompt tokens go to ``wide`` (int8), as in ``Int4Linear``."""
 
-    def __init__(self, weight: native.BlockWeight, *, wide: Linear, terms: int = 2) -> None:
-        """``terms``: int8 terms per activation block (see ``kernels.c``'s quantize_row):
-        two for a layer, one for an LM head, whose likeliest outputs ``refine_top``
-        recomputes."""
-        self.native, self.wide, self.terms = weight, wide, terms
+    def __init__(
+        self,
+        weight: native.BlockWeight,
+        kernels: native.Kernels,
+        *,
+        wide: Linear,
+        terms: int = 2,
+    ) -> None:
+        """``kernels``: the build ``weight`` was laid out for (kept, so that a later change
+        of selection never pairs them wrongly); ``terms``: int8 terms per activation block
+        (see ``kernels.c``'s quantize_row): two for a layer, one for an LM head, whose
+        likeliest outputs ``refine_top`` recomputes."""
+        self.native, self.kernels, self.wide, self.terms = weight, kernels, wide, terms
         self.out_features, self.in_features = weight.out_features, weight.in_features
 
     def __call__(self, x: Tensor, *, prompt: bool = False) -> Tensor:
-        kernels = native.kernels()
-        if prompt or kernels is None:
+        if prompt:
             return self.wide(x)
-        y = kernels.linear(self.native, x.reshape(-1, self.in_features).float(), terms=self.terms)
+        x2 = x.reshape(-1, self.in_features).float()
+        y = self.kernels.linear(self.native, x2, terms=self.terms)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def refine_top(self, x: Tensor, y: Tensor) -> Tensor:
