@@ -185,10 +185,6 @@ def kernels() -> Kernels | None:
         return None
 
 
-def available() -> bool:
-    return kernels() is not None
-
-
 class BlockWeight:
     """A weight in ``kernels.c``'s layout: values in blocks of 32 inputs, w = q * d + m
     per block (d and m in fp16, as GGUF stores them), the values packed ``bits`` wide."""

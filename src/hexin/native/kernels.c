@@ -97,6 +97,15 @@ static void run_parallel(hx_task fn, void *ctx) {
     fn(ctx, 0, 1);
 }
 
+/* ``fn`` over ``rows`` rows of per-row work: on every thread when there are many rows, on
+ * this one when there are few (not worth waking the others for) */
+static void run_rows(hx_task fn, void *ctx, int rows) {
+    if (rows >= 8)
+        run_parallel(fn, ctx);
+    else
+        fn(ctx, 0, 1);
+}
+
 static void split(int n, int ith, int nth, int *lo, int *hi) {
     int per = (n + nth - 1) / nth;
     *lo = ith * per < n ? ith * per : n;
@@ -570,24 +579,20 @@ static void q8_row(q8_buffer *b, int r, const float *x) {
 
 typedef struct {
     q8_buffer *buffer;
-    const float *x;
-    int rows, ldx;
+    const float *x; /* (buffer rows, buffer k) */
 } quantize_job;
 
 static void quantize_task(void *ctx, int ith, int nth) {
     const quantize_job *j = ctx;
     int lo, hi;
-    split(j->rows, ith, nth, &lo, &hi);
-    for (int r = lo; r < hi; r++) q8_row(j->buffer, r, j->x + (size_t)r * j->ldx);
+    split(j->buffer->rows, ith, nth, &lo, &hi);
+    for (int r = lo; r < hi; r++) q8_row(j->buffer, r, j->x + (size_t)r * j->buffer->k);
 }
 
-/* all rows of x (rows, ldx) into ``buffer``, split across threads when there are many */
-static void quantize_rows(q8_buffer *buffer, const float *x, int rows, int ldx) {
-    quantize_job job = {buffer, x, rows, ldx};
-    if (rows >= 8)
-        run_parallel(quantize_task, &job);
-    else
-        quantize_task(&job, 0, 1);
+/* every row of x into ``buffer`` */
+static void quantize_rows(q8_buffer *buffer, const float *x) {
+    quantize_job job = {buffer, x};
+    run_rows(quantize_task, &job, buffer->rows);
 }
 
 static void matmul(const hx_weight *w, int rows, const q8_buffer *a, float *y, int ldy,
@@ -602,7 +607,7 @@ int hx_linear(const hx_weight *w, int rows, int terms, const float *x, float *y)
     q8_buffer a;
     int ok = q8_alloc(&a, rows, w->k, terms == 2 ? 2 : 1);
     if (ok) {
-        quantize_rows(&a, x, rows, w->k);
+        quantize_rows(&a, x);
         matmul(w, rows, &a, y, w->n, NULL);
     }
     q8_free(&a);
@@ -837,10 +842,7 @@ static void row_task(void *ctx, int ith, int nth) {
 static void rows_step(const hx_layer *L, int kind, const float *x, float *scratch, q8_buffer *out,
                       const float *weight) {
     row_job job = {L, kind, x, scratch, out, weight};
-    if (out->rows >= 8)
-        run_parallel(row_task, &job);
-    else
-        row_task(&job, 0, 1);
+    run_rows(row_task, &job, out->rows);
 }
 
 /* Rotate-half RoPE of one head in place. */
@@ -887,7 +889,7 @@ int hx_decode_layer(const hx_layer *L, const hx_step *S, float *x) {
         }
         attention_job aj = {L, S, qkv, attn, max_len};
         run_parallel(attention_task, &aj);
-        quantize_rows(&a_attn, attn, rows, H * D);
+        quantize_rows(&a_attn, attn);
         matmul(L->wo, rows, &a_attn, mid, hidden, x);
         rows_step(L, NORM, mid, norm, &a_hidden, L->mlp_norm);
         matmul(L->gate_up, rows, &a_hidden, gu, 2 * inter, NULL);
