@@ -394,14 +394,18 @@ def test_abandoned_non_streaming_request_is_cancelled(http):
     """A client that gives up on a non-streaming completion (a timeout, a closed tab)
     should not keep the engine generating up to max_tokens for nobody; it also makes a
     graceful shutdown wait for that generation."""
+    # a budget decode cannot cover in the second the client waits plus the time the server
+    # takes to notice it left (~200 tokens at today's CPU decode speed); the model counts
+    # on past it without an end-of-sequence token
+    budget = 1024
     before = wait_idle(http)
     with pytest.raises(httpx.TimeoutException):
-        http.post("/v1/completions", json=COUNTING, timeout=1.0)
+        http.post("/v1/completions", json=COUNTING | {"max_tokens": budget}, timeout=1.0)
     after = wait_idle(http, timeout=120)
     decoded = metric(after, "hexin_engine_decode_tokens") - metric(
         before, "hexin_engine_decode_tokens"
     )
-    assert decoded < 200, f"{decoded} tokens decoded for a client that left"
+    assert decoded < budget / 2, f"{decoded} tokens decoded for a client that left"
 
 
 def test_model_that_fails_to_load(tmp_path):
