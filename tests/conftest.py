@@ -114,18 +114,26 @@ def http(server):
         yield client
 
 
+#: an AVX-512 VNNI CPU without AMX (Intel Xeon 3rd gen, AMD Zen 4)
+AVX512_VNNI = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512_vnni"
 #: every kernel selection a machine can be given, as (HEXIN_CPU_FEATURES, HEXIN_NATIVE):
 #: hexin's own kernels built for each instruction set, and PyTorch's kernels (the fallback
 #: without a compiler) with and without AVX-512; None leaves a variable unset
 KERNEL_SELECTIONS = {
-    "own-avx512_vnni": (None, None),
+    "own-amx": (None, None),
+    "own-avx512_vnni": (AVX512_VNNI, None),
     "own-avx_vnni": ("avx2,fma,f16c,avx_vnni", None),
     "own-avx2": ("avx2,fma,f16c", None),
     "pytorch": (None, "0"),
     "pytorch-avx2": ("avx2,fma,f16c", "0"),
 }
 #: what the real CPU must have for a selection to run on it (else the test is skipped)
-NEEDS = {"own-avx512_vnni": "avx512_vnni", "own-avx_vnni": "avx_vnni", "own-avx2": "avx2"}
+NEEDS = {
+    "own-amx": "amx_int8",
+    "own-avx512_vnni": "avx512_vnni",
+    "own-avx_vnni": "avx_vnni",
+    "own-avx2": "avx2",
+}
 
 
 def force_kernels(monkeypatch: pytest.MonkeyPatch, features: str | None, own: str | None) -> None:

@@ -12,6 +12,7 @@ from hexin.quant import EXACT_K, Int8Linear, int_mm
 
 AVX2_ONLY = "avx2,fma"  # an AMD Zen 3 or an Intel Core without AVX-512
 VNNI = "avx2,fma,avx512f,avx512_vnni"
+AMX = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512_vnni,amx_tile,amx_int8"
 
 
 @pytest.fixture
@@ -30,11 +31,15 @@ def cpu_features(monkeypatch):
     cpu.features.cache_clear()
 
 
-def test_selection_follows_the_features(cpu_features):
+def test_selection_follows_the_features(cpu_features, monkeypatch):
     cpu_features(AVX2_ONLY)
     assert cpu.int8_kernel() == "fp32"
     assert cpu.report()["forced"] is True and cpu.report()["features"] == ["avx2", "fma"]
     cpu_features(VNNI)
+    assert cpu.int8_kernel() == "vnni"
+    cpu_features(AMX)  # AMX's kernel is hexin's own, in its AVX-512 VNNI build
+    assert cpu.int8_kernel() == ("amx" if cpu.c_compiler() else "vnni")
+    monkeypatch.setenv("HEXIN_NATIVE", "0")
     assert cpu.int8_kernel() == "vnni"
 
 
@@ -42,7 +47,9 @@ def test_no_scalar_kernel_is_selected_on_this_machine(cpu_features):
     """PyTorch runs ``torch._int_mm`` through oneDNN only with AVX-512 VNNI; anywhere
     else it is a scalar loop, which must never be chosen."""
     cpu_features(None)
-    if cpu.int8_kernel() == "vnni":
+    if cpu.int8_kernel() == "amx":
+        assert {"amx_tile", "amx_int8", "avx512_vnni"} <= cpu.features()
+    elif cpu.int8_kernel() == "vnni":
         assert "avx512_vnni" in cpu.features()
     else:
         assert cpu.int8_kernel() == "fp32"
@@ -72,6 +79,13 @@ def test_int8_linear_is_bitwise_the_same_on_either_kernel(cpu_features):
     assert vnni.q.dtype == torch.int8 and fp32.q.dtype == torch.float32
     assert torch.equal(vnni(x), fp32(x))
     assert torch.equal(head_vnni.refine_top(x, head_vnni(x)), head_fp32.refine_top(x, head_fp32(x)))
+    cpu_features(AMX)
+    if {"amx_tile", "amx_int8"} <= cpu.detected() and cpu.int8_kernel() == "amx":
+        amx, head_amx = Int8Linear(weight), Int8Linear(weight, terms=1)
+        assert amx.amx is not None and head_amx.amx is not None
+        assert torch.equal(amx(x), vnni(x))
+        top_amx = head_amx.refine_top(x, head_amx(x))
+        assert torch.equal(top_amx, head_vnni.refine_top(x, head_vnni(x)))
 
 
 def test_q4_model_logits_are_the_same_without_vnni(default_model, cpu_features, monkeypatch):

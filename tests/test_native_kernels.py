@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from hexin import cpu, native
+from hexin import cpu, native, quant
 from tests.conftest import force_kernels
 
 #: (features, the build hexin picks); an x86 CPU without AVX2 gets PyTorch's kernels
@@ -45,7 +45,11 @@ def test_no_scalar_kernel_is_selected_on_this_machine(monkeypatch):
     if native.kernels() is not None:
         assert native.kernels().isa == cpu.own_isa()  # type: ignore[union-attr]
         assert "hexin's own" in cpu.kernels()["decode (q4)"]
-    assert cpu.int8_kernel() == "vnni" or "avx512_vnni" not in cpu.features()
+    found = cpu.features()
+    if {"amx_tile", "amx_int8"} <= found and native.kernels() is not None:
+        assert cpu.int8_kernel() == "amx" and native.kernels().amx  # type: ignore[union-attr]
+    else:
+        assert cpu.int8_kernel() == "vnni" or "avx512_vnni" not in found
 
 
 @pytest.fixture(params=list(RUNS_ON))
@@ -153,3 +157,40 @@ def test_a_model_keeps_the_build_it_was_made_for(default_model, monkeypatch):
     force_kernels(monkeypatch, None, "0")  # now PyTorch's kernels for new models
     assert torch.equal(step(), before)
     native.kernels.cache_clear()
+
+
+@pytest.fixture
+def amx_kernels(monkeypatch):
+    """The build with the AMX kernel, where this CPU and Linux let it run."""
+    force_kernels(monkeypatch, None, None)
+    if not {"amx_tile", "amx_int8"} <= cpu.detected():
+        pytest.skip("this CPU has no AMX")
+    found = native.kernels()
+    if found is None or not found.amx:
+        pytest.skip("no C compiler, or Linux did not grant AMX's tile state")
+    return found
+
+
+@pytest.mark.parametrize("terms", [1, 2])
+@pytest.mark.parametrize(("rows", "k", "n"), [(1, 64, 16), (17, 576, 48), (40, 1536, 96)])
+def test_amx_int8_linear_is_bitwise_pytorchs(amx_kernels, monkeypatch, terms, rows, k, n):
+    """AMX's tiles give the integer sums oneDNN gives, and the rounding and scaling around
+    them are PyTorch's: the same values bit for bit, for any number of rows (padding to
+    the tile's 16 rows, a lone tile of 16 outputs), each row alone as in the batch."""
+    g = torch.Generator().manual_seed(rows * k + n)
+    weight, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g) * 3
+    amx = quant.Int8Linear(weight, terms=terms)
+    assert amx.amx is not None
+    q = torch.round(weight / amx.scale[:, None]).to(torch.int8)
+    assert torch.equal(amx.amx.rows(torch.arange(n)), q)
+    pytorch = quant._int8_matmul_eager if terms == 2 else quant._int8_matmul_one_term
+    y = amx(x)
+    assert torch.equal(y, pytorch(x, q, amx.scale))
+    assert torch.equal(amx(x[-1:]), y[-1:])
+
+
+def test_amx_needs_whole_tiles(amx_kernels):
+    """Shapes AMX's packing cannot take run through PyTorch's int8 kernel instead."""
+    assert quant.Int8Linear(torch.randn(40, 64)).amx is None  # 40 outputs: not whole tiles
+    assert quant.Int8Linear(torch.randn(32, 96)).amx is None  # 96 inputs: not whole tiles
+    assert quant.Int8Linear(torch.randn(32, 128)).amx is not None

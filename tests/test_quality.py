@@ -27,6 +27,7 @@ TOLERANCE = 0.02  # relative perplexity drift allowed against fp32
 #: for the exact fp32-GEMM kernel (PyTorch's own int8 matmul is scalar there): int8 mode
 #: then reads what fp32 does, and q4 its int4 layers plus an fp32 LM head.
 MAX_BYTES_RATIO = {
+    "amx": {"int8": 0.3, "q4": 0.25},
     "vnni": {"int8": 0.3, "q4": 0.25},
     "fp32": {"int8": 1.01, "q4": 0.35},
 }

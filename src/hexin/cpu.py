@@ -31,17 +31,23 @@ KNOWN = (
     "avx512_vnni",
     "avx_vnni",
     "avx512_bf16",
+    "amx_tile",
     "amx_int8",
 )
 
 
 @functools.cache
 def features() -> frozenset[str]:
-    """The CPU's feature flags (x86 flags from /proc/cpuinfo; empty elsewhere), or those
-    ``HEXIN_CPU_FEATURES`` names."""
+    """The CPU's feature flags (``detected``), or those ``HEXIN_CPU_FEATURES`` names."""
     forced = os.environ.get("HEXIN_CPU_FEATURES")
     if forced is not None:
         return frozenset(f.strip().lower() for f in forced.split(",") if f.strip())
+    return detected()
+
+
+@functools.cache
+def detected() -> frozenset[str]:
+    """What the CPU really has: x86 flags from /proc/cpuinfo; empty elsewhere."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -61,11 +67,20 @@ def model_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def amx() -> bool:
+    """Whether int8 products can run on AMX tiles: the CPU has them and hexin's own
+    kernels are built for AVX-512 VNNI here (the build that holds the AMX kernel)."""
+    return {"amx_tile", "amx_int8"} <= features() and own_isa() == "avx512_vnni"
+
+
 def int8_kernel() -> str:
-    """The kernel for int8 x int8 products: "vnni" (``torch._int_mm`` through oneDNN, on
-    AVX-512 VNNI) or "fp32" (the same integer sums through an fp32 GEMM: vectorised on
-    any CPU)."""
-    return "vnni" if "avx512_vnni" in features() else "fp32"
+    """The kernel for int8 x int8 products: "amx" (hexin's own, on AMX tiles), "vnni"
+    (``torch._int_mm`` through oneDNN, on AVX-512 VNNI) or "fp32" (the same integer sums
+    through an fp32 GEMM: vectorised on any CPU)."""
+    found = features()
+    if amx() and c_compiler() is not None:
+        return "amx"
+    return "vnni" if "avx512_vnni" in found else "fp32"
 
 
 def native_isa() -> str | None:
@@ -108,6 +123,8 @@ def c_compiler() -> str | None:
 def kernels() -> dict[str, str]:
     """The kernel each matrix role runs on this CPU (see ``hexin info``)."""
     int8 = f"int8 x int8, {int8_kernel()}"
+    if int8_kernel() == "amx":
+        int8 = "int8 x int8, hexin's own AMX tiles"
     isa = own_isa()
     if isa is None or c_compiler() is None:
         decode = "int4 weights x bf16 activations (PyTorch's packed int4 kernel)"

@@ -95,6 +95,15 @@ class Weight(ctypes.Structure):
     ]
 
 
+class Int8Weight(ctypes.Structure):
+    _fields_ = [
+        ("q", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("n", ctypes.c_int32),
+        ("k", ctypes.c_int32),
+    ]
+
+
 class Layer(ctypes.Structure):
     _fields_ = [
         ("hidden", ctypes.c_int32),
@@ -146,8 +155,18 @@ class Kernels:
             ctypes.POINTER(Step),
             ctypes.c_void_p,
         ]
+        lib.hx_amx_linear.argtypes = [
+            ctypes.POINTER(Int8Weight),
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         self.lib, self.path = lib, path
         self.isa = lib.hx_isa().decode()
+        #: whether AMX tiles run here: the CPU has them, this build holds their kernel
+        #: (avx512_vnni) and Linux granted the process their state
+        self.amx = cpu.amx() and bool(lib.hx_amx_init())
         self.q8_signed = bool(lib.hx_q8_signed())
         self.threads = lib.hx_init(torch.get_num_threads())
 
@@ -159,6 +178,16 @@ class Kernels:
         args = (x.shape[0], terms, x.data_ptr(), y.data_ptr())
         if self.lib.hx_linear(ctypes.byref(weight.struct), *args):
             raise MemoryError("hexin's linear kernel ran out of memory")
+        return y
+
+    def amx_linear(self, weight: AmxWeight, x: Tensor, *, terms: int = 2) -> Tensor:
+        """x (rows, K) fp32 @ weight^T -> (rows, N) fp32 through AMX tiles, each activation
+        row rounded to int8 in ``terms`` terms (see ``quant.Int8Linear``)."""
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], weight.out_features, dtype=torch.float32)
+        args = (x.shape[0], terms, x.data_ptr(), y.data_ptr())
+        if self.lib.hx_amx_linear(ctypes.byref(weight.struct), *args):
+            raise MemoryError("hexin's AMX kernel ran out of memory")
         return y
 
     def decode_layer(self, layer: Layer, step: Step, x: Tensor) -> None:
@@ -249,6 +278,35 @@ class Q8Weight(BlockWeight):
             self.m = (-128 * self.d).contiguous()  # exact in fp16
         self.out_features, self.in_features = n, k
         self._describe()
+
+
+class AmxWeight:
+    """An int8 weight (w = q * scale per output row) packed for AMX: tiles of 16 outputs,
+    each row of a tile 4 consecutive inputs of each of the 16 (the layout ``tdpbssd``
+    reads its second operand in)."""
+
+    #: what the packing needs: whole tiles of outputs and of inputs
+    OUT_MULTIPLE, IN_MULTIPLE = 16, 64
+
+    def __init__(self, q: Tensor, scale: Tensor) -> None:
+        n, k = q.shape
+        self.q = q.view(n // 16, 16, k // 4, 4).transpose(1, 2).contiguous()
+        self.scale = scale.float().contiguous()
+        self.out_features, self.in_features = n, k
+        self.struct = Int8Weight(self.q.data_ptr(), self.scale.data_ptr(), n, k)
+
+    @classmethod
+    def fits(cls, out_features: int, in_features: int) -> bool:
+        return out_features % cls.OUT_MULTIPLE == 0 and in_features % cls.IN_MULTIPLE == 0
+
+    def rows(self, index: Tensor) -> Tensor:
+        """The int8 rows ``index`` (any shape) of the unpacked weight."""
+        picked = self.q[index // 16, :, index % 16, :]  # (*index.shape, K / 4, 4)
+        return picked.reshape(*index.shape, self.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
 
 
 def block_order(k: int) -> Tensor:

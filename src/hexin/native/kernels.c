@@ -20,6 +20,7 @@
  * does not depend on how many rows the call has or which rows are its neighbours: results
  * are the same for a sequence alone or in any batch.
  */
+#define _GNU_SOURCE /* syscall(), to ask Linux for AMX's tile state */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -30,6 +31,10 @@
 #endif
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -612,6 +617,207 @@ int hx_linear(const hx_weight *w, int rows, int terms, const float *x, float *y)
     }
     q8_free(&a);
     return ok ? 0 : -1;
+}
+
+/* ------------------------------------------------------------------ int8 x int8 with AMX */
+
+/* Prompts (many rows at once) are compute-bound. Where the CPU has AMX (Intel Xeon 4th gen
+ * and later), its tile unit multiplies int8 matrices several times faster than VNNI. The
+ * weight is int8 per output row (w = q * scale), packed once in the layout AMX reads its
+ * second operand in; each activation row is rounded to int8 twice (the row, then its
+ * rounding error: ~14 bits), as quant.Int8Linear does through PyTorch elsewhere:
+ * y = (sum q_hi q * s_hi + sum q_lo q * s_lo) * scale. The sums are exact integers and
+ * each output is scaled by the same operations whatever the number of rows, so results
+ * never depend on the batch. The tile unit is only entered through hx_amx_* below, which
+ * the avx512_vnni build compiles for AMX at the function level, and Python only calls
+ * them after hx_amx_init() said yes. */
+
+#if defined(HX_AVX512) && defined(__linux__) && defined(__x86_64__) && \
+    (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 11))
+#define HX_AMX 1
+#define AMX_TARGET __attribute__((target("amx-tile,amx-int8")))
+#endif
+
+typedef struct {
+    const int8_t *q;    /* (N / 16, K / 4, 16, 4): tiles of 16 outputs x 4 inputs a row */
+    const float *scale; /* (N,) */
+    int32_t n, k;
+} hx_int8_weight;
+
+/* 1 where AMX can run in this process (Linux grants the tile state on request), else 0 */
+int hx_amx_init(void) {
+#if defined(HX_AMX)
+    const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+    return 0;
+#endif
+}
+
+/* Round each of ``rows`` rows of x (rows, k) to int8 in ``terms`` terms: hi (and lo) are
+ * (rows padded to 16, k), the padding left zero; s_hi, s_lo (rows,) their scales. The
+ * rule is quant._round_rows's: scale = max(|max|, 1e-30) / 127, q = round(x / scale). */
+typedef struct {
+    const float *x;
+    int8_t *hi, *lo;
+    float *s_hi, *s_lo;
+    int rows, k, terms;
+} round_job;
+
+#if defined(HX_AMX)
+/* k a multiple of 64 (hx_amx_linear's precondition) */
+static float round_row(const float *x, int k, int8_t *q) {
+    __m512 m0 = _mm512_setzero_ps(), m1 = _mm512_setzero_ps();
+    for (int i = 0; i < k; i += 32) {
+        m0 = _mm512_max_ps(m0, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+        m1 = _mm512_max_ps(m1, _mm512_abs_ps(_mm512_loadu_ps(x + i + 16)));
+    }
+    float scale = fmaxf(_mm512_reduce_max_ps(_mm512_max_ps(m0, m1)), 1e-30f) / 127.0f;
+    __m512 sv = _mm512_set1_ps(scale);
+    for (int i = 0; i < k; i += 16) {
+        __m512 t = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + i), sv),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(t)));
+    }
+    return scale;
+}
+
+static void round_task(void *ctx, int ith, int nth) {
+    const round_job *j = ctx;
+    int lo, hi;
+    split(j->rows, ith, nth, &lo, &hi);
+    float *err = j->terms == 2 ? aligned_alloc(64, sizeof(float) * j->k) : NULL;
+    if (j->terms == 2 && !err) abort();
+    for (int r = lo; r < hi; r++) {
+        const float *x = j->x + (size_t)r * j->k;
+        int8_t *h = j->hi + (size_t)r * j->k;
+        float s = round_row(x, j->k, h);
+        j->s_hi[r] = s;
+        if (j->terms == 2) { /* x - q s, as PyTorch computes it (no fused multiply-add) */
+            __m512 sv = _mm512_set1_ps(s);
+            for (int i = 0; i < j->k; i += 16) {
+                __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(h + i))));
+                _mm512_store_ps(err + i, _mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_mul_ps(q, sv)));
+            }
+            j->s_lo[r] = round_row(err, j->k, j->lo + (size_t)r * j->k);
+        }
+    }
+    free(err);
+}
+#endif
+
+typedef struct {
+    const hx_int8_weight *w;
+    const int8_t *hi, *lo;
+    const float *s_hi, *s_lo;
+    float *y;
+    int rows, terms;
+} amx_job;
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+#if defined(HX_AMX)
+/* y for rows m0.. (up to 16) and outputs n0.. (16 a tile, NT tiles) from the int32 tiles c:
+ * c[t] the high term's sums against weight tile t, c[2 + t] the low term's */
+static inline void amx_store(const amx_job *j, int m0, int n0, int NT, int32_t c[4][16][16]) {
+    int N = j->w->n, m_end = j->rows - m0 < 16 ? j->rows - m0 : 16;
+    for (int t = 0; t < NT; t++) {
+        __m512 sc = _mm512_loadu_ps(j->w->scale + n0 + 16 * t);
+        for (int m = 0; m < m_end; m++) { /* in quant.py's order of operations */
+            __m512 hi = _mm512_cvtepi32_ps(_mm512_load_si512(c[t][m]));
+            __m512 s_hi = _mm512_set1_ps(j->s_hi[m0 + m]), v;
+            if (j->terms == 2) {
+                __m512 lo = _mm512_cvtepi32_ps(_mm512_load_si512(c[2 + t][m]));
+                v = _mm512_add_ps(_mm512_mul_ps(hi, s_hi), _mm512_mul_ps(lo, _mm512_set1_ps(j->s_lo[m0 + m])));
+                v = _mm512_mul_ps(v, sc);
+            } else {
+                v = _mm512_mul_ps(hi, _mm512_mul_ps(s_hi, sc));
+            }
+            _mm512_storeu_ps(j->y + (size_t)(m0 + m) * N + n0 + 16 * t, v);
+        }
+    }
+}
+
+/* Tiles: 0-3 sums (16 rows x 16 int32), 4-5 the rows' high and low terms (16 rows x 64
+ * inputs), 6-7 two weight tiles (16 quads of inputs x 16 outputs x 4). */
+AMX_TARGET static void amx_task(void *ctx, int ith, int nth) {
+    const amx_job *j = ctx;
+    const int K = j->w->k, N = j->w->n, quads = K / 4;
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    int32_t c[4][16][16] __attribute__((aligned(64)));
+    int lo, hi, padded = (j->rows + 15) / 16 * 16;
+    split((N / 16 + 1) / 2, ith, nth, &lo, &hi); /* pairs of weight tiles */
+    for (int p = lo; p < hi; p++) {
+        int n0 = 32 * p, NT = n0 + 32 <= N ? 2 : 1;
+        const int8_t *w0 = j->w->q + (size_t)(n0 / 16) * quads * 64, *w1 = w0 + (size_t)quads * 64;
+        for (int m0 = 0; m0 < padded; m0 += 16) {
+            const int8_t *a_hi = j->hi + (size_t)m0 * K, *a_lo = j->lo + (size_t)m0 * K;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int k = 0; k < K; k += 64) {
+                _tile_loadd(4, a_hi + k, K);
+                _tile_loadd(6, w0 + k * 16, 64);
+                _tile_dpbssd(0, 4, 6);
+                if (NT == 2) {
+                    _tile_loadd(7, w1 + k * 16, 64);
+                    _tile_dpbssd(1, 4, 7);
+                }
+                if (j->terms == 2) {
+                    _tile_loadd(5, a_lo + k, K);
+                    _tile_dpbssd(2, 5, 6);
+                    if (NT == 2) _tile_dpbssd(3, 5, 7);
+                }
+            }
+            _tile_stored(0, c[0], 64);
+            _tile_stored(1, c[1], 64);
+            _tile_stored(2, c[2], 64);
+            _tile_stored(3, c[3], 64);
+            amx_store(j, m0, n0, NT, c);
+        }
+    }
+    _tile_release();
+}
+#endif
+
+/* y (rows, w.n) = x (rows, w.k) W^T through AMX, x in ``terms`` (1 or 2) int8 terms a row.
+ * w.k must be a multiple of 64 and w.n of 16. Returns 0; -1 when memory ran out; -2 where
+ * this build has no AMX. */
+int hx_amx_linear(const hx_int8_weight *w, int rows, int terms, const float *x, float *y) {
+#if defined(HX_AMX)
+    int padded = (rows + 15) / 16 * 16;
+    terms = terms == 2 ? 2 : 1;
+    size_t plane = (size_t)padded * w->k; /* one term's bytes */
+    int8_t *q = malloc(plane * terms);
+    float *s = malloc(sizeof(float) * rows * 2);
+    int ok = q && s;
+    if (ok) {
+        for (int t = 0; t < terms; t++) /* rows past the last stay zero */
+            memset(q + t * plane + (size_t)rows * w->k, 0, (size_t)(padded - rows) * w->k);
+        round_job rj = {x, q, q + plane, s, s + rows, rows, w->k, terms};
+        run_rows(round_task, &rj, rows);
+        amx_job aj = {w, rj.hi, rj.lo, rj.s_hi, rj.s_lo, y, rows, terms};
+        run_parallel(amx_task, &aj);
+    }
+    free(q);
+    free(s);
+    return ok ? 0 : -1;
+#else
+    (void)w, (void)rows, (void)terms, (void)x, (void)y;
+    return -2;
+#endif
 }
 
 /* ------------------------------------------------------------------ a decode layer */
