@@ -62,25 +62,36 @@ def kernels(request):
     return native.Kernels(native.build(request.param, cc))
 
 
-def random_q4(n: int, k: int, g: torch.Generator) -> tuple[native.Q4Weight, torch.Tensor]:
-    """A random 4-bit weight and the dense weight it encodes."""
+def random_q4(
+    n: int, k: int, g: torch.Generator, tiles: int = 0
+) -> tuple[native.Q4Weight, torch.Tensor]:
+    """A random 4-bit weight (in the ``tiles`` layout) and the dense weight it encodes."""
     q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
     scale = (torch.rand(n, k // 32, generator=g) * 0.01).half().float()
     zero = (torch.randn(n, k // 32, generator=g) * 0.02).half().float()
-    weight = native.Q4Weight(q, scale, zero)
-    dense = (q.float() - 8).view(n, -1, 32) * weight.d.float()[..., None]
-    return weight, (dense + (weight.m.float() + 8 * weight.d.float())[..., None]).view(n, k)
+    weight = native.Q4Weight(q, scale, zero, tiles=tiles)
+    d, m = scale, (zero - 8 * scale).half().float()  # what the kernel holds, in fp16
+    return weight, (q.float().view(n, -1, 32) * d[..., None] + m[..., None]).view(n, k)
+
+
+def random_weight(
+    bits: int, n: int, k: int, g: torch.Generator, kernels: native.Kernels, tiles: int = 0
+) -> tuple[native.BlockWeight, torch.Tensor]:
+    if bits == 4:
+        return random_q4(n, k, g, tiles)
+    dense = torch.randn(n, k, generator=g) * 0.05
+    return native.Q8Weight(dense, signed=kernels.q8_signed or bool(tiles), tiles=tiles), dense
 
 
 @pytest.mark.parametrize("k", [32, 64, 96, 576, 608])  # one block, a pair, a pair + 1, ...
 @pytest.mark.parametrize("bits", [4, 8])
-def test_each_build_matches_the_dense_product_and_rows_stay_independent(kernels, k, bits):
+@pytest.mark.parametrize("layout", ["rows", "tiles"])
+def test_each_build_matches_the_dense_product_and_rows_stay_independent(kernels, k, bits, layout):
+    if layout == "tiles" and not kernels.tiles:
+        pytest.skip(f"the {kernels.isa} build has no tile layout")
+    tiles = kernels.tiles if layout == "tiles" else 0
     g = torch.Generator().manual_seed(k + bits)
-    if bits == 4:
-        weight, dense = random_q4(37, k, g)
-    else:
-        dense = torch.randn(37, k, generator=g) * 0.05
-        weight = native.Q8Weight(dense, signed=kernels.q8_signed)
+    weight, dense = random_weight(bits, 48 if tiles else 37, k, g, kernels, tiles)
     x = torch.randn(9, k, generator=g)
     exact = x.double() @ dense.double().T
     for terms, tolerance in ((1, 0.03), (2, 0.01 if bits == 4 else 0.03)):
@@ -194,3 +205,27 @@ def test_amx_needs_whole_tiles(amx_kernels):
     assert quant.Int8Linear(torch.randn(40, 64)).amx is None  # 40 outputs: not whole tiles
     assert quant.Int8Linear(torch.randn(32, 96)).amx is None  # 96 inputs: not whole tiles
     assert quant.Int8Linear(torch.randn(32, 128)).amx is not None
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tiled_weights_give_the_same_bits_on_vnni_and_on_amx(amx_kernels, bits):
+    """A few rows go through VNNI, many through the tile unit (``AMX_MIN_ROWS``): both
+    give the same bits, so a row's result never depends on how many others share its
+    step; and VNNI alone gives them too (the build without AMX)."""
+    g = torch.Generator().manual_seed(bits)
+    k = 608  # 19 blocks
+    tiles = {}
+    for layout in (native.TILES_AMX, native.TILES_VNNI):
+        tiles[layout], dense = random_weight(
+            bits, 48, k, torch.Generator().manual_seed(1), amx_kernels, layout
+        )
+    x = torch.randn(40, k, generator=g)
+    exact = x.double() @ dense.double().T
+    for terms in (1, 2):
+        y = amx_kernels.linear(tiles[native.TILES_AMX], x, terms=terms)
+        assert ((y.double() - exact).norm() / exact.norm()).item() < 0.03
+        assert torch.equal(amx_kernels.linear(tiles[native.TILES_VNNI], x, terms=terms), y)
+        for rows in (1, 8, 12, 13, 16, 17):  # VNNI, and the tile unit from 13 rows on
+            assert torch.equal(
+                amx_kernels.linear(tiles[native.TILES_AMX], x[-rows:], terms=terms), y[-rows:]
+            )

@@ -286,14 +286,16 @@ class _LinearFactory:
             wide = Int8Linear(weight, terms=terms)
             kernels = native.kernels()
             groups = [getattr(self.quantized.get(n), "int4_groups", lambda: None)() for n in names]
+            # in AMX's tiles where the build takes them, for whole groups of 16 outputs
+            tiles = kernels.tiles if kernels is not None and weight.shape[0] % 16 == 0 else 0
             if all(g is not None for g in groups):
                 q, scale, zero = concat_int4(groups)  # type: ignore[arg-type]
                 if kernels is not None:
-                    weight4 = native.Q4Weight(q, scale, zero)
+                    weight4 = native.Q4Weight(q, scale, zero, tiles=tiles)
                     return BlockLinear(weight4, kernels, wide=wide, terms=terms)
                 return Int4Linear(q, scale, zero, wide=wide)
             if kernels is not None:  # e.g. the LM head, Q8_0 in the file (4 bits cost 2.2%)
-                weight8 = native.Q8Weight(weight, signed=kernels.q8_signed)
+                weight8 = native.Q8Weight(weight, signed=kernels.q8_signed, tiles=tiles)
                 return BlockLinear(weight8, kernels, wide=wide, terms=terms)
         return Int8Linear(weight, terms=1 if head else 2)
 

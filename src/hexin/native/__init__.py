@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 SOURCE = Path(__file__).with_name("kernels.c")
 BLOCK = 32  # inputs per quantization block (GGUF's Q4 block)
+TILES_VNNI, TILES_AMX = 1, 2  # kernels.c's layouts in AMX's tiles (``Kernels.tiles``)
 
 #: compiler flags per instruction set; each selection compiles to its own library
 ISA_FLAGS = {
@@ -92,6 +93,7 @@ class Weight(ctypes.Structure):
         ("n", ctypes.c_int32),
         ("k", ctypes.c_int32),
         ("bits", ctypes.c_int32),
+        ("tiles", ctypes.c_int32),
     ]
 
 
@@ -167,6 +169,9 @@ class Kernels:
         #: whether AMX tiles run here: the CPU has them, this build holds their kernel
         #: (avx512_vnni) and Linux granted the process their state
         self.amx = cpu.amx() and bool(lib.hx_amx_init())
+        #: the ``tiles`` value for this build's block weights (``kernels.c``): 0, the row
+        #: layout; TILES_VNNI, AMX's tile layout; TILES_AMX, the same and the tile unit too
+        self.tiles = min(lib.hx_tiles(), TILES_AMX if self.amx else TILES_VNNI)
         self.q8_signed = bool(lib.hx_q8_signed())
         self.threads = lib.hx_init(torch.get_num_threads())
 
@@ -219,6 +224,7 @@ class BlockWeight:
     per block (d and m in fp16, as GGUF stores them), the values packed ``bits`` wide."""
 
     bits: int
+    tiles: int = 0
     q: Tensor
     d: Tensor
     m: Tensor
@@ -233,6 +239,7 @@ class BlockWeight:
             self.out_features,
             self.in_features,
             self.bits,
+            self.tiles,
         )
 
     @property
@@ -242,16 +249,23 @@ class BlockWeight:
 
 class Q4Weight(BlockWeight):
     """4-bit values from (q, scale, zero) groups with w = (q - 8) * scale + zero
-    (``GGUFTensor.int4_groups``): nibbles (N, K / 32, 16), d = scale, m = zero - 8 scale."""
+    (``GGUFTensor.int4_groups``): nibbles (N, K / 32, 16), d = scale, m = zero - 8 scale;
+    with ``tiles`` (``Kernels.tiles``), in AMX's tiles instead (``tile_order``)."""
 
     bits = 4
 
-    def __init__(self, q: Tensor, scale: Tensor, zero: Tensor) -> None:
+    def __init__(self, q: Tensor, scale: Tensor, zero: Tensor, *, tiles: int = 0) -> None:
         n, k = q.shape
-        blocks = q.to(torch.uint8).view(n, k // BLOCK, BLOCK)
-        self.q = (blocks[..., :16] | (blocks[..., 16:] << 4)).contiguous()
-        self.d = scale.half().contiguous()
-        self.m = (zero.float() - 8 * scale.float()).half().contiguous()
+        m = zero.float() - 8 * scale.float()
+        self.tiles = tiles
+        if tiles:
+            t = tile_order(q.to(torch.uint8))
+            self.q = (t[..., :256] | (t[..., 256:] << 4)).contiguous()
+            self.d, self.m = tile_order_scales(scale), tile_order_scales(m)
+        else:
+            blocks = q.to(torch.uint8).view(n, k // BLOCK, BLOCK)
+            self.q = (blocks[..., :16] | (blocks[..., 16:] << 4)).contiguous()
+            self.d, self.m = scale.half().contiguous(), m.half().contiguous()
         self.out_features, self.in_features = n, k
         self._describe()
 
@@ -263,17 +277,24 @@ class Q8Weight(BlockWeight):
 
     bits = 8
 
-    def __init__(self, weight: Tensor, *, signed: bool) -> None:
+    def __init__(self, weight: Tensor, *, signed: bool, tiles: int = 0) -> None:
         n, k = weight.shape
         groups = weight.float().view(n, k // BLOCK, BLOCK)
         self.d = (groups.abs().amax(-1) / 127).half().contiguous()
         d = self.d.float()
         inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-        q = torch.round(groups * inv[..., None]).clamp(-127, 127).view(n, k)[:, block_order(k)]
-        if signed:
+        q = torch.round(groups * inv[..., None]).clamp(-127, 127).view(n, k)
+        self.tiles = tiles
+        if tiles:  # signed: the tile unit multiplies signed bytes by signed bytes
+            self.q = tile_order(q.to(torch.int8)).view(torch.uint8).contiguous()
+            self.m = tile_order_scales(torch.zeros_like(self.d))
+            self.d = tile_order_scales(self.d)
+        elif signed:
+            q = q[:, block_order(k)]
             self.q = q.to(torch.int8).view(torch.uint8).contiguous()
             self.m = torch.zeros_like(self.d)
         else:
+            q = q[:, block_order(k)]
             self.q = (q + 128).to(torch.uint8).contiguous()
             self.m = (-128 * self.d).contiguous()  # exact in fp16
         self.out_features, self.in_features = n, k
@@ -307,6 +328,21 @@ class AmxWeight:
     @property
     def nbytes(self) -> int:
         return self.q.nbytes + self.scale.nbytes
+
+
+def tile_order(q: Tensor) -> Tensor:
+    """(N, K) byte values as AMX tiles: (N / 16, K / 32, 512), one tile per group of 16
+    output rows and block of 32 inputs, whose row r holds inputs 4r..4r+3 of each of the 16
+    outputs in turn (the layout ``tdpbssd`` reads its second operand in)."""
+    n, k = q.shape
+    tiles = q.view(n // 16, 16, k // BLOCK, BLOCK // 4, 4)  # group, output, block, row, input
+    return tiles.permute(0, 2, 3, 1, 4).reshape(n // 16, k // BLOCK, 16 * BLOCK)
+
+
+def tile_order_scales(x: Tensor) -> Tensor:
+    """Per-(output, block) values (N, K / 32) as (N / 16, K / 32, 16) fp16, with the tiles."""
+    n, nb = x.shape
+    return x.view(n // 16, 16, nb).transpose(1, 2).half().contiguous()
 
 
 def block_order(k: int) -> Tensor:
