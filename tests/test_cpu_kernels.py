@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hexin import cpu
+from hexin import cpu, native
 from hexin.model import Llama
 from hexin.quant import EXACT_K, Int8Linear, int_mm
 
@@ -17,7 +17,8 @@ AMX = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512_vnni,amx_tile,amx
 
 @pytest.fixture
 def cpu_features(monkeypatch):
-    """Set the features hexin sees (None: detect them again)."""
+    """Set the features hexin sees (None: detect them again); the kernels built for them
+    are found again too."""
 
     def force(value: str | None) -> None:
         if value is None:
@@ -25,10 +26,12 @@ def cpu_features(monkeypatch):
         else:
             monkeypatch.setenv("HEXIN_CPU_FEATURES", value)
         cpu.features.cache_clear()
+        native.kernels.cache_clear()
 
     yield force
     monkeypatch.delenv("HEXIN_CPU_FEATURES", raising=False)
     cpu.features.cache_clear()
+    native.kernels.cache_clear()
 
 
 def test_selection_follows_the_features(cpu_features, monkeypatch):

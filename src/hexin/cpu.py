@@ -99,6 +99,8 @@ def native_isa() -> str | None:
 
 #: the builds of hexin's own kernels (``hexin.native``), one per instruction set
 OWN_BUILDS = ("avx512_vnni", "avx_vnni", "avx2", "generic")
+#: those with SIMD kernels for weights in AMX's tile layout (``kernels.c``)
+TILED_BUILDS = ("avx512_vnni", "avx_vnni", "avx2")
 
 
 def own_isa() -> str | None:
@@ -125,6 +127,7 @@ def kernels() -> dict[str, str]:
     int8 = f"int8 x int8, {int8_kernel()}"
     if int8_kernel() == "amx":
         int8 = "int8 x int8, hexin's own AMX tiles"
+    prompt = int8
     isa = own_isa()
     if isa is None or c_compiler() is None:
         decode = "int4 weights x bf16 activations (PyTorch's packed int4 kernel)"
@@ -132,9 +135,11 @@ def kernels() -> dict[str, str]:
     else:
         decode = f"hexin's own q4 x q8 ({isa}), one call per layer"
         head = f"hexin's own q8 x q8 ({isa}), top 32 recomputed in fp32"
+        if int8_kernel() == "fp32" and isa in TILED_BUILDS:  # see model._LinearFactory
+            prompt = f"hexin's own q4 x q8 ({isa})"
     return {
         "dense (--quant none)": "fp32 / bf16 GEMM (MKL, oneDNN)",
-        "prompt": int8,
+        "prompt": prompt,
         "decode (q4)": decode,
         "decode (int8)": int8,
         "lm head (q4 mode)": head,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hexin import native, ops
+from hexin import cpu, native, ops
 from hexin.config import ModelConfig, expected_shapes
 from hexin.errors import ModelFormatError, UnsupportedOption
 from hexin.kvcache import KVCache, KVView
@@ -283,17 +283,22 @@ class _LinearFactory:
             return Linear(weight)
         if self.mode == "q4":
             terms = 1 if head else 2
-            wide = Int8Linear(weight, terms=terms)
             kernels = native.kernels()
             groups = [getattr(self.quantized.get(n), "int4_groups", lambda: None)() for n in names]
             # in AMX's tiles where the build takes them, for whole groups of 16 outputs
             tiles = kernels.tiles if kernels is not None and weight.shape[0] % 16 == 0 else 0
+            # prompts: int8 products where PyTorch (VNNI) or hexin (AMX) has a fast kernel;
+            # elsewhere the tiled block kernel takes them too, faster than exact fp32 GEMMs
+            # of int8 values (which read 4 bytes a weight), and the LM head keeps the int8
+            # copy for ``refine_top``
+            own_prompts = tiles and not head and cpu.int8_kernel() == "fp32"
+            wide = None if own_prompts else Int8Linear(weight, terms=terms)
             if all(g is not None for g in groups):
                 q, scale, zero = concat_int4(groups)  # type: ignore[arg-type]
                 if kernels is not None:
                     weight4 = native.Q4Weight(q, scale, zero, tiles=tiles)
                     return BlockLinear(weight4, kernels, wide=wide, terms=terms)
-                return Int4Linear(q, scale, zero, wide=wide)
+                return Int4Linear(q, scale, zero, wide=Int8Linear(weight, terms=terms))
             if kernels is not None:  # e.g. the LM head, Q8_0 in the file (4 bits cost 2.2%)
                 weight8 = native.Q8Weight(weight, signed=kernels.q8_signed, tiles=tiles)
                 return BlockLinear(weight8, kernels, wide=wide, terms=terms)

@@ -254,31 +254,34 @@ class Int4Linear(Linear):
 class BlockLinear(Linear):
     """A weight in blocks of 32 (4 or 8 bits a value) multiplied by hexin's own kernel
     (``native``) for decode steps, activations rounded to 8 bits per block, each row on its
-    own; prompt tokens go to ``wide`` (int8), as in ``Int4Linear``."""
+    own; prompt tokens go to ``wide`` (int8), as in ``Int4Linear``, or with no ``wide`` to
+    the same kernel (each row on its own there too)."""
 
     def __init__(
         self,
         weight: native.BlockWeight,
         kernels: native.Kernels,
         *,
-        wide: Linear,
+        wide: Linear | None,
         terms: int = 2,
     ) -> None:
         """``kernels``: the build ``weight`` was laid out for (kept, so that a later change
         of selection never pairs them wrongly); ``terms``: int8 terms per activation block
         (see ``kernels.c``'s quantize_row): two for a layer, one for an LM head, whose
-        likeliest outputs ``refine_top`` recomputes."""
+        likeliest outputs ``refine_top`` recomputes from ``wide``."""
         self.native, self.kernels, self.wide, self.terms = weight, kernels, wide, terms
         self.out_features, self.in_features = weight.out_features, weight.in_features
 
     def __call__(self, x: Tensor, *, prompt: bool = False) -> Tensor:
-        if prompt:
+        if prompt and self.wide is not None:
             return self.wide(x)
         x2 = x.reshape(-1, self.in_features).float()
         y = self.kernels.linear(self.native, x2, terms=self.terms)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def refine_top(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.wide is None:
+            raise TypeError("refine_top needs the int8 copy an LM head keeps (wide)")
         return self.wide.refine_top(x, y)
 
     @property

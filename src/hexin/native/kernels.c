@@ -659,7 +659,7 @@ static void quantize_rows(q8_buffer *buffer, const float *x) {
 int hx_tiles(void) {
 #if defined(HX_AMX)
     return TILES_AMX;
-#elif defined(HX_AVX512)
+#elif defined(HX_AVX512) || defined(HX_AVX2)
     return TILES_VNNI;
 #else
     return 0;
@@ -755,6 +755,25 @@ AMX_TARGET static void tiled_task(void *ctx, int ith, int nth) {
 }
 #endif
 
+#if defined(HX_AVX512) || defined(HX_DPBUSD256)
+/* (rows, terms, blocks): 128 x each activation block's sum, which a product with weights
+ * offset by 128 (w + 128, unsigned for dpbusd) has in excess; the caller frees it */
+static int32_t *block_offsets(const matmul_job *j) {
+    const int K = j->w->k, nb = K / QK, terms = j->terms;
+    int32_t *offsets = malloc(sizeof(int32_t) * j->rows * terms * nb);
+    if (!offsets) abort();
+    for (int r = 0; r < j->rows; r++)
+        for (int t = 0; t < terms; t++)
+            for (int b = 0; b < nb; b++) {
+                const int8_t *a = j->aq + ((size_t)r * terms + t) * K + b * QK;
+                int sum = 0;
+                for (int i = 0; i < QK; i++) sum += a[i];
+                offsets[((size_t)r * terms + t) * nb + b] = 128 * sum;
+            }
+    return offsets;
+}
+#endif
+
 #if defined(HX_AVX512)
 #define BROADCAST_ROWS 8 /* rows a broadcast pass keeps in registers */
 #define AMX_MIN_ROWS 13  /* from here on, tiled weights go to the tile unit where allowed */
@@ -772,19 +791,7 @@ static void broadcast_task(void *ctx, int ith, int nth) {
     const int tile_bytes = w->bits * 64;
     const size_t act_stride = (size_t)K * terms;
     const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
-    int32_t *offsets = NULL; /* (rows, terms, nb): 128 x each block's activation sum */
-    if (w->bits == 8) {
-        offsets = malloc(sizeof(int32_t) * rows * terms * nb);
-        if (!offsets) abort();
-        for (int r = 0; r < rows; r++)
-            for (int t = 0; t < terms; t++)
-                for (int b = 0; b < nb; b++) {
-                    const int8_t *a = j->aq + r * act_stride + (size_t)t * K + b * QK;
-                    int sum = 0;
-                    for (int i = 0; i < QK; i++) sum += a[i];
-                    offsets[((size_t)r * terms + t) * nb + b] = 128 * sum;
-                }
-    }
+    int32_t *offsets = w->bits == 8 ? block_offsets(j) : NULL;
     int lo, hi;
     split(groups, ith, nth, &lo, &hi);
     for (int g = lo; g < hi; g++) {
@@ -839,12 +846,114 @@ static void broadcast_task(void *ctx, int ith, int nth) {
     }
     free(offsets);
 }
+#elif defined(HX_AVX2)
+#define BROADCAST_ROWS 4 /* rows a broadcast pass keeps in registers (16 of them) */
+
+/* int32 sums of one block for 8 outputs: tile rows w[0..7] (8 outputs x 4 inputs each)
+ * times the row's inputs a (32, natural order), 4 at a time broadcast */
+static inline __m256i block_sums(const int BITS, const __m256i w[8], const int8_t *a) {
+    const int32_t *quads = (const int32_t *)a;
+#if defined(HX_DPBUSD256)
+    (void)BITS;
+    __m256i s = _mm256_setzero_si256();
+    for (int p = 0; p < 8; p++) s = HX_DPBUSD256(s, w[p], _mm256_set1_epi32(quads[p]));
+    return s;
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (BITS == 4) { /* pairs of 4-bit x 8-bit products stay below 2^15 / 8: sum in 16 bits */
+        __m256i s16 = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(quads[0]));
+        for (int p = 1; p < 8; p++)
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[p], _mm256_set1_epi32(quads[p])));
+        return _mm256_madd_epi16(s16, ones);
+    }
+    __m256i s = _mm256_setzero_si256(); /* signed 8-bit: |w| times a with w's sign */
+    for (int p = 0; p < 8; p++) {
+        __m256i ap = _mm256_sign_epi8(_mm256_set1_epi32(quads[p]), w[p]);
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w[p]), ap), ones));
+    }
+    return s;
+#endif
+}
+
+/* broadcast_task for 256-bit vectors: each group's two halves of 8 outputs in turn */
+static void broadcast_task(void *ctx, int ith, int nth) {
+    const matmul_job *j = ctx;
+    const hx_weight *w = j->w;
+    const int K = w->k, nb = K / QK, groups = w->n / 16, terms = j->terms, rows = j->rows;
+    const int tile_bytes = w->bits * 64;
+    const size_t act_stride = (size_t)K * terms;
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+#if defined(HX_DPBUSD256)
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    int32_t *offsets = w->bits == 8 ? block_offsets(j) : NULL;
+#else
+    int32_t *offsets = NULL; /* the sign trick needs no offset */
+#endif
+    int lo, hi;
+    split(groups, ith, nth, &lo, &hi);
+    for (int g = lo; g < hi; g++) {
+        const uint8_t *wq = w->q + (size_t)g * nb * tile_bytes;
+        const uint16_t *wd = w->d + (size_t)g * nb * 16, *wm = w->m + (size_t)g * nb * 16;
+        for (int r0 = 0; r0 < rows; r0 += BROADCAST_ROWS) {
+            const int R = rows - r0 < BROADCAST_ROWS ? rows - r0 : BROADCAST_ROWS;
+            for (int h = 0; h < 2; h++) { /* outputs 8h .. 8h + 7 */
+                __m256 acc[BROADCAST_ROWS];
+                for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+                for (int b = 0; b < nb; b++) {
+                    const uint8_t *tq = wq + (size_t)b * tile_bytes;
+                    if (r0 == 0 && h == 0)
+                        for (int p = 0; p < tile_bytes; p += 64) PREFETCH(tq + PREFETCH_BYTES + p);
+                    __m256i tile[8];
+                    if (w->bits == 4) {
+                        for (int p = 0; p < 4; p++) {
+                            __m256i v = _mm256_loadu_si256((const __m256i *)(tq + 64 * p + 32 * h));
+                            tile[p] = _mm256_and_si256(v, low4);
+                            tile[4 + p] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                        }
+                    } else {
+                        for (int p = 0; p < 8; p++) {
+                            tile[p] = _mm256_loadu_si256((const __m256i *)(tq + 64 * p + 32 * h));
+#if defined(HX_DPBUSD256)
+                            tile[p] = _mm256_xor_si256(tile[p], flip);
+#endif
+                        }
+                    }
+                    __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b * 16 + 8 * h)));
+                    __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + b * 16 + 8 * h)));
+                    for (int r = 0; r < R; r++) {
+                        const int8_t *a = j->aq + (size_t)(r0 + r) * act_stride + b * QK;
+                        __m256i sums[2];
+                        for (int t = 0; t < terms; t++) {
+                            sums[t] = w->bits == 4 ? block_sums(4, tile, a + (size_t)t * K)
+                                                   : block_sums(8, tile, a + (size_t)t * K);
+                            if (offsets)
+                                sums[t] = _mm256_sub_epi32(
+                                    sums[t], _mm256_set1_epi32(offsets[((size_t)(r0 + r) * terms + t) * nb + b]));
+                        }
+                        __m256i is = terms == 2 ? _mm256_add_epi32(_mm256_slli_epi32(sums[0], 7), sums[1]) : sums[0];
+                        size_t at = (size_t)(r0 + r) * nb + b;
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), _mm256_mul_ps(dw, _mm256_set1_ps(j->ad[at])),
+                                                 acc[r]);
+                        if (w->bits == 4) acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(j->as[at]), acc[r]);
+                    }
+                }
+                for (int r = 0; r < R; r++) {
+                    size_t at = (size_t)(r0 + r) * j->ldy + g * 16 + 8 * h;
+                    __m256 v = acc[r];
+                    if (j->residual) v = _mm256_add_ps(_mm256_loadu_ps(j->residual + at), v);
+                    _mm256_storeu_ps(j->y + at, v);
+                }
+            }
+        }
+    }
+    free(offsets);
+}
 #endif
 
 static void matmul(const hx_weight *w, int rows, const q8_buffer *a, float *y, int ldy,
                    const float *residual) {
     matmul_job job = {w, rows, a->q, a->d, a->s, y, ldy, a->terms, residual};
-#if defined(HX_AVX512)
+#if defined(HX_AVX512) || defined(HX_AVX2)
     if (w->tiles) {
 #if defined(HX_AMX)
         if (w->tiles == TILES_AMX && rows >= AMX_MIN_ROWS) {
