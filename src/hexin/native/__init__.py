@@ -6,7 +6,9 @@ and a decode step of a small model spends more time dispatching ~60 small PyTorc
 layer than multiplying. ``kernels.c`` does both jobs the way llama.cpp does the first:
 activations rounded to int8 per block of 32, multiplied by the 4-bit weights in integers
 (VNNI ``dpbusd`` on AVX-512 VNNI and AVX-VNNI, ``maddubs`` on plain AVX2), and a whole
-decode layer (norms, projections, RoPE, cache write, attention, MLP) in one call.
+decode layer (norms, projections, RoPE, cache write, attention, MLP) in one call. Where the
+CPU has AMX, its tile unit takes a wide decode batch's products (bit for bit what VNNI
+gives a single row) and a prompt's int8 products (``AmxWeight``).
 
 The library is compiled with the C compiler once per machine and instruction set, into
 the user's cache (``$HEXIN_HOME/kernels``, else ``~/.cache/hexin/kernels``), and loaded

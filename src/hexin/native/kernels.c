@@ -1,20 +1,23 @@
-/* hexin's own CPU kernels: 4-bit weights x 8-bit activations, and a whole decode layer in
- * one call.
+/* hexin's own CPU kernels: 4-bit weights x 8-bit activations, a whole decode layer in one
+ * call, and int8 products on AMX tiles.
  *
  * Built by hexin/native/__init__.py at first use, once per machine and instruction set, with
- * one of -mavx512vnni (VNNI dpbusd, 64 products an instruction), -mavxvnni (the 256-bit
- * form on Intel Core) or plain -mavx2 (maddubs + madd, as every AVX2 CPU has); the portable
- * C below is the fallback for anything else. Loaded through ctypes, which drops the GIL
+ * one of -mavx512vnni (VNNI dpbusd, 64 products an instruction; AMX's tile kernels are
+ * compiled into this build too, at the function level), -mavxvnni (the 256-bit form on
+ * Intel Core) or plain -mavx2 (maddubs + madd, as every AVX2 CPU has); the portable C
+ * below is the fallback for anything else. Loaded through ctypes, which drops the GIL
  * for the call.
  *
  * Weights ("q4"): per output row, blocks of 32 inputs, each 16 bytes of nibbles (input j
  * in the low nibble of byte j, input j + 16 in the high nibble), a scale d and a minimum
- * m: w = q * d + m, q in [0, 15]. This is GGUF's Q4_0 / Q4_1 content, regrouped.
+ * m: w = q * d + m, q in [0, 15]. This is GGUF's Q4_0 / Q4_1 content, regrouped. The SIMD
+ * builds lay the same values out in AMX's tiles instead (see "q4 x q8 in tiles").
  *
  * Activations ("q8"): each row rounded to int8 per block of 32 (scale = |max| / 127), with
- * s = scale * (sum of the block's int8 values) for the minimum's term. Two neighbouring
- * blocks are stored interleaved ([a0 0..15, a1 0..15, a0 16..31, a1 16..31]) so that one
- * 32-byte load of two weight blocks lines up with them after splitting nibbles.
+ * s = scale * (sum of the block's int8 values) for the minimum's term. In the row layout
+ * neighbouring blocks are stored interleaved ([a0 0..15, a1 0..15, a0 16..31, a1 16..31])
+ * so that one 32-byte load of two weight blocks lines up with them after splitting
+ * nibbles; in the tile layout each block is in order.
  *
  * Every output value is computed by one thread, in one fixed order of operations that
  * does not depend on how many rows the call has or which rows are its neighbours: results
