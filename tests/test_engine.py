@@ -106,6 +106,28 @@ def test_16_concurrent_requests_give_the_tokens_each_gives_alone(story):
     assert all(r.stop_reason in ("length", "eos") for r in results)
 
 
+def test_penalties_bias_and_logprobs_stay_with_their_own_request(story):
+    """Requests with changed logits or log-probabilities beside plain greedy ones: each
+    gives what it gives alone, and the greedy ones are untouched."""
+    model, tok = story
+    reqs = requests_16(tok)[:8]
+    special = [
+        GREEDY.with_(max_tokens=20, frequency_penalty=1.5),
+        GREEDY.with_(max_tokens=20, logit_bias=((tok.encode(" the")[-1], -100),)),
+        SamplingParams(temperature=0.9, seed=5, max_tokens=20, repetition_penalty=1.3, min_p=0.1),
+        GREEDY.with_(max_tokens=20, logprobs=3),
+    ]
+    reqs += [(reqs[i][0], p) for i, p in enumerate(special)]
+    expected = [alone(model, tok, ids, p) for ids, p in reqs]
+    with Engine(model, tok) as engine:
+        results = [h.result() for h in [engine.submit(ids, p) for ids, p in reqs]]
+    assert [r.token_ids for r in results] == [e.token_ids for e in expected]
+    for r, (_, p) in zip(results, reqs, strict=True):
+        assert len(r.logprobs) == (len(r.token_ids) if p.logprobs is not None else 0)
+    assert results[-1].logprobs and all(e.top[0][0] == e.token for e in results[-1].logprobs)
+    assert results[8].token_ids != results[0].token_ids  # the penalty changed the reply
+
+
 def test_concurrent_requests_on_default_model_match_alone(smol):
     model, tok = smol
     prompts = ["What is 2+2?", "Name a color.", "Write a haiku about rain.", "Say hi."]
@@ -341,8 +363,8 @@ class FailingSampler(Sampler):
     """A sampler that breaks on its third draw: a stand-in for any fault in one
     sequence's own postprocessing."""
 
-    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu") -> None:
-        super().__init__(params, device)
+    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu", prompt=()):
+        super().__init__(params, device, prompt)
         self.draws = 0
 
     def __call__(self, logits: torch.Tensor) -> int:
@@ -360,8 +382,8 @@ def test_a_failing_sequence_ends_alone_and_the_batch_goes_on(story, monkeypatch)
     poison = sampled.with_(seed=666)
     real = hexin.engine.engine.Sampler
 
-    def make(params: SamplingParams, device: torch.device | str = "cpu") -> Sampler:
-        return (FailingSampler if params.seed == 666 else real)(params, device)
+    def make(params: SamplingParams, device: torch.device | str = "cpu", prompt=()) -> Sampler:
+        return (FailingSampler if params.seed == 666 else real)(params, device, prompt)
 
     monkeypatch.setattr(hexin.engine.engine, "Sampler", make)
     jobs = [

@@ -1,5 +1,5 @@
-"""SamplingParams validation and the Sampler: greedy cases, seeding, top-k, top-p and the
-distribution it draws from."""
+"""SamplingParams validation and the Sampler: greedy cases, seeding, top-k, top-p, min-p and
+the distribution it draws from; logit bias, penalties and log-probabilities."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from hexin.sampling import InvalidParams, Sampler, SamplingParams
+from hexin.sampling import InvalidParams, Sampler, SamplingParams, token_logprob
 
 
 def _draws(params, logits, n):
@@ -187,6 +187,15 @@ def test_masked_tokens_are_never_drawn():
         {"seed": 4.2},
         {"seed": 2**64},  # past what a torch generator takes: refused before any use
         {"seed": -(2**63) - 1},
+        {"min_p": 1.5},
+        {"presence_penalty": 2.5},
+        {"frequency_penalty": float("nan")},
+        {"repetition_penalty": 0},
+        {"logit_bias": {3: 101}},
+        {"logit_bias": {-1: 1}},
+        {"logit_bias": {"3": 1}},
+        {"logprobs": 21},
+        {"prompt_logprobs": -1},
     ],
     ids=repr,
 )
@@ -214,3 +223,57 @@ def test_stop_strings_are_normalised_to_a_tuple_without_empty_strings():
     assert SamplingParams(stop="END").stop == ("END",)
     assert SamplingParams(stop=["a", "", "b"]).stop == ("a", "b")
     assert SamplingParams(stop=["a"]).to_dict()["stop"] == ["a"]
+
+
+# -- changed logits, min-p, log-probabilities ----------------------------------------------
+
+
+def test_logit_bias_excludes_and_forces_tokens():
+    logits = torch.tensor([5.0, 1.0, 0.0, -1.0])
+    assert Sampler(SamplingParams(temperature=0, logit_bias={0: -100}))(logits) == 1
+    assert Sampler(SamplingParams(temperature=0, logit_bias={3: 100}))(logits) == 3
+    params = SamplingParams(temperature=1, top_k=None, top_p=1, seed=3, logit_bias={0: -100})
+    assert 0 not in _draws(params, logits, 200)
+
+
+def test_frequency_and_presence_penalties_count_the_reply_only():
+    logits = torch.tensor([2.0, 1.9, 0.0])
+    freq = Sampler(SamplingParams(temperature=0, frequency_penalty=0.06), prompt_ids=[1, 1])
+    # the prompt's tokens are not penalised; each pick of token 0 costs it 0.06
+    assert [freq(logits) for _ in range(4)] == [0, 0, 1, 0]
+    presence = Sampler(SamplingParams(temperature=0, presence_penalty=0.2))
+    assert [presence(logits) for _ in range(3)] == [0, 1, 0]  # once seen, a flat -0.2
+
+
+def test_repetition_penalty_counts_the_prompt_and_divides_or_multiplies():
+    p = SamplingParams(temperature=0, repetition_penalty=2.0)
+    sampler = Sampler(p, prompt_ids=[0, 2])
+    changed = sampler.process(torch.tensor([4.0, 3.0, -1.0, 0.5]))
+    assert changed.tolist() == [2.0, 3.0, -2.0, 0.5]
+    assert sampler(torch.tensor([4.0, 3.0, -1.0, 0.5])) == 1
+
+
+def test_min_p_drops_the_unlikely_tail():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    params = SamplingParams(temperature=1, top_k=None, top_p=1, seed=0, min_p=0.35)
+    assert set(_draws(params, logits, 300)) == {0, 1}  # 0.15 < 0.35 * 0.5
+
+
+def test_unchanged_logits_are_not_copied():
+    logits = torch.tensor([1.0, 2.0])
+    assert Sampler(SamplingParams(temperature=0)).process(logits) is logits
+
+
+def test_token_logprob_is_the_log_softmax():
+    logits = _random_logits(4)
+    entry = token_logprob(logits, 7, 3)
+    expected = torch.log_softmax(logits, -1)
+    assert entry.token == 7 and entry.logprob == pytest.approx(float(expected[7]))
+    assert [t for t, _ in entry.top] == expected.topk(3).indices.tolist()
+    assert token_logprob(logits, 7, 0).top == ()
+
+
+def test_params_with_new_fields_survive_a_round_trip():
+    p = SamplingParams(logit_bias={5: -100, 2: 3.5}, presence_penalty=0.5, min_p=0.1, logprobs=2)
+    assert SamplingParams(**p.to_dict()) == p
+    assert p.logit_bias == ((2, 3.5), (5, -100)) and p.changes_logits and not p.plain_greedy

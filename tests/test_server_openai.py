@@ -344,8 +344,8 @@ def test_chat_errors_in_openai_shape(client, changes, param):
 
 def test_completion_errors(client):
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model="m", prompt=["a", "b"], max_tokens=2)
-    assert info.value.body["param"] == "prompt"
+        client.completions.create(model="m", prompt=["a", "b"], max_tokens=2, stream=True)
+    assert info.value.body["param"] == "prompt"  # several prompts: not streamed
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="m", prompt="a", temperature=-1)
     assert info.value.body["param"] == "temperature"
@@ -368,3 +368,204 @@ def test_unknown_route_is_404_in_error_shape(client, server):
     with pytest.raises(openai.NotFoundError) as info:
         client.embeddings.create(model="m", input="hi")
     assert info.value.status_code == 404
+
+
+# -- what real clients send: logprobs, echo, bias, penalties, inputs -----------------------
+
+SKY = "The sky is blue because"
+
+
+def test_top_logprob_is_the_greedy_token(client):
+    r = client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": FRANCE}],
+        temperature=0,
+        max_tokens=8,
+        logprobs=True,
+        top_logprobs=5,
+    )
+    (choice,) = r.choices
+    content = choice.logprobs.content
+    assert "".join(e.token for e in content) == choice.message.content
+    for e in content:
+        assert len(e.top_logprobs) == 5
+        assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == e.logprob
+        assert [t.logprob for t in e.top_logprobs] == sorted(
+            (t.logprob for t in e.top_logprobs), reverse=True
+        )
+        assert e.logprob <= 0 and bytes(e.bytes).decode() == e.token
+
+
+def test_streamed_logprobs_match_the_whole_reply(client):
+    kw = dict(messages=[{"role": "user", "content": FRANCE}], temperature=0, max_tokens=8)
+    whole = client.chat.completions.create(model="m", logprobs=True, top_logprobs=2, **kw)
+    streamed = []
+    for chunk in client.chat.completions.create(
+        model="m", logprobs=True, top_logprobs=2, stream=True, **kw
+    ):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed += chunk.choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in streamed] == [
+        (e.token, e.logprob) for e in whole.choices[0].logprobs.content
+    ]
+
+
+def test_echo_scores_the_prompt(client, server):
+    """lm-evaluation-harness's loglikelihood request: echo, logprobs, max_tokens 0."""
+    r = client.completions.create(model="m", prompt=SKY, max_tokens=0, echo=True, logprobs=1)
+    (choice,) = r.choices
+    lp = choice.logprobs
+    assert choice.text == SKY and "".join(lp.tokens) == SKY
+    assert len(lp.tokens) == len(tokenize(server, SKY)) == r.usage.prompt_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x < 0 for x in lp.token_logprobs[1:]) and r.usage.completion_tokens == 0
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    # the same scores with a reply after them, and a cached prefix does not skip them
+    again = client.completions.create(model="m", prompt=SKY, max_tokens=3, echo=True, logprobs=1)
+    assert again.choices[0].logprobs.token_logprobs[: len(lp.tokens)] == lp.token_logprobs
+    assert again.choices[0].text.startswith(SKY) and len(again.choices[0].text) > len(SKY)
+
+
+def test_token_id_and_list_prompts(client, server):
+    ids = tokenize(server, SKY)
+    by_ids = client.completions.create(model="m", prompt=ids, max_tokens=4, temperature=0)
+    by_text = client.completions.create(model="m", prompt=SKY, max_tokens=4, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    both = client.completions.create(
+        model="m", prompt=[SKY, "Once upon a time"], max_tokens=4, temperature=0
+    )
+    assert [c.index for c in both.choices] == [0, 1]
+    assert both.choices[0].text == by_text.choices[0].text
+    assert both.usage.prompt_tokens == len(ids) + len(tokenize(server, "Once upon a time"))
+
+
+def test_logit_bias_excludes_a_greedy_token(client, server):
+    kw = dict(
+        messages=[{"role": "user", "content": FRANCE}], temperature=0, max_tokens=12, logprobs=True
+    )
+
+    def tokens(r) -> list[str]:
+        return [e.token for e in r.choices[0].logprobs.content]
+
+    plain = tokens(client.chat.completions.create(model="m", **kw))
+    assert " Paris" in plain
+    (paris,) = tokenize(server, " Paris")[-1:]
+    biased = tokens(client.chat.completions.create(model="m", logit_bias={str(paris): -100}, **kw))
+    assert " Paris" not in biased and biased != plain
+
+
+def test_penalties_change_a_repetitive_reply(client):
+    kw = dict(
+        messages=[{"role": "user", "content": "Write the word cat ten times."}],
+        temperature=0,
+        max_tokens=30,
+    )
+    plain = client.chat.completions.create(model="m", **kw).choices[0].message.content
+    for extra in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        other = client.chat.completions.create(model="m", **kw, **extra)
+        assert other.choices[0].message.content != plain, extra
+    for extra in ({"repetition_penalty": 1.5}, {"min_p": 0.5}):
+        r = client.chat.completions.create(model="m", extra_body=extra, **kw)
+        assert r.choices[0].message.content, extra
+
+
+@pytest.mark.parametrize(
+    ("changes", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}}, "response_format.type"),
+        ({"extra_body": {"functions": []}}, "functions"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"1": 101}}, "logit_bias"),
+        ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"frequency_penalty": 3}, "frequency_penalty"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages.0.content",
+        ),
+    ],
+)
+def test_unsupported_or_bad_parameters_are_refused_by_name(client, changes, param):
+    kw = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**(kw | changes))
+    assert info.value.body["param"] == param, info.value.body
+    assert param.split(".")[0] in info.value.body["message"]
+
+
+def test_completion_parameters_refused_by_name(client):
+    for extra, param in (({"suffix": "x"}, "suffix"), ({"best_of": 2}, "best_of")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="m", prompt="a", max_tokens=2, **extra)
+        assert info.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="m", prompt="a", max_tokens=0)
+    assert info.value.body["param"] == "max_tokens"  # 0 only with echo
+
+
+def test_text_content_parts(client):
+    kw = dict(temperature=0, max_tokens=8)
+    parts = [{"type": "text", "text": FRANCE}]
+    a = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": parts}], **kw
+    )
+    b = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": FRANCE}], **kw
+    )
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_context_overflow_has_openais_code(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="m", prompt="hello " * 9000, max_tokens=2)
+    assert info.value.body["code"] == "context_length_exceeded"
+
+
+def test_models_retrieve(client):
+    (model,) = client.models.list().data
+    assert client.models.retrieve(model.id).id == model.id
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("no-such-model")
+    assert info.value.body["code"] == "model_not_found"
+
+
+def test_vllm_tokenizer_endpoints(server):
+    r = httpx.post(
+        f"{server.url}/tokenize", json={"prompt": SKY, "add_special_tokens": False}, timeout=30
+    )
+    assert r.status_code == 200 and r.json()["tokens"] == tokenize(server, SKY)
+    assert r.json()["count"] == len(r.json()["tokens"])
+    info = httpx.get(f"{server.url}/tokenizer_info", timeout=30).json()
+    assert info["model_max_length"] > 0 and "im_start" in info["chat_template"]
+    assert info["eos_token"]
+
+
+@pytest.fixture(scope="module")
+def fp32_server(default_gguf, tmp_path_factory):
+    srv = Server(default_gguf, tmp_path_factory.mktemp("fp32"), extra=("--quant", "none")).start()
+    yield srv
+    srv.stop()
+
+
+def test_forced_continuation_logprobs_equal_the_models_log_softmax(fp32_server, default_model):
+    """In fp32, the scores echo returns for a given text are the model's own log-softmax
+    at each position (within 1e-4), computed here in-process on the same weights."""
+    import torch
+
+    from hexin.model import Llama
+
+    text = SKY + " of Rayleigh scattering."
+    with fp32_server.openai() as c:
+        r = c.completions.create(model="m", prompt=text, max_tokens=0, echo=True, logprobs=3)
+    lp = r.choices[0].logprobs
+    ids = default_model.tokenizer.encode(text)
+    model = Llama.from_loaded(default_model, quant="none")
+    logits = model.forward(torch.tensor([ids]), model.new_cache(), all_logits=True)[0]
+    expected = torch.log_softmax(logits.float(), -1)
+    for i in range(1, len(ids)):
+        assert abs(lp.token_logprobs[i] - float(expected[i - 1, ids[i]])) < 1e-4
+        best = expected[i - 1].topk(3)
+        got = list(lp.top_logprobs[i].values())
+        assert all(abs(a - float(b)) < 1e-4 for a, b in zip(got, best.values, strict=True))

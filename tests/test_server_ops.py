@@ -18,11 +18,13 @@ from server_util import FRANCE, Server, check_done, metric, recv, recv_session, 
 
 KEY = "test-key-123"
 ERROR_KEYS = {"message", "type", "param", "code"}
+ALLOWED_ORIGIN = "http://app.example"
 
 
 @pytest.fixture(scope="module")
 def server(default_gguf, tmp_path_factory):
-    srv = Server(default_gguf, tmp_path_factory.mktemp("ops"), api_key=KEY).start()
+    home = tmp_path_factory.mktemp("ops")
+    srv = Server(default_gguf, home, api_key=KEY, extra=("--cors", ALLOWED_ORIGIN)).start()
     yield srv
     srv.stop(signal.SIGTERM)  # the other modules stop theirs with SIGINT
     assert "Application shutdown complete" in srv.log(), srv.log()
@@ -72,6 +74,25 @@ def test_api_key_required(anon, http, server):
     assert http.get("/metrics").status_code == 200
     # a key in the query string is only for the WebSocket
     assert anon.get(f"/api/sessions?api_key={KEY}").status_code == 401
+
+
+def test_cors_preflight_is_answered_before_the_key(anon):
+    """Browsers send the preflight without credentials: it must get the CORS headers, or no
+    page on an allowed origin could call the API; the request after it still needs the key."""
+    preflight = {
+        "Origin": ALLOWED_ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    for path in ("/v1/chat/completions", "/api/sessions", "/tokenize"):
+        r = anon.options(path, headers=preflight)
+        assert r.status_code == 200, (path, r.text)
+        assert r.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+        assert "POST" in r.headers["access-control-allow-methods"]
+    r = anon.options("/v1/models", headers=preflight | {"Origin": "http://elsewhere.example"})
+    assert "access-control-allow-origin" not in r.headers  # not an allowed origin
+    r = anon.get("/v1/models", headers={"Origin": ALLOWED_ORIGIN})
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
 
 
 def test_openai_client_with_and_without_key(server):

@@ -50,7 +50,7 @@ class TextStream:
 
     def __iter__(self) -> Iterator[str]:
         c, cache = self.completion, self.cache
-        sampler = Sampler(self.params, self.model.device)
+        sampler = Sampler(self.params, self.model.device, self.prompt_ids)
         budget = min(self.params.max_tokens, cache.max_tokens - len(self.prompt_ids))
         out = OutputProcessor(self.tokenizer, self.params, budget, c)
         start = time.perf_counter()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hexin.errors import HexinError
-from hexin.sampling import SamplingParams
+from hexin.sampling import SamplingParams, TokenLogprob
 from hexin.tokenizer import Tokenizer
 
 
@@ -33,6 +33,11 @@ class Completion:
     completion_tokens: int = 0
     ttft_s: float = 0.0  # time to first token: prefill plus the first sample
     decode_s: float = 0.0  # time for the tokens after the first
+    #: with ``SamplingParams.logprobs``: one entry per token of ``token_ids``
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    #: with ``SamplingParams.prompt_logprobs``: one per prompt token (None for the first,
+    #: which nothing predicts)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -91,12 +96,15 @@ class OutputProcessor:
     def finished(self) -> bool:
         return bool(self.completion.stop_reason)
 
-    def add(self, token: int) -> str:
-        """Account for one sampled token; return the text it completes (maybe empty)."""
+    def add(self, token: int, logprob: TokenLogprob | None = None) -> str:
+        """Account for one sampled token (and its log-probability, if asked for); return
+        the text it completes (maybe empty)."""
         c = self.completion
         if token in self._eos:
             c.stop_reason = "eos"
             return ""
+        if logprob is not None:
+            c.logprobs.append(logprob)  # before the text, which a reader may see at once
         c.token_ids.append(token)
         c.completion_tokens += 1
         text, hit = self._stops.feed(self._decoder.push(token))

@@ -20,11 +20,11 @@ import torch
 from hexin.engine.blocks import BlockPool, PagedBatch
 from hexin.engine.graphs import GraphedDecode
 from hexin.engine.scheduler import Scheduler
-from hexin.engine.sequence import RequestHandle, Sequence
+from hexin.engine.sequence import RequestHandle, Sequence, Status
 from hexin.model import Llama
 from hexin.options import EngineConfig
 from hexin.output import Completion, OutputProcessor, check_fits
-from hexin.sampling import Sampler, SamplingParams
+from hexin.sampling import Sampler, SamplingParams, TokenLogprob, token_logprob
 from hexin.tokenizer import Tokenizer
 
 log = logging.getLogger("hexin.engine")
@@ -157,7 +157,7 @@ class Engine:
             params=params,
             handle=handle,
             output=OutputProcessor(self.tokenizer, params, budget, handle.completion),
-            sampler=Sampler(params, self.model.device),
+            sampler=Sampler(params, self.model.device, prompt),
             cache_key=cache_key,
             cache_tail=cache_tail,
         )
@@ -229,11 +229,15 @@ class Engine:
             start = seq.num_computed
             tokens = torch.tensor([seq.token_ids[start : start + n]], device=self.model.device)
             view = PagedBatch.of(self.pool, [seq.block_table], [start], [n])
-            logits = self.model.forward(tokens, view, prompt=True)
+            scored = seq.params.prompt_logprobs is not None
+            logits = self.model.forward(tokens, view, prompt=True, all_logits=scored)
             self.scheduler.computed(seq, n)
             self._prefill_tokens += n
             self._prefill_s += time.perf_counter() - t0
-            if seq.num_pending == 0:
+            if scored:
+                self._isolated(seq, lambda s=seq, a=start, r=logits[0]: self._score(s, a, r))
+                logits = logits[:, -1]
+            if seq.num_pending == 0 and seq.status is Status.RUNNING:
                 self._isolated(seq, lambda seq=seq, row=logits[0]: self._sample(seq, row))
         if step.decode:
             t0 = time.perf_counter()
@@ -265,14 +269,27 @@ class Engine:
         """The next token of each greedy row, by row: one batched argmax and one
         device-to-host copy (on a GPU, a sync per row would cost more than the step).
         Sampled rows draw from their own seeded generator (``_sample``)."""
-        greedy = [i for i, seq in enumerate(batch) if seq.sampler.params.greedy]
+        greedy = [i for i, seq in enumerate(batch) if seq.params.plain_greedy]
         if not greedy:
             return {}
         rows = logits if len(greedy) == len(batch) else logits[greedy]
         return dict(zip(greedy, rows.argmax(-1).tolist(), strict=True))
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
-        self._accept(seq, seq.sampler(logits))
+        token, top = seq.sampler(logits), seq.params.logprobs
+        self._accept(seq, token, None if top is None else token_logprob(logits, token, top))
+
+    def _score(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens that ``logits`` (n, V), the prompt's
+        positions from ``start`` on, predict."""
+        c, top = seq.handle.completion, seq.params.prompt_logprobs
+        assert top is not None
+        if start == 0:
+            c.prompt_logprobs.append(None)  # the first token: nothing predicts it
+        prompt = seq.prompt_ids
+        for i in range(logits.shape[0]):
+            if (at := start + i + 1) < len(prompt):
+                c.prompt_logprobs.append(token_logprob(logits[i], prompt[at], top))
 
     def _isolated(self, seq: Sequence, work: Callable[[], None]) -> None:
         """Run one sequence's own postprocessing (sampling, detokenization, stop checks):
@@ -283,11 +300,11 @@ class Engine:
             log.exception("request %s failed", seq.id)
             self._retire(seq, error=e)
 
-    def _accept(self, seq: Sequence, token: int) -> None:
+    def _accept(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         c = seq.handle.completion
         if not c.ttft_s:
             c.ttft_s = time.perf_counter() - seq.arrived
-        if text := seq.output.add(token):
+        if text := seq.output.add(token, logprob):
             seq.handle.push(text)
         seq.token_ids.append(token)
         if seq.output.finished and not (seq.cache_tail and seq.cache_key):

@@ -87,7 +87,10 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
-            table, cached = self.pool.match_prefix(seq.token_ids, seq.cache_key)
+            table: list[int] = []
+            cached = 0
+            if seq.params.prompt_logprobs is None:  # scoring a prompt computes all of it
+                table, cached = self.pool.match_prefix(seq.token_ids, seq.cache_key)
             need = self._blocks_for(len(seq.token_ids)) - len(table)
             if need > self.pool.num_available:
                 for block in table:

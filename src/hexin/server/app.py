@@ -95,9 +95,14 @@ class WebFiles(StaticFiles):
 
 
 class TokenizeRequest(BaseModel):
+    """llama.cpp's shape ({"content"}), or vLLM's ({"prompt"}, "add_special_tokens")."""
+
     model_config = ConfigDict(strict=True)  # JSON types only, as the document says
-    content: str = Field(max_length=MAX_MESSAGE_CHARS)
+    content: str | None = Field(default=None, max_length=MAX_MESSAGE_CHARS)
+    prompt: str | None = Field(default=None, max_length=MAX_MESSAGE_CHARS)
     add_special: bool = True
+    add_special_tokens: bool | None = None
+    model: str | None = None
 
 
 class DetokenizeRequest(BaseModel):
@@ -129,14 +134,6 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    if config.cors:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=config.cors,
-            allow_methods=["*"],
-            allow_headers=["*"],
-        )
-
     app.add_middleware(BodyLimit)
 
     @app.middleware("http")
@@ -159,6 +156,17 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
         state.metrics.request(getattr(route, "path", "other"), response.status_code)
         return response
 
+    # CORS is added last, so outermost: it answers a browser's preflight (which carries no
+    # credentials) before the API key is asked for, and every answer, a 401 too, carries
+    # its headers
+    if config.cors:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.cors,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, e: ApiError) -> JSONResponse:
         return e.response()
@@ -175,6 +183,8 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         field_name = ".".join(loc) or "body"
         message = f"{field_name}: {first.get('msg', 'invalid')}"
+        if first.get("type") == "extra_forbidden":  # refused, never silently dropped
+            message = f"{field_name}: not supported by hexin (README: the supported parameters)"
         return ApiError(400, message, param=field_name).response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -212,7 +222,32 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         engine, _ = state.require()
         tok = engine.tokenizer
-        return {"tokens": tok.encode(body.content, add_bos=None if body.add_special else False)}
+        text = body.content if body.content is not None else body.prompt
+        if text is None:
+            raise ApiError(400, "content: give the text to tokenize", param="content")
+        special = body.add_special if body.add_special_tokens is None else body.add_special_tokens
+        tokens = tok.encode(text, add_bos=None if special else False)
+        # vLLM's fields too, for clients that read those
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.context_limit}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        """The tokenizer's description, as vLLM serves it, so that evaluation clients
+        find the served model's tokenizer instead of fetching one."""
+        engine, _ = state.require()
+        tok = engine.tokenizer
+
+        def text(token: int | None) -> str | None:
+            return None if token is None else tok.decode([token], skip_special=False)
+
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": engine.context_limit,
+            "vocab_size": tok.vocab_size,
+            "bos_token": text(tok.bos_token_id),
+            "eos_token": text(next(iter(tok.eos_token_ids), None)),
+            "chat_template": tok.chat_template,
+        }
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:

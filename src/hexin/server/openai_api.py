@@ -13,7 +13,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -22,7 +22,7 @@ from pydantic_core import PydanticCustomError
 
 from hexin.engine import RequestHandle
 from hexin.output import Completion
-from hexin.sampling import SamplingParams
+from hexin.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
 from hexin.server.state import MAX_MESSAGE_CHARS, ApiError, State, api_error_from, get_state
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -49,18 +49,51 @@ def strings(value: Any, info: ValidationInfo) -> Any:
 
 class Strict(BaseModel):
     """A request body whose fields take only their JSON type, as the OpenAPI document
-    gives it: 0 is no boolean, "1" no number."""
+    gives it: 0 is no boolean, "1" no number. A field it does not name is refused (400
+    naming it), never accepted and dropped."""
 
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+def text_of_parts(value: Any) -> Any:
+    """A message's content given as a list of parts: its text parts joined by newlines.
+    Other parts (images, audio, files) are refused: no model hexin serves reads them."""
+    if not isinstance(value, list):
+        return value
+    texts = []
+    for part in value:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str) and set(part) <= {"type", "text"}:
+            texts.append(part["text"])
+        elif kind in ("image_url", "input_audio", "file", "image", "audio"):
+            raise PydanticCustomError(
+                "content_part", f"{kind} parts are not supported: this model reads only text"
+            )
+        else:
+            raise PydanticCustomError(
+                "content_part", 'each content part must be {"type": "text", "text": "..."}'
+            )
+    return "\n".join(texts)
 
 
 class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "developer"]
     content: str = Field(max_length=MAX_MESSAGE_CHARS)
+    name: str | None = None  # accepted, as OpenAI does; the chat templates here ignore it
+
+    _parts = field_validator("content", mode="before")(text_of_parts)
 
 
 class StreamOptions(Strict):
     include_usage: bool = False
+
+
+class ResponseFormat(Strict):
+    type: Literal["text"]  # json_object and json_schema: not yet (refused, not ignored)
+
+
+#: what a completion's ``logprobs`` may ask for, and a chat's ``top_logprobs``
+LOGPROBS_FIELD = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class SamplingFields(Strict):
@@ -68,6 +101,7 @@ class SamplingFields(Strict):
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, ge=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
+    min_p: float = Field(default=0.0, ge=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
@@ -75,10 +109,16 @@ class SamplingFields(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(default=1.0, gt=0, le=10)
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None  # accepted and ignored (OpenAI's end-user id)
 
     _stop_strings = field_validator("stop", mode="before")(strings)
 
-    def sampling(self, default_max: int) -> SamplingParams:
+    def sampling(self, default_max: int, vocab_size: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > 4 or any(len(s) > 200 for s in stop):
             raise ApiError(400, "stop: at most 4 strings of up to 200 characters", param="stop")
@@ -86,43 +126,94 @@ class SamplingFields(Strict):
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k or None,  # 0 means "off", as in the llama.cpp server
+            min_p=self.min_p,
             max_tokens=self.max_completion_tokens or self.max_tokens or default_max,
             seed=self.seed,
             stop=tuple(stop),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=tuple(bias_of(self.logit_bias or {}, vocab_size).items()),
+            logprobs=self.top_logprobs_asked(),
         )
+
+    def top_logprobs_asked(self) -> int | None:
+        """How many alternatives each token's log-probability lists; None: none asked."""
+        return None
+
+
+def bias_of(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    """OpenAI's ``logit_bias`` (token ids as JSON keys, values from -100 to 100)."""
+    out = {}
+    for key, value in bias.items():
+        if not key.isdigit() or int(key) >= vocab_size:
+            raise ApiError(
+                400, f"logit_bias: {key!r} is not a token id of this model", param="logit_bias"
+            )
+        if not -100 <= value <= 100:
+            raise ApiError(400, "logit_bias: values must be from -100 to 100", param="logit_bias")
+        out[int(key)] = value
+    return out
 
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    logprobs: bool = False
+    top_logprobs: int | None = LOGPROBS_FIELD
+
+    def top_logprobs_asked(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+#: a prompt given as token ids
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(max_length=MAX_MESSAGE_CHARS)
+    #: a string, token ids, or a list of either (one choice each)
+    prompt: str | TokenIds | Annotated[list[str | TokenIds], Field(min_length=1, max_length=64)]
     temperature: float = Field(default=1.0, ge=0, le=2)
-    max_tokens: int | None = Field(default=16, ge=1)
+    #: 0 only with ``echo``: score the prompt, generate nothing
+    max_tokens: int | None = Field(default=16, ge=0)
+    logprobs: int | None = LOGPROBS_FIELD
+    echo: bool = False
 
-    _prompt_strings = field_validator("prompt", mode="before")(strings)
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]  # type: ignore[list-item]
+        return list(self.prompt)  # type: ignore[arg-type]
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
 
 def finish_reason(c: Completion) -> str:
     return "length" if c.stop_reason == "length" else "stop"
 
 
-def usage(c: Completion) -> dict[str, Any]:
+def usage(cs: list[Completion]) -> dict[str, Any]:
+    prompt = sum(c.prompt_tokens for c in cs)
+    completion = sum(c.completion_tokens for c in cs)
     return {
-        "prompt_tokens": c.prompt_tokens,
-        "completion_tokens": c.completion_tokens,
-        "total_tokens": c.prompt_tokens + c.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": c.cached_tokens},
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in cs)},
     }
 
 
-def submit(state: State, prompt: str, req: SamplingFields) -> RequestHandle:
+def submit(
+    state: State, ids: list[int], req: SamplingFields, *, score_prompt: bool = False
+) -> RequestHandle:
+    """Queue one generation; ``score_prompt``: with the prompt tokens' log-probabilities."""
     engine, _ = state.require()  # any "model" is accepted: one model is served
-    ids = engine.tokenizer.encode(prompt)
     try:
         # the engine also stops a reply at the context limit
-        params = req.sampling(default_max=state.config.max_tokens_default)
+        params = req.sampling(state.config.max_tokens_default, engine.model.config.vocab_size)
+        if score_prompt:
+            params = params.with_(prompt_logprobs=params.logprobs or 0)
         return engine.submit(ids, params)
     except ApiError:
         raise
@@ -130,88 +221,161 @@ def submit(state: State, prompt: str, req: SamplingFields) -> RequestHandle:
         raise api_error_from(e) from None
 
 
+class Logprobs:
+    """Token log-probabilities in OpenAI's two shapes, with each token's text."""
+
+    def __init__(self, state: State) -> None:
+        self.tokenizer = state.require()[0].tokenizer
+
+    def text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special=False)
+
+    def chat(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        """A chat choice's ``logprobs``: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+
+        def one(token: int, logprob: float) -> dict[str, Any]:
+            text = self.text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        content = [
+            one(e.token, e.logprob) | {"top_logprobs": [one(t, lp) for t, lp in e.top]}
+            for e in entries
+        ]
+        return {"content": content, "refusal": None}
+
+    def completion(
+        self, entries: list[TokenLogprob | None], first: int | None = None
+    ) -> dict[str, Any]:
+        """A completion choice's ``logprobs``: parallel lists of tokens, their
+        log-probabilities, their alternatives and their offsets in the choice's text.
+        An echoed prompt's first token (``first``), which nothing predicts, is the None
+        entry, with null ones."""
+        out: dict[str, list[Any]] = {
+            "tokens": [],
+            "token_logprobs": [],
+            "top_logprobs": [],
+            "text_offset": [],
+        }
+        offset = 0
+        for e in entries:
+            token = e.token if e is not None else first
+            assert token is not None, "a None entry stands for the prompt's first token"
+            text = self.text(token)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(e.logprob if e is not None else None)
+            top = {self.text(t): lp for t, lp in e.top} if e is not None else None
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+
 async def sse(
-    state: State, handle: RequestHandle, chunk: Any, include_usage: bool
+    state: State,
+    handle: RequestHandle,
+    chunk: Callable[..., dict[str, Any] | None],
+    include_usage: bool,
 ) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per text delta, a final chunk with the finish
-    reason, the usage chunk if asked for, then [DONE]. A client that disconnects
-    cancels the request (the generator is closed)."""
+    """Server-sent events: one chunk per text delta (with the log-probabilities of the
+    tokens since the last one, if asked for), a final chunk with the finish reason, the
+    usage chunk if asked for, then [DONE]. A client that disconnects cancels the request
+    (the generator is closed)."""
+    c, seen = handle.completion, 0
+
+    def new_logprobs() -> list[TokenLogprob]:
+        nonlocal seen
+        entries, seen = c.logprobs[seen:], len(c.logprobs)
+        return entries
+
     try:
         first = chunk(role=True)
         if first is not None:
             yield f"data: {json.dumps(first)}\n\n"
         async for text in handle.stream():
-            yield f"data: {json.dumps(chunk(text=text))}\n\n"
-        c = handle.completion
+            yield f"data: {json.dumps(chunk(text=text, entries=new_logprobs()))}\n\n"
         state.metrics.completion(c)
-        yield f"data: {json.dumps(chunk(finish=finish_reason(c)))}\n\n"
+        final = chunk(finish=finish_reason(c), entries=new_logprobs())
+        yield f"data: {json.dumps(final)}\n\n"
         if include_usage:
-            yield f"data: {json.dumps(chunk(usage=usage(c)))}\n\n"
+            yield f"data: {json.dumps(chunk(usage=usage([c])))}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         handle.cancel()
 
 
-async def wait_unless_disconnected(request: Request | None, handle: RequestHandle) -> Completion:
-    """The finished completion; a client that goes away first cancels the request, so
+async def wait_unless_disconnected(
+    request: Request | None, handles: list[RequestHandle]
+) -> list[Completion]:
+    """The finished completions; a client that goes away first cancels the requests, so
     the engine does not generate for nobody (nor hold up a graceful shutdown)."""
 
     async def watch() -> None:
         # the body is read: what the server sends next is the client's disconnect
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        handle.cancel()
+        for handle in handles:
+            handle.cancel()
 
     watcher = asyncio.ensure_future(watch()) if request is not None else None
     try:
-        return await asyncio.to_thread(handle.result)
+        return [await asyncio.to_thread(handle.result) for handle in handles]
     finally:
         if watcher is not None:
             watcher.cancel()
-        handle.cancel()  # a no-op once finished
+        for handle in handles:
+            handle.cancel()  # a no-op once finished
 
 
 async def respond(
     state: State,
-    handle: RequestHandle,
+    handles: list[RequestHandle],
     req: SamplingFields,
     chunk: Callable[..., dict[str, Any] | None],
     rid: str,
     kind: str,
-    choice: Callable[[Completion], dict[str, Any]],
+    choice: Callable[[int, Completion], dict[str, Any]],
     request: Request | None = None,
 ):
-    """The answer to a generation request: an event stream, or the finished object."""
+    """The answer to a generation request: an event stream (one request), or the
+    finished object with one choice per request."""
     if req.stream:
         include = bool(req.stream_options and req.stream_options.include_usage)
+        (handle,) = handles
         return StreamingResponse(sse(state, handle, chunk, include), media_type="text/event-stream")
-    c = await wait_unless_disconnected(request, handle)
-    state.metrics.completion(c)
+    cs = await wait_unless_disconnected(request, handles)
+    for c in cs:
+        state.metrics.completion(c)
     return {
         "id": rid,
         "object": kind,
         "created": int(time.time()),
         "model": state.model_name,
-        "choices": [choice(c)],
-        "usage": usage(c),
+        # choices first: a choice may correct its counts (echo alone generates nothing)
+        "choices": [choice(i, c) for i, c in enumerate(cs)],
+        "usage": usage(cs),
     }
+
+
+def model_card(state: State) -> dict[str, Any]:
+    created, name = state.started, state.model_name
+    return {"id": name, "object": "model", "created": created, "owned_by": "hexin"}
 
 
 @router.get("/models")
 async def models(request: Request) -> dict[str, Any]:
     state: State = get_state(request)
     state.require()
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": state.model_name,
-                "object": "model",
-                "created": state.started,
-                "owned_by": "hexin",
-            }
-        ],
-    }
+    return {"object": "list", "data": [model_card(state)]}
+
+
+@router.get("/models/{model_id:path}")
+async def model(request: Request, model_id: str) -> dict[str, Any]:
+    state: State = get_state(request)
+    state.require()
+    if model_id != state.model_name:
+        message = f"model {model_id!r} does not exist: this server serves {state.model_name!r}"
+        raise ApiError(404, message, type_="not_found_error", param="model", code="model_not_found")
+    return model_card(state)
 
 
 @router.post("/chat/completions", responses=GENERATED)
@@ -226,10 +390,11 @@ async def chat_completions(request: Request, req: ChatRequest):
         prompt = engine.tokenizer.apply_chat_template(messages)
     except Exception as e:
         raise api_error_from(e) from None
-    handle = submit(state, prompt, req)
+    handle = submit(state, engine.tokenizer.encode(prompt), req)
     rid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
+    logprobs = Logprobs(state) if req.logprobs else None
 
-    def chunk(*, role=False, text=None, finish=None, usage=None) -> dict[str, Any]:
+    def chunk(*, role=False, text=None, finish=None, usage=None, entries=None) -> dict[str, Any]:
         base = {"id": rid, "object": "chat.completion.chunk", "created": created}
         base["model"] = state.model_name
         if usage is not None:
@@ -239,35 +404,68 @@ async def chat_completions(request: Request, req: ChatRequest):
             delta = {"role": "assistant", "content": ""}
         elif text is not None:
             delta = {"content": text}
-        return base | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        one = {"index": 0, "delta": delta, "finish_reason": finish}
+        if logprobs is not None and not role:
+            one["logprobs"] = logprobs.chat(entries or [])
+        return base | {"choices": [one]}
 
-    def choice(c: Completion) -> dict[str, Any]:
+    def choice(i: int, c: Completion) -> dict[str, Any]:
         message = {"role": "assistant", "content": c.text}
-        return {"index": 0, "message": message, "finish_reason": finish_reason(c)}
+        out = {"index": i, "message": message, "finish_reason": finish_reason(c)}
+        return out | {"logprobs": logprobs.chat(c.logprobs) if logprobs is not None else None}
 
-    return await respond(state, handle, req, chunk, rid, "chat.completion", choice, request)
+    return await respond(state, [handle], req, chunk, rid, "chat.completion", choice, request)
 
 
 @router.post("/completions", responses=GENERATED)
 async def completions(request: Request, req: CompletionRequest):
     state: State = get_state(request)
-    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-    if len(prompts) != 1:
-        raise ApiError(400, "prompt: exactly one prompt per request", param="prompt")
-    handle = submit(state, prompts[0], req)
+    engine, _ = state.require()
+    tok = engine.tokenizer
+    prompts = [tok.encode(p) if isinstance(p, str) else p for p in req.prompts()]
+    for ids in prompts:
+        if bad := [t for t in ids if t >= engine.model.config.vocab_size]:
+            raise ApiError(400, f"prompt: token id {bad[0]} outside the vocabulary", param="prompt")
+    if req.stream and len(prompts) > 1:
+        raise ApiError(400, "prompt: one prompt per streamed request", param="prompt")
+    if req.max_tokens == 0 and not req.echo:
+        raise ApiError(400, "max_tokens: must be at least 1 (0 only with echo)", param="max_tokens")
+    scoring = req.echo and req.logprobs is not None
+    if scoring and req.stream:
+        raise ApiError(400, "echo: prompt log-probabilities are not streamed", param="echo")
+    echo_only = req.max_tokens == 0  # score the prompt: generate one token, leave it out
+    if echo_only:
+        req = req.model_copy(update={"max_tokens": 1})
+    handles = [submit(state, ids, req, score_prompt=scoring) for ids in prompts]
     rid, created = "cmpl-" + secrets.token_hex(12), int(time.time())
+    logprobs = Logprobs(state) if req.logprobs is not None else None
+    echoed = [tok.decode(ids, skip_special=False) if req.echo else "" for ids in prompts]
 
-    def chunk(*, role=False, text=None, finish=None, usage=None) -> dict[str, Any] | None:
-        if role:
-            return None
+    def chunk(*, role=False, text=None, finish=None, usage=None, entries=None):
         base = {"id": rid, "object": "text_completion", "created": created}
         base["model"] = state.model_name
         if usage is not None:
             return base | {"choices": [], "usage": usage}
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        if role and not req.echo:
+            return None
+        lp = logprobs.completion(entries or []) if logprobs is not None else None
+        text = echoed[0] if role else text or ""  # the echoed prompt opens the stream
+        choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
         return base | {"choices": [choice]}
 
-    def choice(c: Completion) -> dict[str, Any]:
-        return {"index": 0, "text": c.text, "logprobs": None, "finish_reason": finish_reason(c)}
+    def choice(i: int, c: Completion) -> dict[str, Any]:
+        text, entries = c.text, list(c.logprobs)
+        if echo_only:
+            text, entries, c.completion_tokens = "", [], 0
+        lp = None
+        if logprobs is not None:
+            scored: list[TokenLogprob | None] = list(c.prompt_logprobs) if req.echo else []
+            lp = logprobs.completion(scored + entries, first=prompts[i][0])
+        return {
+            "index": i,
+            "text": echoed[i] + text,
+            "logprobs": lp,
+            "finish_reason": "length" if echo_only else finish_reason(c),
+        }
 
-    return await respond(state, handle, req, chunk, rid, "text_completion", choice, request)
+    return await respond(state, handles, req, chunk, rid, "text_completion", choice, request)

@@ -36,7 +36,7 @@ HEALTH_SCHEMA: dict[str, Any] = {
 ERROR_WHY = {
     400: "Bad request: invalid JSON, a field out of range, a prompt over the context",
     401: "Missing or wrong API key",
-    404: "No such session (or message)",
+    404: "No such session (or message), or no such model",
     409: "The session is busy with a reply",
     413: f"Request body over {MAX_BODY_BYTES} bytes",
     503: "The model is loading (or failed to load), the engine's queue is full, or the "
@@ -74,6 +74,8 @@ def document_errors(doc: dict[str, Any], config: ServerConfig) -> dict[str, Any]
                 codes.add(401)
                 if config.api_key:
                     op["security"] = [{"bearer": []}]
+            if "{model_id}" in path:
+                codes.add(404)
             if "{session_id}" in path:
                 codes |= {404} if method == "get" else {404, 409}
             if path.startswith("/api/sessions") and method != "get":

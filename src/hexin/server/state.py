@@ -18,13 +18,14 @@ from hexin.chat.tree import SessionBusy, SessionNotFound
 from hexin.engine import Engine, EngineBusy
 from hexin.errors import HexinError
 from hexin.options import MAX_TOKENS_DEFAULT, EngineConfig, ModelOptions
+from hexin.output import ContextOverflow
 from hexin.sampling import InvalidParams
 from hexin.server.metrics import Metrics
 
 log = logging.getLogger("hexin.server")
 MAX_BODY_BYTES = 4 << 20
 #: path prefixes that need the API key, when one is set
-PROTECTED = ("/api/", "/v1/", "/tokenize", "/detokenize", "/metrics")
+PROTECTED = ("/api/", "/v1/", "/tokenize", "/detokenize", "/metrics")  # /tokenize*: info too
 MAX_MESSAGE_CHARS = 100_000
 
 
@@ -51,6 +52,7 @@ class ErrorKind:
 
 
 BAD_REQUEST = ErrorKind(400, "invalid_request_error", "bad_request")
+CONTEXT_EXCEEDED = ErrorKind(400, "invalid_request_error", "context_length_exceeded")
 SESSION_NOT_FOUND = ErrorKind(404, "not_found_error", "session_not_found")
 SESSION_BUSY = ErrorKind(409, "conflict_error", "session_busy")
 ENGINE_BUSY = ErrorKind(503, "server_busy", "engine_busy")
@@ -64,6 +66,7 @@ ERROR_KINDS: tuple[tuple[type[Exception], ErrorKind], ...] = (
     (EngineBusy, ENGINE_BUSY),
     (StorageFull, STORAGE_FULL),
     (StorageError, STORAGE_ERROR),
+    (ContextOverflow, CONTEXT_EXCEEDED),
     (HexinError, BAD_REQUEST),
     (ValueError, BAD_REQUEST),
 )
