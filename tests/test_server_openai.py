@@ -4,6 +4,7 @@ sampling options, and errors in OpenAI's shape."""
 
 from __future__ import annotations
 
+import json
 import secrets
 
 import httpx
@@ -569,3 +570,108 @@ def test_forced_continuation_logprobs_equal_the_models_log_softmax(fp32_server, 
         best = expected[i - 1].topk(3)
         got = list(lp.top_logprobs[i].values())
         assert all(abs(a - float(b)) < 1e-4 for a, b in zip(got, best.values, strict=True))
+
+
+# -- structured output -----------------------------------------------------------------------
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "city": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "country": {"type": "string"}},
+            "required": ["name", "country"],
+            "additionalProperties": False,
+        },
+        "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+    },
+    "required": ["name", "age", "city", "hobbies"],
+    "additionalProperties": False,
+}
+PEOPLE = [
+    "Describe a person named Alice.",
+    "Tell me about Bob, 42, from Paris.",
+    "Invent a character for a story.",
+    "Who is your favourite scientist?",
+    "Describe a farmer.",
+    "Describe a teacher from Japan.",
+    "Make up a pirate.",
+    "Describe a child who likes trains.",
+    "Tell me about an astronaut.",
+    "Describe your neighbour.",
+]
+
+
+def test_json_schema_replies_validate_on_10_prompts(client):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    for prompt in PEOPLE:
+        r = client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=300,
+            temperature=0,
+            response_format=fmt,
+        )
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+
+
+def test_sdk_parse_returns_the_model(client):
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        country: str
+
+    class Person(BaseModel):
+        name: str
+        age: int
+        city: City
+
+    r = client.chat.completions.parse(
+        model="m",
+        messages=[{"role": "user", "content": "Tell me about a person."}],
+        response_format=Person,
+        max_tokens=200,
+        temperature=0,
+    )
+    person = r.choices[0].message.parsed
+    assert isinstance(person, Person) and isinstance(person.city, City)
+
+
+def test_grammar_and_regex_hold_a_completion(client):
+    r = client.completions.create(
+        model="m",
+        prompt="Is the sky green? Answer:",
+        max_tokens=10,
+        extra_body={"regex": " (yes|no)"},
+    )
+    assert r.choices[0].text in (" yes", " no")
+    gbnf = 'root ::= " " color\ncolor ::= "red" | "green" | "blue"'
+    for seed in (1, 2, 3):
+        r = client.completions.create(
+            model="m", prompt="Color:", max_tokens=10, seed=seed, extra_body={"grammar": gbnf}
+        )
+        assert r.choices[0].text in (" red", " green", " blue")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "x"}}}},
+            "response_format",
+        ),
+        ({"grammar": "root ::= ("}, "grammar"),
+        ({"grammar": 'root ::= "a"', "regex": "a"}, "regex"),
+    ],
+)
+def test_bad_grammars_are_refused(client, body, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="m", prompt="x", max_tokens=4, extra_body=body)
+    assert info.value.body["param"] == param, info.value.body

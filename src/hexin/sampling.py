@@ -27,6 +27,8 @@ MIN_TEMPERATURE = 1e-30
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 #: the most alternatives a token's log-probability lists (OpenAI's limit)
 MAX_TOP_LOGPROBS = 20
+#: what a constrained reply may be held to (``hexin.grammar``)
+GRAMMAR_KINDS = ("json_schema", "json_object", "grammar", "regex")
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    #: (kind, text): the reply held to a JSON schema, any JSON object, a GBNF or Lark
+    #: grammar, or a regex (``GRAMMAR_KINDS``, ``hexin.grammar``)
+    grammar: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.temperature, int | float) or not math.isfinite(self.temperature):
@@ -95,6 +100,11 @@ class SamplingParams:
                 raise InvalidParams(f"logit_bias keys must be token ids, got {token!r}")
             _check_range("logit_bias values", value, -100, 100)
         object.__setattr__(self, "logit_bias", tuple(sorted(bias.items())))
+        if self.grammar is not None:
+            kind, text = self.grammar  # a list from JSON becomes a tuple
+            if kind not in GRAMMAR_KINDS or not isinstance(text, str):
+                raise InvalidParams(f"grammar must be (kind, text), kind one of {GRAMMAR_KINDS}")
+            object.__setattr__(self, "grammar", (kind, text))
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not (_is_int(value) and 0 <= value <= MAX_TOP_LOGPROBS):
@@ -121,7 +131,12 @@ class SamplingParams:
     def plain_greedy(self) -> bool:
         """The pick is the model's own argmax and needs nothing else from the logits: a
         batch of such rows is picked with one batched argmax."""
-        return self.greedy and not self.changes_logits and self.logprobs is None
+        return (
+            self.greedy
+            and not self.changes_logits
+            and self.logprobs is None
+            and self.grammar is None
+        )
 
     def with_(self, **changes: Any) -> SamplingParams:
         return replace(self, **changes)
@@ -130,6 +145,7 @@ class SamplingParams:
         d = asdict(self)
         d["stop"] = list(self.stop)
         d["logit_bias"] = [list(pair) for pair in self.logit_bias]
+        d["grammar"] = list(self.grammar) if self.grammar else None
         return d
 
 

@@ -21,6 +21,7 @@ from hexin.engine.blocks import BlockPool, PagedBatch
 from hexin.engine.graphs import GraphedDecode
 from hexin.engine.scheduler import Scheduler
 from hexin.engine.sequence import RequestHandle, Sequence, Status
+from hexin.grammar import Grammars
 from hexin.model import Llama
 from hexin.options import EngineConfig
 from hexin.output import Completion, OutputProcessor, check_fits
@@ -65,6 +66,7 @@ class Engine:
             dtype=model.kv_dtype,
             device=model.device,
         )
+        self.grammars = Grammars(tokenizer)
         self._graphs: GraphedDecode | None = None
         if config.cuda_graphs and model.device.type == "cuda":
             self._graphs = GraphedDecode(model, self.pool)
@@ -158,6 +160,7 @@ class Engine:
             handle=handle,
             output=OutputProcessor(self.tokenizer, params, budget, handle.completion),
             sampler=Sampler(params, self.model.device, prompt),
+            constraint=self.grammars.constraint(*params.grammar) if params.grammar else None,
             cache_key=cache_key,
             cache_tail=cache_tail,
         )
@@ -276,7 +279,14 @@ class Engine:
         return dict(zip(greedy, rows.argmax(-1).tolist(), strict=True))
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
-        token, top = seq.sampler(logits), seq.params.logprobs
+        allowed = logits
+        if seq.constraint is not None:
+            left = seq.output.budget - seq.handle.completion.completion_tokens
+            allowed = seq.constraint.mask(logits, tokens_left=left)
+        token, top = seq.sampler(allowed), seq.params.logprobs
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
+        # log-probabilities are the model's own, before any mask, bias or penalty
         self._accept(seq, token, None if top is None else token_logprob(logits, token, top))
 
     def _score(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
+from hexin.grammar import Constraint
 from hexin.output import Completion, OutputProcessor
 from hexin.sampling import Sampler, SamplingParams
 
@@ -33,6 +34,8 @@ class Sequence:
     handle: RequestHandle
     output: OutputProcessor
     sampler: Sampler
+    #: the grammar the reply is held to, if any (``hexin.grammar``)
+    constraint: Constraint | None = None
     cache_key: str | None = None
     #: run the final token (or EOS) into the cache before retiring, so the cache key's
     #: next request finds the whole conversation cached

@@ -88,8 +88,26 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+class JsonSchema(Strict):
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the reply always follows the schema, strict or not
+
+
 class ResponseFormat(Strict):
-    type: Literal["text"]  # json_object and json_schema: not yet (refused, not ignored)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    def grammar(self) -> tuple[str, str] | None:
+        if self.type == "json_object":
+            return ("json_object", "")
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                message = "response_format.json_schema: give the schema"
+                raise ApiError(400, message, param="response_format.json_schema")
+            return ("json_schema", json.dumps(self.json_schema.schema_))
+        return None
 
 
 #: what a completion's ``logprobs`` may ask for, and a chat's ``top_logprobs``
@@ -135,7 +153,12 @@ class SamplingFields(Strict):
             repetition_penalty=self.repetition_penalty,
             logit_bias=tuple(bias_of(self.logit_bias or {}, vocab_size).items()),
             logprobs=self.top_logprobs_asked(),
+            grammar=self.grammar(),
         )
+
+    def grammar(self) -> tuple[str, str] | None:
+        """What the reply is held to (``hexin.grammar``), if anything."""
+        return self.response_format.grammar() if self.response_format else None
 
     def top_logprobs_asked(self) -> int | None:
         """How many alternatives each token's log-probability lists; None: none asked."""
@@ -179,6 +202,24 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = LOGPROBS_FIELD
     echo: bool = False
+    #: extensions: the text held to a GBNF or Lark grammar, or to a regular expression
+    grammar_: str | None = Field(default=None, alias="grammar", max_length=MAX_MESSAGE_CHARS)
+    regex: str | None = Field(default=None, max_length=MAX_MESSAGE_CHARS)
+
+    def grammar(self) -> tuple[str, str] | None:
+        given = [
+            (name, value)
+            for name, value in (
+                ("response_format", super().grammar()),
+                ("grammar", ("grammar", self.grammar_) if self.grammar_ is not None else None),
+                ("regex", ("regex", self.regex) if self.regex is not None else None),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            names = " and ".join(name for name, _ in given)
+            raise ApiError(400, f"{names}: give one of them", param=given[1][0])
+        return given[0][1] if given else None
 
     def prompts(self) -> list[str | list[int]]:
         if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):

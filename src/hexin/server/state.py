@@ -108,8 +108,9 @@ def api_error_from(e: Exception) -> ApiError:
     if kind is INTERNAL:
         message = f"internal error: {type(e).__name__}"
         return ApiError(kind.status, message, type_=kind.type, code=kind.code)
-    # a bad sampling value's message starts with the parameter's name
-    param = str(e).split()[0] if isinstance(e, InvalidParams) else None
+    # a bad sampling value's message starts with the parameter's name; a bad grammar's
+    # error names it
+    param = str(e).split()[0] if isinstance(e, InvalidParams) else getattr(e, "param", None)
     return ApiError(kind.status, str(e), type_=kind.type, param=param, code=kind.code)
 
 
