@@ -83,16 +83,15 @@ class Constraint:
         with ``tokens_left`` under ``CLOSING_TOKENS``, every token but the closing ones
         too where one is allowed."""
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        allowed = np.unpackbits(bits, bitorder="little")[: self.vocab_size].astype(bool)
+        allowed = np.unpackbits(bits, bitorder="little")[: self.vocab_size].view(bool)
         if self.closers is not None and tokens_left is not None and tokens_left <= CLOSING_TOKENS:
             closing = allowed & self.closers
             if closing.any():
                 allowed = closing
-        out = torch.full_like(logits, float("-inf"), dtype=torch.float32)
-        keep = torch.from_numpy(allowed)
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool)  # ids past the tokenizer's: no
         n = min(len(allowed), logits.shape[-1])
-        out[:n][keep[:n]] = logits[:n][keep[:n]].float()
-        return out
+        keep[:n] = torch.from_numpy(allowed[:n])
+        return torch.where(keep, logits.float(), float("-inf"))
 
     def accept(self, token: int) -> None:
         if not self.matcher.consume_token(token):
