@@ -128,6 +128,25 @@ def test_penalties_bias_and_logprobs_stay_with_their_own_request(story):
     assert results[8].token_ids != results[0].token_ids  # the penalty changed the reply
 
 
+def test_choices_of_one_prompt_fork_its_cache(story):
+    """n replies to one prompt: the prompt is computed once, each reply is what it would
+    be alone, and a cancelled choice or a cancelled first choice leaves the rest going."""
+    model, tok = story
+    ids = tok.encode(STORY_PROMPTS[2])  # 15 tokens: no full block, so nothing is cached
+    params = [SamplingParams(temperature=0.9, seed=s, max_tokens=12) for s in (1, 2, 3)]
+    with Engine(model, tok, EngineConfig(block_size=16)) as engine:
+        handles = engine.submit_choices(ids, params)
+        results = [h.result().token_ids for h in handles]
+        assert engine.stats().prefill_tokens == len(ids)
+        assert results == [engine.generate(ids, p).token_ids for p in params]
+        assert len({tuple(r) for r in results}) == 3
+        first, second, third = engine.submit_choices(ids, params)
+        first.cancel()
+        second.cancel()
+        assert third.result().token_ids == results[2]
+        assert engine.stats().kv_blocks_used == 0
+
+
 def test_concurrent_requests_on_default_model_match_alone(smol):
     model, tok = smol
     prompts = ["What is 2+2?", "Name a color.", "Write a haiku about rain.", "Say hi."]

@@ -126,6 +126,38 @@ class Engine:
             self._lock.notify()
         return seq.handle
 
+    def submit_choices(
+        self, prompt_ids: Seq[int], params: Seq[SamplingParams]
+    ) -> list[RequestHandle]:
+        """Queue several replies to one prompt (OpenAI's ``n``), one per ``params``: the
+        prompt is computed once, then each reply starts from a copy of its cache (its full
+        blocks shared) and samples its own tokens."""
+        seqs = [self._sequence(list(prompt_ids), p, None, False, None) for p in params]
+        leader, *forks = seqs
+        leader.forks = forks
+        with self._lock:
+            self._admissible(len(leader.prompt_ids))
+            self._incoming.append(leader)
+            for seq in seqs:
+                self._by_handle[seq.handle] = seq
+            self._lock.notify()
+        return [seq.handle for seq in seqs]
+
+    def _start_forks(self, leader: Sequence, logits: torch.Tensor | None) -> None:
+        """``leader``'s prompt is computed (``logits``: its last position's) or it ended
+        before that (None): start its other choices, forked where they can be."""
+        forks, leader.forks = leader.forks, []
+        for seq in forks:
+            if seq.status is not Status.WAITING:  # cancelled meanwhile
+                continue
+            if logits is not None and self.scheduler.fork(leader, seq):
+                seq.handle.completion.prompt_logprobs = list(
+                    leader.handle.completion.prompt_logprobs
+                )
+                self._isolated(seq, lambda seq=seq: self._sample(seq, logits))
+            else:
+                self.scheduler.add(seq)
+
     def check(self, prompt_ids: Seq[int]) -> None:
         """Raise now what ``submit`` would raise for this prompt (empty, too long, queue
         full), without queueing it, so a caller can refuse a request before storing
@@ -208,8 +240,9 @@ class Engine:
 
     def _cancel_all(self) -> None:
         self._take_incoming()
-        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self._retire(seq, reason="cancelled")
+        while self.scheduler.has_work:  # a retired leader hands its other choices over
+            for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                self._retire(seq, reason="cancelled")
 
     def _take_incoming(self) -> None:
         with self._lock:
@@ -241,6 +274,8 @@ class Engine:
                 self._isolated(seq, lambda s=seq, a=start, r=logits[0]: self._score(s, a, r))
                 logits = logits[:, -1]
             if seq.num_pending == 0 and seq.status is Status.RUNNING:
+                if seq.forks:
+                    self._start_forks(seq, logits[0])
                 self._isolated(seq, lambda seq=seq, row=logits[0]: self._sample(seq, row))
         if step.decode:
             t0 = time.perf_counter()
@@ -325,6 +360,8 @@ class Engine:
     ) -> None:
         """Finish a sequence: flush its text, release or retain its blocks, close its
         handle. ``reason`` applies only if it did not already stop by itself."""
+        if seq.forks:  # ended before its prompt was computed: the other choices go alone
+            self._start_forks(seq, None)
         if seq in self.scheduler.waiting:
             self.scheduler.remove_waiting(seq)
         else:

@@ -108,6 +108,31 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
 
+    def fork(self, parent: Sequence, child: Sequence) -> bool:
+        """Start ``child``, whose prompt is ``parent``'s, from ``parent``'s computed
+        prompt: the full blocks shared, the partly filled last one copied (the child writes
+        its own tokens there). False when the batch is full or no block is free for the
+        copy; the child then waits and is admitted as any other, its prompt mostly cached."""
+        bs = self.pool.block_size
+        full, part = divmod(parent.num_computed, bs)
+        if len(self.running) >= self.max_running or (part and self.pool.num_available == 0):
+            return False
+        table = parent.block_table[:full]
+        for block in table:
+            self.pool.incref(block)
+        if part:
+            copy = self.pool.allocate()
+            self.pool.copy_prefix(parent.block_table[full], copy, part)
+            table = [*table, copy]
+        child.block_table, child.num_computed = table, parent.num_computed
+        child.digest, child.num_digested = parent.digest, parent.num_digested
+        self.prompt_tokens += len(child.token_ids)
+        self.cached_tokens += parent.num_computed
+        child.output.completion.cached_tokens = parent.num_computed
+        child.status = Status.RUNNING
+        self.running.append(child)
+        return True
+
     def _room_for_one(self, seq: Sequence) -> bool:
         """Make sure ``seq`` has a slot for its next token, preempting if need be."""
         if len(seq.block_table) * self.pool.block_size > seq.num_computed:

@@ -50,6 +50,9 @@ class Sequence:
     num_digested: int = 0
     arrived: float = field(default_factory=time.perf_counter)
     preemptions: int = 0
+    #: other choices of the same request (``Engine.submit_choices``): they start from this
+    #: sequence's prompt once it is computed, sharing its blocks
+    forks: list[Sequence] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)

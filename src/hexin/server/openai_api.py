@@ -110,6 +110,8 @@ class ResponseFormat(Strict):
         return None
 
 
+#: the most choices (``n``) one request may ask for
+MAX_CHOICES = 16
 #: what a completion's ``logprobs`` may ask for, and a chat's ``top_logprobs``
 LOGPROBS_FIELD = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
@@ -126,7 +128,7 @@ class SamplingFields(Strict):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     repetition_penalty: float = Field(default=1.0, gt=0, le=10)
@@ -247,15 +249,21 @@ def usage(cs: list[Completion]) -> dict[str, Any]:
 
 def submit(
     state: State, ids: list[int], req: SamplingFields, *, score_prompt: bool = False
-) -> RequestHandle:
-    """Queue one generation; ``score_prompt``: with the prompt tokens' log-probabilities."""
+) -> list[RequestHandle]:
+    """Queue the request's ``n`` replies to one prompt (computed once; with a seed, reply
+    i samples with seed + i); ``score_prompt``: with the prompt tokens' log-probabilities."""
     engine, _ = state.require()  # any "model" is accepted: one model is served
+    if req.stream and req.n > 1:
+        raise ApiError(400, "n: several choices are not streamed; ask without stream", param="n")
     try:
         # the engine also stops a reply at the context limit
         params = req.sampling(state.config.max_tokens_default, engine.model.config.vocab_size)
         if score_prompt:
             params = params.with_(prompt_logprobs=params.logprobs or 0)
-        return engine.submit(ids, params)
+        if req.n == 1:
+            return [engine.submit(ids, params)]
+        seeds = [None if params.seed is None else params.seed + i for i in range(req.n)]
+        return engine.submit_choices(ids, [params.with_(seed=seed) for seed in seeds])
     except ApiError:
         raise
     except Exception as e:
@@ -431,7 +439,7 @@ async def chat_completions(request: Request, req: ChatRequest):
         prompt = engine.tokenizer.apply_chat_template(messages)
     except Exception as e:
         raise api_error_from(e) from None
-    handle = submit(state, engine.tokenizer.encode(prompt), req)
+    handles = submit(state, engine.tokenizer.encode(prompt), req)
     rid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     logprobs = Logprobs(state) if req.logprobs else None
 
@@ -455,7 +463,7 @@ async def chat_completions(request: Request, req: ChatRequest):
         out = {"index": i, "message": message, "finish_reason": finish_reason(c)}
         return out | {"logprobs": logprobs.chat(c.logprobs) if logprobs is not None else None}
 
-    return await respond(state, [handle], req, chunk, rid, "chat.completion", choice, request)
+    return await respond(state, handles, req, chunk, rid, "chat.completion", choice, request)
 
 
 @router.post("/completions", responses=GENERATED)
@@ -477,7 +485,7 @@ async def completions(request: Request, req: CompletionRequest):
     echo_only = req.max_tokens == 0  # score the prompt: generate one token, leave it out
     if echo_only:
         req = req.model_copy(update={"max_tokens": 1})
-    handles = [submit(state, ids, req, score_prompt=scoring) for ids in prompts]
+    handles = [h for ids in prompts for h in submit(state, ids, req, score_prompt=scoring)]
     rid, created = "cmpl-" + secrets.token_hex(12), int(time.time())
     logprobs = Logprobs(state) if req.logprobs is not None else None
     echoed = [tok.decode(ids, skip_special=False) if req.echo else "" for ids in prompts]
@@ -501,10 +509,10 @@ async def completions(request: Request, req: CompletionRequest):
         lp = None
         if logprobs is not None:
             scored: list[TokenLogprob | None] = list(c.prompt_logprobs) if req.echo else []
-            lp = logprobs.completion(scored + entries, first=prompts[i][0])
+            lp = logprobs.completion(scored + entries, first=prompts[i // req.n][0])
         return {
             "index": i,
-            "text": echoed[i] + text,
+            "text": echoed[i // req.n] + text,
             "logprobs": lp,
             "finish_reason": "length" if echo_only else finish_reason(c),
         }
