@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Mount
 
 from hexin.errors import HexinError
-from hexin.server import openai_api, sessions, websocket
+from hexin.server import ollama_api, openai_api, sessions, websocket
 from hexin.server.openapi import document_errors
 from hexin.server.state import (
     MAX_BODY_BYTES,
@@ -171,6 +171,10 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
     async def on_api_error(request: Request, e: ApiError) -> JSONResponse:
         return e.response()
 
+    @app.exception_handler(ollama_api.OllamaError)
+    async def on_ollama_error(request: Request, e: ollama_api.OllamaError) -> JSONResponse:
+        return e.response()
+
     @app.exception_handler(HexinError)
     async def on_hexin_error(request: Request, e: HexinError) -> JSONResponse:
         return api_error_from(e).response()
@@ -185,6 +189,8 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
         message = f"{field_name}: {first.get('msg', 'invalid')}"
         if first.get("type") == "extra_forbidden":  # refused, never silently dropped
             message = f"{field_name}: not supported by hexin (README: the supported parameters)"
+        if request.url.path.startswith(ollama_api.PATHS):  # Ollama's clients read its shape
+            return ollama_api.OllamaError(400, message).response()
         return ApiError(400, message, param=field_name).response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -260,6 +266,7 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
 
     app.include_router(sessions.router)
     app.include_router(openai_api.router)
+    app.include_router(ollama_api.router)
     app.include_router(websocket.router)
     if (WEB_DIR / "index.html").is_file():
         app.mount("/", WebFiles(directory=WEB_DIR, html=True), name="web")

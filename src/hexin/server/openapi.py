@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hexin.server import ollama_api
 from hexin.server.state import MAX_BODY_BYTES, PROTECTED, ServerConfig
 
 #: the ``Error`` component: every error the HTTP API answers
@@ -43,6 +44,14 @@ ERROR_WHY = {
     "chat database could not be written for now",
     507: "The disk holding the chat database is full (deleting sessions still works)",
 }
+OLLAMA_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}},
+}
+#: Ollama's routes, and those that name a model (404 for another)
+OLLAMA_PATHS = tuple(ollama_api.PATHS)
+OLLAMA_MODEL_PATHS = ("/api/chat", "/api/generate")
 #: paths that answer without the engine (every other one says 503 until it is ready)
 ENGINE_FREE = ("/health", "/metrics")
 
@@ -60,7 +69,9 @@ def document_errors(doc: dict[str, Any], config: ServerConfig) -> dict[str, Any]
     if config.api_key:
         schemes = doc["components"].setdefault("securitySchemes", {})
         schemes["bearer"] = {"type": "http", "scheme": "bearer"}
+    schemas["OllamaError"] = OLLAMA_ERROR_SCHEMA
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    ollama = {"application/json": {"schema": {"$ref": "#/components/schemas/OllamaError"}}}
     for path, operations in doc.get("paths", {}).items():
         for method, op in operations.items():
             responses = op.setdefault("responses", {})
@@ -74,7 +85,7 @@ def document_errors(doc: dict[str, Any], config: ServerConfig) -> dict[str, Any]
                 codes.add(401)
                 if config.api_key:
                     op["security"] = [{"bearer": []}]
-            if "{model_id}" in path:
+            if "{model_id}" in path or path in OLLAMA_MODEL_PATHS:
                 codes.add(404)
             if "{session_id}" in path:
                 codes |= {404} if method == "get" else {404, 409}
@@ -83,7 +94,9 @@ def document_errors(doc: dict[str, Any], config: ServerConfig) -> dict[str, Any]
             if path not in ENGINE_FREE:
                 codes.add(503)
             for code in sorted(codes):
-                responses[str(code)] = {"description": ERROR_WHY[code], "content": error}
+                # Ollama's routes answer their own errors in Ollama's shape
+                shape = ollama if path in OLLAMA_PATHS and code in (400, 404) else error
+                responses[str(code)] = {"description": ERROR_WHY[code], "content": shape}
     health = doc.get("paths", {}).get("/health", {}).get("get")
     if health is not None:
         body = {"application/json": {"schema": {"$ref": "#/components/schemas/Health"}}}

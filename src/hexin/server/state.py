@@ -125,6 +125,7 @@ class State:
         self.engine: Engine | None = None
         self.service: ChatService | None = None
         self.model_name = ""
+        self.model_format = ""  # "gguf" or "safetensors"
         self.started = int(time.time())
 
     def load(self) -> None:
@@ -135,6 +136,7 @@ class State:
             engine = Engine(model, loaded.tokenizer, self.config.engine).start()
             self.service = ChatService(engine, Store(self.config.db), model_name=loaded.name)
             self.engine, self.model_name = engine, loaded.name
+            self.model_format = "gguf" if loaded.path.is_file() else "safetensors"
             self.ready.set()
             log.info("model %s ready", loaded.name)
         except Exception as e:  # reported by /health and every endpoint
