@@ -478,8 +478,6 @@ def test_penalties_change_a_repetitive_reply(client):
 @pytest.mark.parametrize(
     ("changes", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"tool_choice": "auto"}, "tool_choice"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"extra_body": {"functions": []}}, "functions"),
         ({"logit_bias": {"x": 1}}, "logit_bias"),
@@ -712,3 +710,121 @@ def test_n_choices_share_one_prefill_and_reproduce(client, server):
     assert [c.message.content for c in again.choices] == texts
     single = client.chat.completions.create(**(kw | {"n": 1, "seed": 12}))
     assert single.choices[0].message.content == texts[1]  # choice i samples with seed + i
+
+
+# -- tools -------------------------------------------------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["city"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "The current time in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    },
+]
+WEATHER = [{"role": "user", "content": "What's the weather in Paris?"}]
+
+
+def check_call(call, name: str) -> None:
+    import jsonschema
+
+    (tool,) = [t for t in TOOLS if t["function"]["name"] == name]
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == name
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "name"),
+    [("required", None), ({"type": "function", "function": {"name": "get_time"}}, "get_time")],
+)
+def test_an_enforced_tool_call_is_a_valid_call(client, tool_choice, name):
+    kw = dict(model="m", messages=WEATHER, tools=TOOLS, tool_choice=tool_choice, max_tokens=120)
+    r = client.chat.completions.create(temperature=0, **kw)
+    assert r.choices[0].finish_reason == "tool_calls"
+    (call,) = r.choices[0].message.tool_calls
+    check_call(call, name or call.function.name)
+    assert call.function.name in ("get_weather", "get_time")
+    streamed, finish = [], None
+    for chunk in client.chat.completions.create(temperature=0, stream=True, **kw):
+        if chunk.choices:
+            streamed += chunk.choices[0].delta.tool_calls or []
+            finish = chunk.choices[0].finish_reason or finish
+    (delta,) = streamed
+    assert finish == "tool_calls" and delta.index == 0
+    assert (delta.function.name, delta.function.arguments) == (
+        call.function.name,
+        call.function.arguments,
+    )
+
+
+def test_a_tool_result_goes_back_into_the_conversation(client):
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    r = client.chat.completions.create(
+        model="m",
+        tools=TOOLS,
+        temperature=0,
+        max_tokens=30,
+        messages=[
+            *WEATHER,
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"sky": "sunny", "c": 21}'},
+        ],
+    )
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert r.choices[0].message.content or r.choices[0].message.tool_calls
+
+
+def test_tool_call_text_is_parsed_in_auto_mode():
+    """A reply in hexin's default format becomes tool_calls; other text stays text."""
+    from hexin import tools
+
+    call = '{"name": "get_time", "arguments": {"city": "Oslo"}}'
+    text = f"Let me check.\n<tool_call>\n{call}\n</tool_call>"
+    content, calls = tools.parse(text)
+    assert content == "Let me check." and [c.name for c in calls] == ["get_time"]
+    assert json.loads(calls[0].arguments) == {"city": "Oslo"}
+    assert tools.parse("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+
+
+@pytest.mark.parametrize(
+    ("changes", "param"),
+    [
+        ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages.0"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "bad name!"}}]},
+            "tools.0.function.name",
+        ),
+    ],
+)
+def test_bad_tool_requests_are_refused(client, changes, param):
+    kw = {"model": "m", "messages": WEATHER, "tools": TOOLS, "max_tokens": 4}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**(kw | changes))
+    assert info.value.body["param"] == param, info.value.body

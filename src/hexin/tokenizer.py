@@ -121,10 +121,21 @@ class Tokenizer:
         return (self.id_to_token(self.eos_token_ids[0]) or "") if self.eos_token_ids else ""
 
     # -- chat ---------------------------------------------------------------------------
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the chat template renders a ``tools`` list itself (else see
+        ``hexin.tools.render``)."""
+        return "tools" in (self.chat_template or "")
+
     def apply_chat_template(
-        self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> str:
-        """Render ``messages`` with the model's own jinja2 template, as transformers does."""
+        """Render ``messages`` (and ``tools``, for a template that takes them) with the
+        model's own jinja2 template, as transformers does."""
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; use story mode instead")
         if self._template is None:
@@ -144,6 +155,7 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                tools=list(tools) if tools else None,
             )
         except TemplateError as e:
             raise ChatTemplateError(f"chat template failed: {e}") from None

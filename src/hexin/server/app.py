@@ -182,19 +182,22 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
-        if first.get("type") == "json_invalid":
-            return ApiError(400, f"malformed JSON body: {first.get('msg', '')}").response()
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         field_name = ".".join(loc) or "body"
         message = f"{field_name}: {first.get('msg', 'invalid')}"
-        if first.get("type") == "extra_forbidden":  # refused, never silently dropped
+        param: str | None = field_name
+        if first.get("type") == "json_invalid":
+            param, message = None, f"malformed JSON body: {first.get('msg', '')}"
+        elif first.get("type") == "extra_forbidden":  # refused, never silently dropped
             message = f"{field_name}: not supported by hexin (README: the supported parameters)"
         if request.url.path.startswith(ollama_api.PATHS):  # Ollama's clients read its shape
             return ollama_api.OllamaError(400, message).response()
-        return ApiError(400, message, param=field_name).response()
+        return ApiError(400, message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        if request.url.path.startswith(ollama_api.PATHS) and e.status_code in (400, 404):
+            return ollama_api.OllamaError(e.status_code, str(e.detail)).response()
         response = ApiError(e.status_code, str(e.detail), type_="http_error").response()
         response.headers.update(e.headers or {})  # e.g. a 405's Allow
         return response

@@ -17,9 +17,17 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
+from hexin import tools
 from hexin.engine import RequestHandle
 from hexin.output import Completion
 from hexin.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
@@ -76,12 +84,54 @@ def text_of_parts(value: Any) -> Any:
     return "\n".join(texts)
 
 
+class CalledFunction(Strict):
+    name: str = Field(max_length=64)
+    arguments: str = Field(max_length=MAX_MESSAGE_CHARS)  # a JSON object, as a string
+
+
+class ToolCallIn(Strict):
+    """A call the assistant made earlier, sent back with the conversation."""
+
+    id: str = Field(max_length=64)
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str = Field(max_length=MAX_MESSAGE_CHARS)
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | None = Field(default=None, max_length=MAX_MESSAGE_CHARS)
     name: str | None = None  # accepted, as OpenAI does; the chat templates here ignore it
+    tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=128)
+    tool_call_id: str | None = None  # a tool message's answer to that call
 
     _parts = field_validator("content", mode="before")(text_of_parts)
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise PydanticCustomError("content", "content: required (null only beside tool_calls)")
+        return self
+
+
+class FunctionSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # calls always follow the parameters' schema when enforced
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(Strict):
@@ -185,6 +235,36 @@ class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     logprobs: bool = False
     top_logprobs: int | None = LOGPROBS_FIELD
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # accepted; an enforced call is one call
+
+    def tool_specs(self) -> list[dict[str, Any]]:
+        """The tools the model is told about (none with tool_choice "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def forced_call(self) -> tuple[bool, str | None]:
+        """Whether the reply must be a call (tool_choice "required" or a named function),
+        and the function named, if one is."""
+        if not self.tool_specs():
+            return False, None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.name
+            if name not in {t.function.name for t in self.tools or []}:
+                raise ApiError(400, f"tool_choice: no tool named {name!r}", param="tool_choice")
+            return True, name
+        return self.tool_choice == "required", None
+
+    def grammar(self) -> tuple[str, str] | None:
+        forced, name = self.forced_call()
+        if not forced:
+            return super().grammar()
+        if self.response_format is not None and self.response_format.type != "text":
+            message = "response_format: not with a required tool call"
+            raise ApiError(400, message, param="response_format")
+        return ("json_schema", json.dumps(tools.call_schema(self.tool_specs(), name)))
 
     def top_logprobs_asked(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:
@@ -427,21 +507,39 @@ async def model(request: Request, model_id: str) -> dict[str, Any]:
     return model_card(state)
 
 
+def chat_prompt(state: State, req: ChatRequest) -> str:
+    """The conversation (and its tools) through the model's chat template."""
+    tok = state.require()[0].tokenizer
+    messages = [
+        m.model_dump(exclude_none=True) | {"role": "system" if m.role == "developer" else m.role}
+        for m in req.messages
+    ]
+    specs = req.tool_specs()
+    try:
+        if tok.template_takes_tools:
+            return tok.apply_chat_template(messages, tools=specs or None)
+        return tok.apply_chat_template(tools.render(messages, specs))
+    except Exception as e:
+        raise api_error_from(e) from None
+
+
 @router.post("/chat/completions", responses=GENERATED)
 async def chat_completions(request: Request, req: ChatRequest):
     state: State = get_state(request)
     engine, _ = state.require()
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.content}
-        for m in req.messages
-    ]
-    try:
-        prompt = engine.tokenizer.apply_chat_template(messages)
-    except Exception as e:
-        raise api_error_from(e) from None
-    handles = submit(state, engine.tokenizer.encode(prompt), req)
+    handles = submit(state, engine.tokenizer.encode(chat_prompt(state, req)), req)
     rid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     logprobs = Logprobs(state) if req.logprobs else None
+    calling = bool(req.tool_specs())
+    forced, _ = req.forced_call()
+
+    def message_of(c: Completion) -> tuple[dict[str, Any], str]:
+        """The assistant message and finish reason, tool calls parsed out of the text."""
+        content, calls = tools.parse(c.text, whole=forced) if calling else (c.text, [])
+        if not calls:
+            return {"role": "assistant", "content": c.text}, finish_reason(c)
+        message = {"role": "assistant", "content": content or None}
+        return message | {"tool_calls": [call.to_openai() for call in calls]}, "tool_calls"
 
     def chunk(*, role=False, text=None, finish=None, usage=None, entries=None) -> dict[str, Any]:
         base = {"id": rid, "object": "chat.completion.chunk", "created": created}
@@ -459,11 +557,44 @@ async def chat_completions(request: Request, req: ChatRequest):
         return base | {"choices": [one]}
 
     def choice(i: int, c: Completion) -> dict[str, Any]:
-        message = {"role": "assistant", "content": c.text}
-        out = {"index": i, "message": message, "finish_reason": finish_reason(c)}
+        message, finish = message_of(c)
+        out = {"index": i, "message": message, "finish_reason": finish}
         return out | {"logprobs": logprobs.chat(c.logprobs) if logprobs is not None else None}
 
+    if calling and req.stream:  # the reply whole, then as deltas: calls are parsed from it
+        (handle,) = handles
+        return StreamingResponse(
+            called_sse(state, handle, chunk, message_of, req), media_type="text/event-stream"
+        )
     return await respond(state, handles, req, chunk, rid, "chat.completion", choice, request)
+
+
+async def called_sse(
+    state: State,
+    handle: RequestHandle,
+    chunk: Callable[..., dict[str, Any]],
+    message_of: Callable[[Completion], tuple[dict[str, Any], str]],
+    req: ChatRequest,
+) -> AsyncIterator[str]:
+    """A reply that may hold tool calls, streamed once it is whole: its text as one
+    delta, or each call as a ``tool_calls`` delta (id, name and all its arguments)."""
+    try:
+        yield f"data: {json.dumps(chunk(role=True))}\n\n"
+        c = await asyncio.to_thread(handle.result)
+        state.metrics.completion(c)
+        message, finish = message_of(c)
+        if message.get("content"):
+            yield f"data: {json.dumps(chunk(text=message['content']))}\n\n"
+        for i, call in enumerate(message.get("tool_calls", [])):
+            delta = chunk(text="")
+            delta["choices"][0]["delta"] = {"tool_calls": [{"index": i} | call]}
+            yield f"data: {json.dumps(delta)}\n\n"
+        yield f"data: {json.dumps(chunk(finish=finish))}\n\n"
+        if req.stream_options and req.stream_options.include_usage:
+            yield f"data: {json.dumps(chunk(usage=usage([c])))}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        handle.cancel()
 
 
 @router.post("/completions", responses=GENERATED)
