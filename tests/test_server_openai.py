@@ -828,3 +828,26 @@ def test_bad_tool_requests_are_refused(client, changes, param):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(**(kw | changes))
     assert info.value.body["param"] == param, info.value.body
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
+def test_langchain_structured_output(server, method):
+    """LangChain's ``with_structured_output`` by each of its methods: a JSON schema
+    response format, a forced tool call, and JSON mode (whose schema only the prompt
+    states)."""
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    llm = ChatOpenAI(
+        base_url=f"{server.url}/v1", api_key="unused", model="m", temperature=0, max_tokens=100
+    )
+    ask = "Tell me about a person named Ann who is 31."
+    if method == "json_mode":
+        ask = 'Reply with a JSON object with the keys "name" (a string) and "age" (an integer) '
+        ask += "for a person named Ann who is 31."
+    person = llm.with_structured_output(Person, method=method).invoke(ask)
+    assert isinstance(person, Person) and person.age == 31
