@@ -265,7 +265,8 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise ApiError(400, f"token id {bad[0]} outside the vocabulary", param="tokens")
-        return {"content": engine.tokenizer.decode(body.tokens, skip_special=False)}
+        text = engine.tokenizer.decode(body.tokens, skip_special=False)
+        return {"content": text, "prompt": text}  # llama.cpp's key, and vLLM's
 
     app.include_router(sessions.router)
     app.include_router(openai_api.router)
