@@ -329,8 +329,8 @@ class Engine:
         positions from ``start`` on, predict."""
         c, top = seq.handle.completion, seq.params.prompt_logprobs
         assert top is not None
-        if start == 0:
-            c.prompt_logprobs.append(None)  # the first token: nothing predicts it
+        if start == 0:  # (again, after a preemption: recomputed from the start)
+            c.prompt_logprobs = [None]  # the first token: nothing predicts it
         prompt = seq.prompt_ids
         for i in range(logits.shape[0]):
             if (at := start + i + 1) < len(prompt):
