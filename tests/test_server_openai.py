@@ -323,7 +323,6 @@ def test_top_k_via_extra_body(client):
         ({"top_p": 1.5}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"n": 17}, "n"),
-        ({"n": 2, "stream": True}, "n"),
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         # a stop that is no string nor list of strings is refused, never coerced
@@ -350,8 +349,8 @@ def test_chat_errors_in_openai_shape(client, changes, param):
 
 def test_completion_errors(client):
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model="m", prompt=["a", "b"], max_tokens=2, stream=True)
-    assert info.value.body["param"] == "prompt"  # several prompts: not streamed
+        client.completions.create(model="m", prompt=[], max_tokens=2)
+    assert info.value.body["param"] == "prompt"
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="m", prompt="a", temperature=-1)
     assert info.value.body["param"] == "temperature"
@@ -710,6 +709,26 @@ def test_n_choices_share_one_prefill_and_reproduce(client, server):
     assert [c.message.content for c in again.choices] == texts
     single = client.chat.completions.create(**(kw | {"n": 1, "seed": 12}))
     assert single.choices[0].message.content == texts[1]  # choice i samples with seed + i
+    streamed = ["", "", ""]
+    finished = set()
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert streamed == texts and finished == {0, 1, 2}
+
+
+def test_streamed_completions_of_several_prompts(client):
+    prompts = [SKY, "Once upon a time"]
+    whole = client.completions.create(model="m", prompt=prompts, max_tokens=6, temperature=0)
+    texts = ["", ""]
+    for chunk in client.completions.create(
+        model="m", prompt=prompts, max_tokens=6, temperature=0, stream=True
+    ):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [c.text for c in whole.choices]
 
 
 # -- tools -------------------------------------------------------------------------------------

@@ -94,6 +94,10 @@ class WebFiles(StaticFiles):
         return await super().get_response(path, scope)
 
 
+def _is_type_tag(part: str) -> bool:
+    return part in ("str", "int", "float", "bool", "list", "dict") or "[" in part
+
+
 class TokenizeRequest(BaseModel):
     """llama.cpp's shape ({"content"}), or vLLM's ({"prompt"}, "add_special_tokens")."""
 
@@ -182,7 +186,9 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # a union's member appears in the location as its type ("str", "list[int]"): the
+        # client named a field, not a type
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(str(p))]
         field_name = ".".join(loc) or "body"
         message = f"{field_name}: {first.get('msg', 'invalid')}"
         param: str | None = field_name

@@ -333,8 +333,6 @@ def submit(
     """Queue the request's ``n`` replies to one prompt (computed once; with a seed, reply
     i samples with seed + i); ``score_prompt``: with the prompt tokens' log-probabilities."""
     engine, _ = state.require()  # any "model" is accepted: one model is served
-    if req.stream and req.n > 1:
-        raise ApiError(400, "n: several choices are not streamed; ask without stream", param="n")
     try:
         # the engine also stops a reply at the context limit
         params = req.sampling(state.config.max_tokens_default, engine.model.config.vocab_size)
@@ -399,37 +397,71 @@ class Logprobs:
         return out
 
 
+async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, str | None]]:
+    """The text deltas of several requests as they come, as (index, text), and (index,
+    None) when one ends; a request's error is raised once all have ended."""
+    queue: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
+    errors: list[BaseException] = []
+
+    async def pump(i: int, handle: RequestHandle) -> None:
+        try:
+            async for text in handle.stream():
+                await queue.put((i, text))
+        except Exception as e:
+            errors.append(e)
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        for _ in handles:
+            while (item := await queue.get())[1] is not None:
+                yield item
+            yield item
+        if errors:
+            raise errors[0]
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 async def sse(
     state: State,
-    handle: RequestHandle,
+    handles: list[RequestHandle],
     chunk: Callable[..., dict[str, Any] | None],
     include_usage: bool,
 ) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per text delta (with the log-probabilities of the
-    tokens since the last one, if asked for), a final chunk with the finish reason, the
-    usage chunk if asked for, then [DONE]. A client that disconnects cancels the request
-    (the generator is closed)."""
-    c, seen = handle.completion, 0
+    """Server-sent events: for each choice (its ``index``), one chunk per text delta (with
+    the log-probabilities of the tokens since its last one, if asked for) and a final chunk
+    with its finish reason; then the usage chunk if asked for, and [DONE]. A client that
+    disconnects cancels the requests (the generator is closed)."""
+    seen = [0] * len(handles)
 
-    def new_logprobs() -> list[TokenLogprob]:
-        nonlocal seen
-        entries, seen = c.logprobs[seen:], len(c.logprobs)
-        return entries
+    def new_logprobs(i: int) -> list[TokenLogprob]:
+        entries = handles[i].completion.logprobs
+        start, seen[i] = seen[i], len(entries)
+        return entries[start:]
 
     try:
-        first = chunk(role=True)
-        if first is not None:
-            yield f"data: {json.dumps(first)}\n\n"
-        async for text in handle.stream():
-            yield f"data: {json.dumps(chunk(text=text, entries=new_logprobs()))}\n\n"
-        state.metrics.completion(c)
-        final = chunk(finish=finish_reason(c), entries=new_logprobs())
-        yield f"data: {json.dumps(final)}\n\n"
+        for i in range(len(handles)):
+            first = chunk(role=True, index=i)
+            if first is not None:
+                yield f"data: {json.dumps(first)}\n\n"
+        async for i, text in merged(handles):
+            c = handles[i].completion
+            if text is None:
+                state.metrics.completion(c)
+                final = chunk(finish=finish_reason(c), entries=new_logprobs(i), index=i)
+                yield f"data: {json.dumps(final)}\n\n"
+            else:
+                yield f"data: {json.dumps(chunk(text=text, entries=new_logprobs(i), index=i))}\n\n"
         if include_usage:
-            yield f"data: {json.dumps(chunk(usage=usage([c])))}\n\n"
+            cs = [h.completion for h in handles]
+            yield f"data: {json.dumps(chunk(usage=usage(cs)))}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        handle.cancel()
+        for handle in handles:
+            handle.cancel()
 
 
 async def wait_unless_disconnected(
@@ -469,8 +501,9 @@ async def respond(
     finished object with one choice per request."""
     if req.stream:
         include = bool(req.stream_options and req.stream_options.include_usage)
-        (handle,) = handles
-        return StreamingResponse(sse(state, handle, chunk, include), media_type="text/event-stream")
+        return StreamingResponse(
+            sse(state, handles, chunk, include), media_type="text/event-stream"
+        )
     cs = await wait_unless_disconnected(request, handles)
     for c in cs:
         state.metrics.completion(c)
@@ -541,7 +574,9 @@ async def chat_completions(request: Request, req: ChatRequest):
         message = {"role": "assistant", "content": content or None}
         return message | {"tool_calls": [call.to_openai() for call in calls]}, "tool_calls"
 
-    def chunk(*, role=False, text=None, finish=None, usage=None, entries=None) -> dict[str, Any]:
+    def chunk(
+        *, role=False, text=None, finish=None, usage=None, entries=None, index=0
+    ) -> dict[str, Any]:
         base = {"id": rid, "object": "chat.completion.chunk", "created": created}
         base["model"] = state.model_name
         if usage is not None:
@@ -551,7 +586,7 @@ async def chat_completions(request: Request, req: ChatRequest):
             delta = {"role": "assistant", "content": ""}
         elif text is not None:
             delta = {"content": text}
-        one = {"index": 0, "delta": delta, "finish_reason": finish}
+        one = {"index": index, "delta": delta, "finish_reason": finish}
         if logprobs is not None and not role:
             one["logprobs"] = logprobs.chat(entries or [])
         return base | {"choices": [one]}
@@ -562,6 +597,9 @@ async def chat_completions(request: Request, req: ChatRequest):
         return out | {"logprobs": logprobs.chat(c.logprobs) if logprobs is not None else None}
 
     if calling and req.stream:  # the reply whole, then as deltas: calls are parsed from it
+        if len(handles) > 1:
+            message = "n: several choices with tools are not streamed; ask without stream"
+            raise ApiError(400, message, param="n")
         (handle,) = handles
         return StreamingResponse(
             called_sse(state, handle, chunk, message_of, req), media_type="text/event-stream"
@@ -606,8 +644,6 @@ async def completions(request: Request, req: CompletionRequest):
     for ids in prompts:
         if bad := [t for t in ids if t >= engine.model.config.vocab_size]:
             raise ApiError(400, f"prompt: token id {bad[0]} outside the vocabulary", param="prompt")
-    if req.stream and len(prompts) > 1:
-        raise ApiError(400, "prompt: one prompt per streamed request", param="prompt")
     if req.max_tokens == 0 and not req.echo:
         raise ApiError(400, "max_tokens: must be at least 1 (0 only with echo)", param="max_tokens")
     scoring = req.echo and req.logprobs is not None
@@ -621,7 +657,7 @@ async def completions(request: Request, req: CompletionRequest):
     logprobs = Logprobs(state) if req.logprobs is not None else None
     echoed = [tok.decode(ids, skip_special=False) if req.echo else "" for ids in prompts]
 
-    def chunk(*, role=False, text=None, finish=None, usage=None, entries=None):
+    def chunk(*, role=False, text=None, finish=None, usage=None, entries=None, index=0):
         base = {"id": rid, "object": "text_completion", "created": created}
         base["model"] = state.model_name
         if usage is not None:
@@ -629,8 +665,8 @@ async def completions(request: Request, req: CompletionRequest):
         if role and not req.echo:
             return None
         lp = logprobs.completion(entries or []) if logprobs is not None else None
-        text = echoed[0] if role else text or ""  # the echoed prompt opens the stream
-        choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
+        text = echoed[index // req.n] if role else text or ""  # the echoed prompt opens it
+        choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish}
         return base | {"choices": [choice]}
 
     def choice(i: int, c: Completion) -> dict[str, Any]:
