@@ -180,21 +180,20 @@ class Kernels:
     def linear(self, weight: BlockWeight, x: Tensor, *, terms: int = 2) -> Tensor:
         """x (rows, K) fp32 @ weight^T -> (rows, N) fp32, activations rounded to 8 bits per
         block in ``terms`` terms (2: 15 bits)."""
-        x = x.contiguous()
-        y = torch.empty(x.shape[0], weight.out_features, dtype=torch.float32)
-        args = (x.shape[0], terms, x.data_ptr(), y.data_ptr())
-        if self.lib.hx_linear(ctypes.byref(weight.struct), *args):
-            raise MemoryError("hexin's linear kernel ran out of memory")
-        return y
+        return self._product(self.lib.hx_linear, weight, x, terms, "linear")
 
     def amx_linear(self, weight: AmxWeight, x: Tensor, *, terms: int = 2) -> Tensor:
         """x (rows, K) fp32 @ weight^T -> (rows, N) fp32 through AMX tiles, each activation
         row rounded to int8 in ``terms`` terms (see ``quant.Int8Linear``)."""
+        return self._product(self.lib.hx_amx_linear, weight, x, terms, "AMX")
+
+    @staticmethod
+    def _product(fn, weight: BlockWeight | AmxWeight, x: Tensor, terms: int, what: str) -> Tensor:
+        """``fn`` (one of the library's products) of ``x`` and ``weight`` into a new tensor."""
         x = x.contiguous()
         y = torch.empty(x.shape[0], weight.out_features, dtype=torch.float32)
-        args = (x.shape[0], terms, x.data_ptr(), y.data_ptr())
-        if self.lib.hx_amx_linear(ctypes.byref(weight.struct), *args):
-            raise MemoryError("hexin's AMX kernel ran out of memory")
+        if fn(ctypes.byref(weight.struct), x.shape[0], terms, x.data_ptr(), y.data_ptr()):
+            raise MemoryError(f"hexin's {what} kernel ran out of memory")
         return y
 
     def decode_layer(self, layer: Layer, step: Step, x: Tensor) -> None:

@@ -251,16 +251,12 @@ def create_app(config: ServerConfig, *, load_in_background: bool = True) -> Fast
         find the served model's tokenizer instead of fetching one."""
         engine, _ = state.require()
         tok = engine.tokenizer
-
-        def text(token: int | None) -> str | None:
-            return None if token is None else tok.decode([token], skip_special=False)
-
         return {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "model_max_length": engine.context_limit,
             "vocab_size": tok.vocab_size,
-            "bos_token": text(tok.bos_token_id),
-            "eos_token": text(next(iter(tok.eos_token_ids), None)),
+            "bos_token": tok.bos_token or None,  # null, not "", where there is none
+            "eos_token": tok.eos_token or None,
             "chat_template": tok.chat_template,
         }
 
