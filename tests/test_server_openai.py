@@ -790,12 +790,37 @@ def test_an_enforced_tool_call_is_a_valid_call(client, tool_choice, name):
         if chunk.choices:
             streamed += chunk.choices[0].delta.tool_calls or []
             finish = chunk.choices[0].finish_reason or finish
-    (delta,) = streamed
-    assert finish == "tool_calls" and delta.index == 0
-    assert (delta.function.name, delta.function.arguments) == (
-        call.function.name,
-        call.function.arguments,
-    )
+    # the id and name first, then the arguments in pieces as they are written
+    first, *rest = streamed
+    assert finish == "tool_calls" and {d.index for d in streamed} == {0}
+    assert first.id.startswith("call_") and first.function.name == call.function.name
+    assert len(rest) > 1 and all(d.id is None and d.function.name is None for d in rest)
+    arguments = "".join(d.function.arguments for d in streamed)
+    assert arguments == call.function.arguments
+
+
+def test_a_reply_with_tools_given_still_streams_token_by_token(client):
+    question = [{"role": "user", "content": FRANCE}]
+    kw = dict(model="m", messages=question, tools=TOOLS, temperature=0, max_tokens=12)
+    whole = client.chat.completions.create(**kw)
+    chunks = [
+        c.choices[0].delta.content
+        for c in client.chat.completions.create(stream=True, **kw)
+        if c.choices and c.choices[0].delta.content
+    ]
+    assert len(chunks) > 3 and "".join(chunks) == whole.choices[0].message.content
+
+
+def test_several_choices_with_tools_stream_each_call(client):
+    kw = dict(model="m", messages=WEATHER, tools=TOOLS, tool_choice="required", max_tokens=80)
+    kw |= dict(n=2, temperature=0.8, seed=3)
+    whole = client.chat.completions.create(**kw)
+    arguments: dict[int, str] = {}
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            for d in c.delta.tool_calls or []:
+                arguments[c.index] = arguments.get(c.index, "") + d.function.arguments
+    assert arguments == {c.index: c.message.tool_calls[0].function.arguments for c in whole.choices}
 
 
 def test_a_tool_result_goes_back_into_the_conversation(client):
@@ -817,18 +842,6 @@ def test_a_tool_result_goes_back_into_the_conversation(client):
     )
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
     assert r.choices[0].message.content or r.choices[0].message.tool_calls
-
-
-def test_tool_call_text_is_parsed_in_auto_mode():
-    """A reply in hexin's default format becomes tool_calls; other text stays text."""
-    from hexin import tools
-
-    call = '{"name": "get_time", "arguments": {"city": "Oslo"}}'
-    text = f"Let me check.\n<tool_call>\n{call}\n</tool_call>"
-    content, calls = tools.parse(text)
-    assert content == "Let me check." and [c.name for c in calls] == ["get_time"]
-    assert json.loads(calls[0].arguments) == {"city": "Oslo"}
-    assert tools.parse("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
 
 
 @pytest.mark.parametrize(

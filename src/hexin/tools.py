@@ -32,7 +32,10 @@ TOOLS_PREAMBLE = (
     '<tool_call>\n{"name": "<function name>", "arguments": {<its arguments>}}\n</tool_call>\n'
     "The functions:"
 )
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
 CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+#: the start of a call's JSON up to its arguments: what a stream can announce a call by
+HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
 
 
 @dataclass(frozen=True)
@@ -115,10 +118,17 @@ def parse(text: str, *, whole: bool = False) -> tuple[str, list[ToolCall]]:
     if whole:
         call = _call(text)
         return ("", [call]) if call is not None else (text, [])
-    calls = [c for c in (_call(m.group(1)) for m in CALL.finditer(text)) if c is not None]
-    if not calls:
-        return text, []
-    return CALL.sub("", text).strip(), calls
+    calls: list[ToolCall] = []
+
+    def take(match: re.Match[str]) -> str:
+        call = _call(match.group(1))
+        if call is None:
+            return match.group(0)
+        calls.append(call)
+        return ""
+
+    rest = CALL.sub(take, text)
+    return (rest.strip(), calls) if calls else (text, [])
 
 
 def _call(text: str) -> ToolCall | None:
@@ -129,4 +139,124 @@ def _call(text: str) -> ToolCall | None:
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
         return None
     arguments = data.get("arguments", {})
-    return ToolCall(data["name"], json.dumps(arguments, ensure_ascii=False), new_id())
+    # the arguments as written, as a stream sends them; else as JSON writes them
+    raw = _raw_arguments(text[head.end() :]) if (head := HEAD.match(text)) else None
+    if raw is None or json.loads(raw) != arguments:
+        raw = json.dumps(arguments, ensure_ascii=False)
+    return ToolCall(data["name"], raw, new_id())
+
+
+def _raw_arguments(rest: str) -> str | None:
+    """The arguments' text from what follows ``HEAD``: all but the call's closing brace."""
+    rest = rest.rstrip()
+    if not rest.endswith("}"):
+        return None
+    rest = rest[:-1].rstrip()
+    try:
+        json.loads(rest)
+    except ValueError:
+        return None
+    return rest
+
+
+class CallStream:
+    """A reply's text deltas, split as they arrive into OpenAI chat deltas: text outside
+    calls as ``{"content": ...}``, and each call as ``{"tool_calls": [...]}`` deltas,
+    first its id and name (once the name is whole), then its arguments as they are written.
+
+    Text that may be the start of ``<tool_call>`` is held back until it is known not to
+    be; within a call, the text from its last ``}`` on is held back, since it may be the
+    end of the call rather than of its arguments. A call whose JSON does not open with its
+    name is sent whole when it ends, and one that is no valid call at all goes out as
+    text, as ``parse`` leaves it. ``whole``: the reply is one call's JSON (held to
+    ``call_schema``)."""
+
+    def __init__(self, *, whole: bool = False) -> None:
+        self.whole = whole
+        self.calls = 0  #: calls begun so far
+        self._buffer = ""
+        self._in_call = whole
+        self._announced = False  # the current call's id and name have gone out
+        self._written = False  # and some of its arguments
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        self._buffer += text
+        out: list[dict[str, Any]] = []
+        while self._step(out, final=False):
+            pass
+        return out
+
+    def close(self) -> list[dict[str, Any]]:
+        """What is still held back, at the end of the reply."""
+        out: list[dict[str, Any]] = []
+        while self._step(out, final=True):
+            pass
+        return out
+
+    def _step(self, out: list[dict[str, Any]], *, final: bool) -> bool:
+        """Move what can go out of the buffer; True when there may be more to do."""
+        buffer = self._buffer
+        if not self._in_call:
+            at = buffer.find(OPEN)
+            if at < 0:
+                cut = len(buffer) if final else len(buffer) - _partial(buffer, OPEN)
+                self._text(out, buffer[:cut])
+                self._buffer = buffer[cut:]
+                return False
+            self._text(out, buffer[:at])
+            self._buffer, self._in_call, self._announced = buffer[at + len(OPEN) :], True, False
+            return True
+        end = buffer.find(CLOSE) if not self.whole else -1
+        ended = end >= 0 or final
+        body = buffer[:end] if end >= 0 else buffer
+        if not self._announced:
+            if head := HEAD.match(body):
+                entry = {"id": new_id(), "type": "function"}
+                entry["function"] = {"name": json.loads(f'"{head.group(1)}"'), "arguments": ""}
+                self._call(out, entry)
+                self._announced, self._written = True, False
+                self._buffer = buffer[head.end() :]
+                return True
+            if not ended:
+                return False
+            call = _call(body)
+            if call is not None:
+                self._call(out, call.to_openai())
+            else:  # no call after all: the text as it was
+                tags = ("", "") if self.whole else (OPEN, CLOSE if end >= 0 else "")
+                self._text(out, tags[0] + body + tags[1])
+        elif not ended:  # hold back from the last brace (it may close the call) and
+            cut = body.rfind("}")  # the blanks before it (they may follow the arguments)
+            cut = len(body[: cut if cut >= 0 else len(body)].rstrip())
+            self._arguments(out, body[:cut])
+            self._buffer = buffer[cut:]
+            return False
+        else:
+            rest = body.rstrip()
+            self._arguments(out, rest[:-1].rstrip() if rest.endswith("}") else rest)
+        self._buffer = buffer[end + len(CLOSE) :] if end >= 0 else ""
+        self._in_call = False
+        return end >= 0
+
+    def _text(self, out: list[dict[str, Any]], text: str) -> None:
+        if text:
+            out.append({"content": text})
+
+    def _call(self, out: list[dict[str, Any]], entry: dict[str, Any]) -> None:
+        out.append({"tool_calls": [{"index": self.calls} | entry]})
+        self.calls += 1
+
+    def _arguments(self, out: list[dict[str, Any]], text: str) -> None:
+        if not self._written:  # as ``_call`` reads them: from their first character
+            text = text.lstrip()
+            self._written = bool(text)
+        if text:
+            out.append({"tool_calls": [{"index": self.calls - 1, "function": {"arguments": text}}]})
+
+
+def _partial(text: str, tag: str) -> int:
+    """The length of the longest end of ``text`` that is a start of ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0

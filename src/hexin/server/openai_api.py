@@ -12,7 +12,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
@@ -430,17 +430,32 @@ async def sse(
     handles: list[RequestHandle],
     chunk: Callable[..., dict[str, Any] | None],
     include_usage: bool,
+    split: Callable[[], tools.CallStream] | None = None,
 ) -> AsyncIterator[str]:
     """Server-sent events: for each choice (its ``index``), one chunk per text delta (with
     the log-probabilities of the tokens since its last one, if asked for) and a final chunk
-    with its finish reason; then the usage chunk if asked for, and [DONE]. A client that
-    disconnects cancels the requests (the generator is closed)."""
+    with its finish reason; then the usage chunk if asked for, and [DONE]. With ``split``
+    (a reply that may call tools) each choice's text goes through its own ``CallStream``,
+    and its chunks carry content and ``tool_calls`` deltas. A client that disconnects
+    cancels the requests (the generator is closed)."""
     seen = [0] * len(handles)
+    calls = [split() for _ in handles] if split is not None else None
 
     def new_logprobs(i: int) -> list[TokenLogprob]:
         entries = handles[i].completion.logprobs
         start, seen[i] = seen[i], len(entries)
         return entries[start:]
+
+    def events(i: int, text: str | None) -> Iterator[dict[str, Any] | None]:
+        entries = new_logprobs(i)
+        if calls is None:
+            if text is not None:
+                yield chunk(text=text, entries=entries, index=i)
+            return
+        deltas = calls[i].feed(text) if text is not None else calls[i].close()
+        for delta in deltas:
+            yield chunk(delta=delta, entries=entries, index=i)
+            entries = []
 
     try:
         for i in range(len(handles)):
@@ -448,13 +463,14 @@ async def sse(
             if first is not None:
                 yield f"data: {json.dumps(first)}\n\n"
         async for i, text in merged(handles):
-            c = handles[i].completion
+            for event in events(i, text):
+                yield f"data: {json.dumps(event)}\n\n"
             if text is None:
+                c = handles[i].completion
                 state.metrics.completion(c)
-                final = chunk(finish=finish_reason(c), entries=new_logprobs(i), index=i)
+                finish = "tool_calls" if calls and calls[i].calls else finish_reason(c)
+                final = chunk(finish=finish, entries=new_logprobs(i), index=i)
                 yield f"data: {json.dumps(final)}\n\n"
-            else:
-                yield f"data: {json.dumps(chunk(text=text, entries=new_logprobs(i), index=i))}\n\n"
         if include_usage:
             cs = [h.completion for h in handles]
             yield f"data: {json.dumps(chunk(usage=usage(cs)))}\n\n"
@@ -496,13 +512,14 @@ async def respond(
     kind: str,
     choice: Callable[[int, Completion], dict[str, Any]],
     request: Request | None = None,
+    split: Callable[[], tools.CallStream] | None = None,
 ):
     """The answer to a generation request: an event stream (one request), or the
     finished object with one choice per request."""
     if req.stream:
         include = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(
-            sse(state, handles, chunk, include), media_type="text/event-stream"
+            sse(state, handles, chunk, include, split), media_type="text/event-stream"
         )
     cs = await wait_unless_disconnected(request, handles)
     for c in cs:
@@ -575,18 +592,17 @@ async def chat_completions(request: Request, req: ChatRequest):
         return message | {"tool_calls": [call.to_openai() for call in calls]}, "tool_calls"
 
     def chunk(
-        *, role=False, text=None, finish=None, usage=None, entries=None, index=0
+        *, role=False, text=None, delta=None, finish=None, usage=None, entries=None, index=0
     ) -> dict[str, Any]:
         base = {"id": rid, "object": "chat.completion.chunk", "created": created}
         base["model"] = state.model_name
         if usage is not None:
             return base | {"choices": [], "usage": usage}
-        delta: dict[str, Any] = {}
         if role:
             delta = {"role": "assistant", "content": ""}
         elif text is not None:
             delta = {"content": text}
-        one = {"index": index, "delta": delta, "finish_reason": finish}
+        one = {"index": index, "delta": delta or {}, "finish_reason": finish}
         if logprobs is not None and not role:
             one["logprobs"] = logprobs.chat(entries or [])
         return base | {"choices": [one]}
@@ -596,43 +612,8 @@ async def chat_completions(request: Request, req: ChatRequest):
         out = {"index": i, "message": message, "finish_reason": finish}
         return out | {"logprobs": logprobs.chat(c.logprobs) if logprobs is not None else None}
 
-    if calling and req.stream:  # the reply whole, then as deltas: calls are parsed from it
-        if len(handles) > 1:
-            message = "n: several choices with tools are not streamed; ask without stream"
-            raise ApiError(400, message, param="n")
-        (handle,) = handles
-        return StreamingResponse(
-            called_sse(state, handle, chunk, message_of, req), media_type="text/event-stream"
-        )
-    return await respond(state, handles, req, chunk, rid, "chat.completion", choice, request)
-
-
-async def called_sse(
-    state: State,
-    handle: RequestHandle,
-    chunk: Callable[..., dict[str, Any]],
-    message_of: Callable[[Completion], tuple[dict[str, Any], str]],
-    req: ChatRequest,
-) -> AsyncIterator[str]:
-    """A reply that may hold tool calls, streamed once it is whole: its text as one
-    delta, or each call as a ``tool_calls`` delta (id, name and all its arguments)."""
-    try:
-        yield f"data: {json.dumps(chunk(role=True))}\n\n"
-        c = await asyncio.to_thread(handle.result)
-        state.metrics.completion(c)
-        message, finish = message_of(c)
-        if message.get("content"):
-            yield f"data: {json.dumps(chunk(text=message['content']))}\n\n"
-        for i, call in enumerate(message.get("tool_calls", [])):
-            delta = chunk(text="")
-            delta["choices"][0]["delta"] = {"tool_calls": [{"index": i} | call]}
-            yield f"data: {json.dumps(delta)}\n\n"
-        yield f"data: {json.dumps(chunk(finish=finish))}\n\n"
-        if req.stream_options and req.stream_options.include_usage:
-            yield f"data: {json.dumps(chunk(usage=usage([c])))}\n\n"
-        yield "data: [DONE]\n\n"
-    finally:
-        handle.cancel()
+    split = (lambda: tools.CallStream(whole=forced)) if calling else None
+    return await respond(state, handles, req, chunk, rid, "chat.completion", choice, request, split)
 
 
 @router.post("/completions", responses=GENERATED)
