@@ -209,16 +209,19 @@ def request_session(ws: ClientConnection) -> dict[str, Any]:
 def collect_reply(ws: ClientConnection, *, stop_after_first: bool = False) -> dict[str, Any]:
     """Read one turn after it was started: user_message, reply_start, tokens, done.
 
-    Returns {"user_message", "tokens", "done"}. With ``stop_after_first`` a stop message is
-    sent as soon as the first token arrives.
+    Returns {"user_message", "tokens", "calls", "done"} (``user_message``: the message
+    replied to; ``calls``: tool_call frames' deltas). With ``stop_after_first`` a stop
+    message is sent as soon as the first token arrives.
     """
-    out: dict[str, Any] = {"user_message": None, "tokens": [], "done": None}
+    out: dict[str, Any] = {"user_message": None, "tokens": [], "calls": [], "done": None}
     deadline = time.monotonic() + 3 * WS_TIMEOUT_S
     while time.monotonic() < deadline:
         msg = recv(ws)
         kind = msg["type"]
         if kind == "user_message":
             out["user_message"] = msg["message"]
+        elif kind == "session":  # tool results: several messages were added
+            out["user_message"] = msg["session"]["path"][-1]
         elif kind == "reply_start":
             assert out["user_message"] is not None, "reply_start before user_message"
             assert msg["parent_id"] == out["user_message"]["id"], msg
@@ -227,6 +230,8 @@ def collect_reply(ws: ClientConnection, *, stop_after_first: bool = False) -> di
             if stop_after_first and not out["tokens"]:
                 send(ws, type="stop")
             out["tokens"].append(msg["text"])
+        elif kind == "tool_call":
+            out["calls"].append(msg["delta"])
         elif kind == "done":
             out["done"] = msg
             return out

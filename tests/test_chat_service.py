@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from hexin.chat import ChatError, ChatService, Store
+from hexin.chat.tree import Message, new_id
 from hexin.chat.window import build_prompt
 from hexin.engine import Engine, EngineBusy
 from hexin.engine.blocks import BlockPool, PagedBatch
@@ -437,8 +438,9 @@ def test_cached_turn_logits_equal_logits_from_scratch(default_chat, tmp_path):
     first.text()
     assert first.usage["stop_reason"] == "eos"
     sess = service.get(s.id)
+    question = Message(new_id(), sess.active_id, "user", "And of Germany?")
     prompt = build_prompt(
-        tok, None, sess.path(), "And of Germany?", max_tokens=16, limit=service.context_limit
+        tok, None, [*sess.path(), question], max_tokens=16, limit=service.context_limit
     ).ids
     pool = service.engine.pool  # the engine is idle between turns
     table, n = pool.match_prefix(prompt, s.id)

@@ -301,8 +301,9 @@ class FakeReply:
 
     def __init__(self, tokens: list[str], error: Exception | None = None) -> None:
         self.tokens, self.error, self.stopped = tokens, error, False
-        self.user_message = SimpleNamespace(id="u1", to_dict=lambda: {"id": "u1"})
+        self.user_message = SimpleNamespace(id="u1", role="user", to_dict=lambda: {"id": "u1"})
         self.handle = SimpleNamespace(completion=None)
+        self.message_id, self.calls_tools = "a1", False
 
     def stop(self) -> None:
         self.stopped = True
@@ -373,3 +374,67 @@ def test_a_client_gone_mid_reply_stops_it_without_more_sends(gone):
     assert [f["type"] for f in ws.frames] == ["user_message", "reply_start", "token"]
     assert ws.attempts == 4  # the failed token; no error frame tried on a dead socket
     assert reply.stopped and conn.reply is None
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def test_tool_calls_and_their_results_over_the_socket_and_rest(server):
+    """A session with tools (set through the sessions API): a required call comes back
+    in the done frame's message, the results go back over the socket and are answered,
+    and the tree holds the tool messages, over REST too."""
+    with server.http() as http:
+        r = http.post("/api/sessions", json={"id": "ws-tools", "tools": [WEATHER_TOOL]})
+        assert r.status_code == 201 and r.json()["tools"] == [WEATHER_TOOL]
+        bad = http.patch("/api/sessions/ws-tools", json={"tools": [{"type": "nope"}]})
+        assert bad.status_code == 400 and "tools" in bad.text
+    params = {"temperature": 0, "max_tokens": 60, "tool_choice": "get_weather"}
+    with server.ws("ws-tools") as ws:
+        recv_session(ws)
+        asked = turn(ws, "Weather in Oslo?", params)
+        message = check_done(asked)["message"]
+        (call,) = message["meta"]["tool_calls"]
+        assert message["content"] == "" and call["function"]["name"] == "get_weather"
+        assert json.loads(call["function"]["arguments"])["city"]
+        # streamed as tool_call frames: the stored id and name, then the arguments
+        first, *rest = asked["calls"]
+        assert first["id"] == call["id"] and first["function"]["name"] == "get_weather"
+        assert len(rest) > 1 and all(d["index"] == 0 for d in asked["calls"])
+        assert (
+            "".join(d["function"]["arguments"] for d in asked["calls"])
+            == (call["function"]["arguments"])
+        )
+
+        result = {"tool_call_id": call["id"], "content": "rain, 4 C"}
+        send(ws, type="tool_results", results=[result], params=GREEDY)
+        answer = collect_reply(ws)
+        assert answer["user_message"]["role"] == "tool"
+        assert answer["user_message"]["meta"]["tool_call_id"] == call["id"]
+        assert answer["done"]["message"]["parent_id"] == answer["user_message"]["id"]
+        assert answer["done"]["usage"]["cached_tokens"] > 0
+
+        send(ws, type="tool_results", results=[result])  # nothing left to answer
+        error = recv(ws)
+        assert error["type"] == "error" and "no tool calls to answer" in error["message"]
+    with server.http() as http:
+        path = http.get("/api/sessions/ws-tools").json()["path"]
+        assert [m["role"] for m in path] == ["user", "assistant", "tool", "assistant"]
+        # and the same over REST: regenerate, then answer a new call
+        again = http.post(
+            "/api/sessions/ws-tools/messages", json={"content": "And Rome?", "params": params}
+        )
+        (call,) = again.json()["message"]["meta"]["tool_calls"]
+        body = {"results": [{"tool_call_id": call["id"], "content": "sun"}], "params": GREEDY}
+        r = http.post("/api/sessions/ws-tools/tool_results", json=body)
+        assert r.status_code == 200 and r.json()["user_message"]["role"] == "tool"
+        assert r.json()["message"]["role"] == "assistant"

@@ -436,6 +436,52 @@ def test_model_output_html_renders_as_text(page: Page, server: WebServer) -> Non
     assert pg.evaluate("navigator.clipboard.readText()") == evil
 
 
+def test_tool_calls_and_results_show_as_data(page: Page, server: WebServer) -> None:
+    """A conversation whose reply called a tool: the call and the tool's result are shown
+    as text (markup in them stays text), with the tool's name."""
+    t = time.time()
+    arguments = '{"city": "<b>Paris</b>"}'
+    call = {"id": "call_1", "type": "function"}
+    call["function"] = {"name": "get_weather", "arguments": arguments}
+    messages = [
+        {"id": "u1", "parent_id": None, "role": "user", "content": "Weather?", "created_at": t},
+        {
+            "id": "a1",
+            "parent_id": "u1",
+            "role": "assistant",
+            "content": "",
+            "created_at": t + 0.01,
+            "meta": {"tool_calls": [call]},
+        },
+        {
+            "id": "t1",
+            "parent_id": "a1",
+            "role": "tool",
+            "content": "<i>sunny</i>, 21 C",
+            "created_at": t + 0.02,
+            "meta": {"tool_call_id": "call_1", "name": "get_weather"},
+        },
+        {
+            "id": "a2",
+            "parent_id": "t1",
+            "role": "assistant",
+            "content": "It is sunny.",
+            "created_at": t + 0.03,
+        },
+    ]
+    body = {"id": "tools" + uuid.uuid4().hex[:8], "title": "tools", "messages": messages}
+    sid = server.request("POST", "/api/sessions/import", body | {"active_id": "a2"})["id"]
+    open_chat(page, sid)
+    shown = page.get_by_test_id("message")
+    expect(shown).to_have_count(4)
+    expect(page.get_by_test_id("tool-call")).to_have_text(f"get_weather({arguments})")
+    tool = page.locator("[data-testid=message][data-role=tool]")
+    expect(tool).to_contain_text("Tool result · get_weather")
+    expect(tool.get_by_test_id("message-content")).to_have_text("<i>sunny</i>, 21 C")
+    expect(page.locator("[data-testid=messages] b, [data-testid=messages] i")).to_have_count(0)
+    expect(shown.nth(1)).not_to_contain_text("(no text)")
+
+
 def test_story_mode_streams_and_stops(page: Page, server: WebServer) -> None:
     pg = page
     pg.goto("/#/story")

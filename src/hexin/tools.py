@@ -24,7 +24,12 @@ import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+if TYPE_CHECKING:
+    from hexin.tokenizer import Tokenizer
 
 #: hexin's default system prompt for tools, before the functions' JSON
 TOOLS_PREAMBLE = (
@@ -36,6 +41,58 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 #: the start of a call's JSON up to its arguments: what a stream can announce a call by
 HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+
+
+#: the most tools one request or session may declare
+MAX_TOOLS = 128
+
+
+class FunctionSpec(BaseModel):
+    """A function the model may call, as OpenAI declares one."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # calls always follow the parameters' schema when enforced
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+_TOOLS = TypeAdapter(list[Tool])
+
+
+def check_tools(value: Any) -> list[dict[str, Any]]:
+    """OpenAI tool declarations, checked (ValueError naming the first fault), as plain
+    JSON with unset fields left out."""
+    if not isinstance(value, list) or len(value) > MAX_TOOLS:
+        raise ValueError(f"tools: expected a list of at most {MAX_TOOLS} tools")
+    try:
+        checked = _TOOLS.validate_python(value)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ValueError(f"tools.{where}: {first['msg']}") from None
+    names = [t.function.name for t in checked]
+    if len(set(names)) != len(names):
+        raise ValueError("tools: two tools have the same name")
+    return [t.model_dump(exclude_none=True) for t in checked]
+
+
+def prompt(
+    tokenizer: Tokenizer,
+    messages: Sequence[dict[str, Any]],
+    tools: Sequence[dict[str, Any]] = (),
+) -> str:
+    """The conversation through the model's chat template: with the template's own tool
+    format where it has one, hexin's default (``render``) otherwise."""
+    if tokenizer.template_takes_tools:
+        return tokenizer.apply_chat_template(messages, tools=list(tools) or None)
+    return tokenizer.apply_chat_template(render(messages, tools))
 
 
 @dataclass(frozen=True)
@@ -51,6 +108,18 @@ class ToolCall:
 
 def new_id() -> str:
     return "call_" + secrets.token_hex(12)
+
+
+class CallIds:
+    """Ids for a reply's calls: random, or ``call_<key>_<i>`` for the i-th call, so that
+    a stream and a parse of one reply's text give its calls the same ids."""
+
+    def __init__(self, key: str | None = None) -> None:
+        self.key, self.count = key, 0
+
+    def __call__(self) -> str:
+        self.count += 1
+        return new_id() if self.key is None else f"call_{self.key}_{self.count - 1}"
 
 
 def render(
@@ -112,16 +181,28 @@ def call_schema(tools: Sequence[dict[str, Any]], name: str | None = None) -> dic
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
-def parse(text: str, *, whole: bool = False) -> tuple[str, list[ToolCall]]:
+def call_grammar(tools: Sequence[dict[str, Any]], name: str | None = None) -> str:
+    """A Lark grammar (llguidance's dialect) for a reply that is one call of ``tools``
+    in hexin's default format, its JSON held to ``call_schema``: what enforces a call in
+    the chat layer, whose replies are parsed as text."""
+    schema = json.dumps(call_schema(tools, name))
+    return f'start: "{OPEN}\\n" call "\\n{CLOSE}"\ncall: %json {schema}\n'
+
+
+def parse(
+    text: str, *, whole: bool = False, ids_key: str | None = None
+) -> tuple[str, list[ToolCall]]:
     """The reply's text outside tool calls, and its calls. ``whole``: the reply is one
-    call's JSON (a reply held to ``call_schema``). Text that is no valid call stays text."""
+    call's JSON (a reply held to ``call_schema``). Text that is no valid call stays text.
+    ``ids_key``: see ``CallIds``."""
+    ids = CallIds(ids_key)
     if whole:
-        call = _call(text)
+        call = _call(text, ids)
         return ("", [call]) if call is not None else (text, [])
     calls: list[ToolCall] = []
 
     def take(match: re.Match[str]) -> str:
-        call = _call(match.group(1))
+        call = _call(match.group(1), ids)
         if call is None:
             return match.group(0)
         calls.append(call)
@@ -131,7 +212,7 @@ def parse(text: str, *, whole: bool = False) -> tuple[str, list[ToolCall]]:
     return (rest.strip(), calls) if calls else (text, [])
 
 
-def _call(text: str) -> ToolCall | None:
+def _call(text: str, ids: CallIds) -> ToolCall | None:
     try:
         data = json.loads(text)
     except ValueError:
@@ -143,7 +224,7 @@ def _call(text: str) -> ToolCall | None:
     raw = _raw_arguments(text[head.end() :]) if (head := HEAD.match(text)) else None
     if raw is None or json.loads(raw) != arguments:
         raw = json.dumps(arguments, ensure_ascii=False)
-    return ToolCall(data["name"], raw, new_id())
+    return ToolCall(data["name"], raw, ids())
 
 
 def _raw_arguments(rest: str) -> str | None:
@@ -168,11 +249,11 @@ class CallStream:
     be; within a call, the text from its last ``}`` on is held back, since it may be the
     end of the call rather than of its arguments. A call whose JSON does not open with its
     name is sent whole when it ends, and one that is no valid call at all goes out as
-    text, as ``parse`` leaves it. ``whole``: the reply is one call's JSON (held to
-    ``call_schema``)."""
+    text, as ``parse`` leaves it. ``whole`` and ``ids_key``: as ``parse`` takes them."""
 
-    def __init__(self, *, whole: bool = False) -> None:
+    def __init__(self, *, whole: bool = False, ids_key: str | None = None) -> None:
         self.whole = whole
+        self._ids = CallIds(ids_key)
         self.calls = 0  #: calls begun so far
         self._buffer = ""
         self._in_call = whole
@@ -211,7 +292,7 @@ class CallStream:
         body = buffer[:end] if end >= 0 else buffer
         if not self._announced:
             if head := HEAD.match(body):
-                entry = {"id": new_id(), "type": "function"}
+                entry = {"id": self._ids(), "type": "function"}
                 entry["function"] = {"name": json.loads(f'"{head.group(1)}"'), "arguments": ""}
                 self._call(out, entry)
                 self._announced, self._written = True, False
@@ -219,7 +300,7 @@ class CallStream:
                 return True
             if not ended:
                 return False
-            call = _call(body)
+            call = _call(body, self._ids)
             if call is not None:
                 self._call(out, call.to_openai())
             else:  # no call after all: the text as it was

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from hexin import tools
 from hexin.chat.store import Store
 from hexin.chat.tree import (
     ChatError,
@@ -22,6 +23,7 @@ from hexin.chat.tree import (
     SessionBusy,
     SessionNotFound,
     check_id,
+    check_tools,
     new_id,
     now,
 )
@@ -57,6 +59,8 @@ class Outcome:
     when it is final. (``handle`` is None only while the request is being queued.)"""
 
     handle: RequestHandle | None = None
+    #: the id the reply is saved under (its calls' ids derive from it: ``tools.CallIds``)
+    message_id: str = field(default_factory=new_id)
     saved: threading.Event = field(default_factory=threading.Event)
     message: Message | None = None
     error: BaseException | None = None
@@ -71,10 +75,24 @@ class Reply:
     """
 
     def __init__(
-        self, outcome: Outcome, handle: RequestHandle, user_message: Message, dropped_turns: int
+        self,
+        outcome: Outcome,
+        handle: RequestHandle,
+        user_message: Message,
+        dropped_turns: int,
+        calls_tools: bool = False,
     ) -> None:
+        """``user_message``: the message replied to (a user message, or the last of the
+        tool results being answered)."""
         self.outcome, self.handle, self.user_message = outcome, handle, user_message
         self.dropped_turns = dropped_turns
+        #: the model was told of tools: its text may hold calls (``tools.CallStream``)
+        self.calls_tools = calls_tools
+
+    @property
+    def message_id(self) -> str:
+        """The id the reply is saved under, known from its start."""
+        return self.outcome.message_id
 
     @property
     def message(self) -> Message | None:
@@ -147,13 +165,16 @@ class ChatService:
         system_prompt: str | None = None,
         params: dict[str, Any] | None = None,
         session_id: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> Session:
+        """A new session; ``tools``: the functions its model may call (OpenAI's form)."""
         session = Session(
             id=check_id(session_id) if session_id is not None else new_id(),
             title=title.strip(),
             model=self.model_name,
             system_prompt=system_prompt or None,
             params=merge_params(self.default_params, params),
+            tools=check_tools(tools or []),
         )
         if self.store.exists(session.id):
             raise ChatError(f"session {session.id!r} already exists")
@@ -173,10 +194,14 @@ class ChatService:
         title: str | None = None,
         system_prompt: str | None = None,
         params: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> Session:
-        """Rename, change the system prompt (``""`` clears it) or the sampling defaults."""
+        """Rename, change the system prompt (``""`` clears it), the sampling defaults or
+        the tools (``[]`` clears them)."""
         session = self.get(session_id)
         changes: dict[str, Any] = {}
+        if tools is not None:
+            changes["tools"] = session.tools = check_tools(tools)
         if title is not None:
             changes["title"] = session.title = title.strip()
         if system_prompt is not None:
@@ -200,7 +225,7 @@ class ChatService:
     def send(self, session_id: str, content: str, params: dict[str, Any] | None = None) -> Reply:
         """Add a user message after the active one and start the reply to it."""
         session = self.get(session_id)
-        return self._ask(session, session.active_id, content, params)
+        return self._ask(session, [self._user(session.active_id, content)], params)
 
     def edit(
         self, session_id: str, message_id: str, content: str, params: dict[str, Any] | None = None
@@ -211,18 +236,52 @@ class ChatService:
         old = session.message(message_id)
         if old.role != "user":
             raise ChatError("only user messages can be edited; regenerate a reply instead")
-        return self._ask(session, old.parent_id, content, params)
+        return self._ask(session, [self._user(old.parent_id, content)], params)
 
     def regenerate(self, session_id: str, params: dict[str, Any] | None = None) -> Reply:
-        """A new version of the last reply (or a first reply to a trailing user message)."""
+        """A new version of the last reply (or a first reply to a trailing user message
+        or tool result)."""
         session = self.get(session_id)
         if session.active_id is None:
             raise ChatError("nothing to regenerate: the conversation is empty")
         last = session.message(session.active_id)
-        user = session.message(last.parent_id) if last.role == "assistant" else last
-        if user.role != "user":
+        asked = session.message(last.parent_id) if last.role == "assistant" else last
+        if asked.role == "assistant":
             raise ChatError("nothing to regenerate")
-        return self._reply(session, user, merge_params(session.params, params))
+        return self._reply(session, asked, self._params(session, params))
+
+    def tool_results(
+        self,
+        session_id: str,
+        results: list[dict[str, Any]],
+        params: dict[str, Any] | None = None,
+    ) -> Reply:
+        """Answer the active reply's tool calls: ``results`` holds one
+        ``{"tool_call_id", "content"}`` per call. They are stored as tool messages after
+        the reply, and the model replies to them."""
+        session = self.get(session_id)
+        last = session.message(session.active_id) if session.active_id else None
+        calls = (last.meta.get("tool_calls") or []) if last and last.role == "assistant" else []
+        if not calls:
+            raise ChatError("no tool calls to answer: the last message is no reply with calls")
+        ids = [c["id"] for c in calls]
+        if not isinstance(results, list) or not all(
+            isinstance(r, dict)
+            and isinstance(r.get("tool_call_id"), str)
+            and isinstance(r.get("content"), str)
+            for r in results
+        ):
+            raise ChatError('results: a list of {"tool_call_id", "content"} strings')
+        if sorted(r["tool_call_id"] for r in results) != sorted(ids):
+            raise ChatError(f"results: answer each call exactly once: {', '.join(ids)}")
+        name = {c["id"]: c["function"]["name"] for c in calls}
+        added, parent = [], last
+        for r in sorted(results, key=lambda r: ids.index(r["tool_call_id"])):
+            meta = {"tool_call_id": r["tool_call_id"], "name": name[r["tool_call_id"]]}
+            message = Message(new_id(), parent.id, "tool", r["content"], meta=meta)
+            added.append(message)
+            parent = message
+        return self._ask(session, added, params)
 
     def rollback(self, session_id: str) -> Session:
         """Remove the last message of the active path with everything below it: the
@@ -288,54 +347,88 @@ class ChatService:
                 raise SessionBusy(f"session {session_id!r} is busy with a reply; stop it first")
             self._active[session_id] = None
 
-    def _ask(
-        self, session: Session, parent_id: str | None, content: str, params: dict[str, Any] | None
-    ) -> Reply:
+    @staticmethod
+    def _params(session: Session, changes: dict[str, Any] | None) -> SamplingParams:
+        """The session's sampling parameters with one turn's ``changes``; among them
+        ``tool_choice``: "auto" (the default), "required" or a function's name, the
+        last two holding the reply to one call of the session's tools."""
+        changes = dict(changes or {})
+        choice = changes.pop("tool_choice", "auto")
+        if choice != "auto":
+            names = [t["function"]["name"] for t in session.tools]
+            if choice != "required" and choice not in names:
+                known = ", ".join(names) or "none"
+                raise InvalidParams(
+                    f"tool_choice: 'auto', 'required' or a tool's name (tools: {known})"
+                )
+            name = None if choice == "required" else choice
+            changes["grammar"] = ("grammar", tools.call_grammar(session.tools, name))
+        return merge_params(session.params, changes)
+
+    @staticmethod
+    def _user(parent_id: str | None, content: str) -> Message:
         if not content.strip():
             raise ChatError("empty message")
-        merged = merge_params(session.params, params)
-        history = session.path(parent_id) if parent_id else []
-        # the window is checked before anything is saved: an oversize message changes nothing
-        prompt = build_prompt(
+        return Message(id=new_id(), parent_id=parent_id, role="user", content=content)
+
+    def _prompt(self, session: Session, asked: Message, params: SamplingParams) -> Prompt:
+        """The prompt for a reply to ``asked`` (on the path, or the last of new
+        messages added after it): the context window over the path up to it."""
+        path: list[Message] = []
+        node: Message | None = asked
+        while node is not None:  # the path, through messages not yet stored too
+            path.append(node)
+            node = session.messages.get(node.parent_id or "")
+        return build_prompt(
             self.tokenizer,
             session.system_prompt,
-            history,
-            content,
-            max_tokens=merged.max_tokens,
+            path[::-1],
+            tools=session.tools,
+            max_tokens=params.max_tokens,
             limit=self.context_limit,
         )
+
+    def _ask(self, session: Session, added: list[Message], params: dict[str, Any] | None) -> Reply:
+        """Store ``added`` (a user message, or tool results: each the child of the one
+        before) and start the reply to the last of them."""
+        merged = self._params(session, params)
+        for m in added[:-1]:  # so that the path up from the last one runs through them
+            session.messages[m.id] = m
+        try:
+            # the window is checked before anything is saved: an oversize message
+            # changes nothing
+            prompt = self._prompt(session, added[-1], merged)
+        finally:
+            for m in added[:-1]:
+                del session.messages[m.id]
         self._claim(session.id)
+        first, last = added[0], added[-1]
         try:
             # everything the engine could refuse is refused before anything is stored
             self.engine.check(prompt.ids)
-            user = Message(id=new_id(), parent_id=parent_id, role="user", content=content)
-            title = None if session.title else content.strip().splitlines()[0][:MAX_TITLE]
-            self.store.add_message(session.id, user, title=title)
-            session.messages[user.id] = user
-            session.active_id, session.updated_at = user.id, user.created_at
+            title = None
+            if not session.title and first.role == "user":
+                title = first.content.strip().splitlines()[0][:MAX_TITLE]
+            self.store.add_message(session.id, *added, title=title)
+            for m in added:
+                session.messages[m.id] = m
+            session.active_id, session.updated_at = last.id, last.created_at
             session.title = session.title or title or ""
             try:
-                return self._submit(session, user, merged, prompt)
+                return self._submit(session, last, merged, prompt)
             except BaseException:  # refused after all (e.g. the queue filled meanwhile)
-                self.store.delete_messages(session.id, [user.id], active_id=parent_id)
+                ids = [m.id for m in added]
+                self.store.delete_messages(session.id, ids, active_id=first.parent_id)
                 raise
         except BaseException:
             self._active.pop(session.id, None)
             raise
 
-    def _reply(self, session: Session, user: Message, params: SamplingParams) -> Reply:
-        history = session.path(user.parent_id) if user.parent_id else []
-        prompt = build_prompt(
-            self.tokenizer,
-            session.system_prompt,
-            history,
-            user.content,
-            max_tokens=params.max_tokens,
-            limit=self.context_limit,
-        )
+    def _reply(self, session: Session, asked: Message, params: SamplingParams) -> Reply:
+        prompt = self._prompt(session, asked, params)
         self._claim(session.id)
         try:
-            return self._submit(session, user, params, prompt)
+            return self._submit(session, asked, params, prompt)
         except BaseException:
             self._active.pop(session.id, None)
             raise
@@ -358,7 +451,7 @@ class ChatService:
             on_close=ended,
         )
         session.active_id = user.id
-        return Reply(outcome, outcome.handle, user, dropped)
+        return Reply(outcome, outcome.handle, user, dropped, bool(session.tools))
 
     def _finish(
         self,
@@ -372,11 +465,13 @@ class ChatService:
         waiters. Runs on the writer thread."""
         c = handle.completion
         stopped = c.stop_reason in ("", "cancelled")
+        key = outcome.message_id
+        content, calls = tools.parse(c.text, ids_key=key) if session.tools else (c.text, [])
         message = Message(
-            id=new_id(),
+            id=outcome.message_id,
             parent_id=user.id,
             role="assistant",
-            content=c.text,
+            content=content,
             status="stopped" if stopped else "complete",
             meta={
                 "prompt_tokens": c.prompt_tokens,
@@ -388,6 +483,8 @@ class ChatService:
                 "tokens_per_s": round(c.decode_tokens_per_s, 2),
             },
         )
+        if calls:
+            message.meta["tool_calls"] = [call.to_openai() for call in calls]
         session.messages[message.id] = message
         session.active_id = message.id
         session.updated_at = message.created_at

@@ -50,6 +50,27 @@ MIGRATIONS: list[str] = [
     CREATE INDEX messages_by_session ON messages(session_id, created_at);
     CREATE INDEX sessions_by_update ON sessions(updated_at DESC);
     """,
+    # 1 -> 2: tool calls. A session's tools; messages may be tool results (a CHECK changes
+    # only by rebuilding the table; its parent link names the new table, so dropping the
+    # old one cascades into nothing, and the rename points the link back at "messages")
+    """
+    ALTER TABLE sessions ADD COLUMN tools TEXT NOT NULL DEFAULT '[]';
+    CREATE TABLE messages_v2 (
+        id TEXT PRIMARY KEY,
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        parent_id TEXT REFERENCES messages_v2(id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('user', 'assistant', 'tool')),
+        content TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'complete',
+        meta TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL
+    );
+    INSERT INTO messages_v2 SELECT id, session_id, parent_id, role, content, status, meta,
+        created_at FROM messages ORDER BY created_at;
+    DROP TABLE messages;
+    ALTER TABLE messages_v2 RENAME TO messages;
+    CREATE INDEX messages_by_session ON messages(session_id, created_at);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -172,12 +193,14 @@ class Store:
         with self._tx() as db:
             _upsert_session(db, s)
 
-    def add_message(self, session_id: str, m: Message, *, title: str | None = None) -> None:
-        """Insert a message and make it the session's active one, atomically; with
-        ``title``, also name a session that has no title yet. Nothing else in the session
-        row is written: a rename or a new system prompt saved meanwhile stays."""
+    def add_message(self, session_id: str, *ms: Message, title: str | None = None) -> None:
+        """Insert messages (each a child of the one before) and make the last the
+        session's active one, atomically; with ``title``, also name a session that has no
+        title yet. Nothing else in the session row is written: a rename or a new system
+        prompt saved meanwhile stays."""
         with self._tx() as db:
-            _insert_message(db, session_id, m)
+            db.executemany(INSERT_MESSAGE, [_message_row(session_id, m) for m in ms])
+            m = ms[-1]
             db.execute(
                 """UPDATE sessions SET active_id=?, updated_at=?,
                        title=CASE WHEN title='' AND ? IS NOT NULL THEN ? ELSE title END
@@ -186,12 +209,15 @@ class Store:
             )
 
     def update_session(self, session_id: str, **columns: Any) -> None:
-        """Write only the given columns of a session row (``params`` as SamplingParams)."""
-        allowed = {"title", "system_prompt", "params", "active_id", "updated_at"}
+        """Write only the given columns of a session row (``params`` as SamplingParams,
+        ``tools`` as a list)."""
+        allowed = {"title", "system_prompt", "params", "tools", "active_id", "updated_at"}
         if unknown := set(columns) - allowed:
             raise ValueError(f"not a session column: {sorted(unknown)}")
         if "params" in columns:
             columns["params"] = json.dumps(columns["params"].to_dict())
+        if "tools" in columns:
+            columns["tools"] = json.dumps(columns["tools"])
         assignments = ", ".join(f"{name}=?" for name in columns)
         with self._tx() as db:
             found = db.execute(
@@ -250,7 +276,7 @@ class Store:
         with self._lock:
             row = self._db.execute(
                 """SELECT id, title, model, system_prompt, params, active_id, created_at,
-                       updated_at FROM sessions WHERE id=?""",
+                       updated_at, tools FROM sessions WHERE id=?""",
                 (session_id,),
             ).fetchone()
             if row is None:
@@ -284,6 +310,7 @@ class Store:
             created_at=row[6],
             updated_at=row[7],
             messages=messages,
+            tools=json.loads(row[8]),
         )
 
     def list_sessions(self, query: str | None = None) -> list[dict[str, Any]]:
@@ -309,10 +336,11 @@ class Store:
 def _upsert_session(db: sqlite3.Connection, s: Session) -> None:
     db.execute(
         """INSERT INTO sessions (id, title, model, system_prompt, params, active_id,
-               created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+               created_at, updated_at, tools) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
            ON CONFLICT(id) DO UPDATE SET title=excluded.title, model=excluded.model,
                system_prompt=excluded.system_prompt, params=excluded.params,
-               active_id=excluded.active_id, updated_at=excluded.updated_at""",
+               active_id=excluded.active_id, updated_at=excluded.updated_at,
+               tools=excluded.tools""",
         (
             s.id,
             s.title,
@@ -322,6 +350,7 @@ def _upsert_session(db: sqlite3.Connection, s: Session) -> None:
             s.active_id,
             s.created_at,
             s.updated_at,
+            json.dumps(s.tools),
         ),
     )
 
@@ -350,7 +379,3 @@ def _message_row(session_id: str, m: Message) -> tuple[Any, ...]:
         json.dumps(m.meta),
         m.created_at,
     )
-
-
-def _insert_message(db: sqlite3.Connection, session_id: str, m: Message) -> None:
-    db.execute(INSERT_MESSAGE, _message_row(session_id, m))

@@ -16,11 +16,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from hexin import tools
 from hexin.errors import HexinError
 from hexin.sampling import SamplingParams
 
-Role = Literal["user", "assistant"]
-ROLES = ("user", "assistant")
+#: "tool": a tool's result, answering one call of the assistant message before it
+Role = Literal["user", "assistant", "tool"]
+ROLES = ("user", "assistant", "tool")
 #: a reply is "complete", or "stopped" when it was interrupted mid-stream
 STATUSES = ("complete", "stopped")
 
@@ -89,8 +91,18 @@ class Message:
     created_at: float = field(default_factory=now)
     #: "complete", or "stopped" for a reply interrupted mid-stream
     status: str = "complete"
-    #: usage and timing of a reply: prompt/cached/completion tokens, stop reason, ...
+    #: usage and timing of a reply: prompt/cached/completion tokens, stop reason, ...;
+    #: a reply's ``tool_calls`` (OpenAI's form), a tool result's ``tool_call_id``
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def chat_entry(self) -> dict[str, Any]:
+        """The message as a chat template takes it (OpenAI's message form)."""
+        entry: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.meta.get("tool_calls"):
+            entry["tool_calls"] = self.meta["tool_calls"]
+        if self.role == "tool":
+            entry["tool_call_id"] = self.meta.get("tool_call_id", "")
+        return entry
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -141,6 +153,8 @@ class Session:
     updated_at: float = field(default_factory=now)
     messages: dict[str, Message] = field(default_factory=dict)
     active_id: str | None = None
+    #: the functions the model may call in this session (OpenAI's ``tools``)
+    tools: list[dict[str, Any]] = field(default_factory=list)
 
     # -- tree navigation ----------------------------------------------------------------
     def message(self, message_id: str) -> Message:
@@ -243,6 +257,7 @@ class Session:
             **self.summary(),
             "system_prompt": self.system_prompt,
             "params": self.params.to_dict(),
+            "tools": self.tools,
             "active_id": self.active_id,
             "messages": [m.to_dict() for m in sorted(self.messages.values(), key=_order)],
         }
@@ -281,6 +296,7 @@ class Session:
             updated_at=_time(d.get("updated_at"), "updated_at"),
             messages=messages,
             active_id=d.get("active_id"),
+            tools=check_tools(d.get("tools", []), "not a valid session export: "),
         )
         for m in messages.values():
             if m.parent_id is not None and m.parent_id not in messages:
@@ -293,6 +309,14 @@ class Session:
         ):
             raise ChatError("not a valid session export: active message missing")
         return session
+
+
+def check_tools(value: Any, context: str = "") -> list[dict[str, Any]]:
+    """``tools.check_tools``, its fault a ChatError."""
+    try:
+        return tools.check_tools(value)
+    except ValueError as e:
+        raise ChatError(f"{context}{e}") from None
 
 
 def _id(value: Any, what: str) -> str:

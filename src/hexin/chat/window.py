@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from hexin import tools as hexin_tools
 from hexin.chat.tree import Message
 from hexin.output import ContextOverflow
 from hexin.tokenizer import Tokenizer
@@ -25,7 +27,8 @@ class Prompt:
 
 
 def turns_of(history: Sequence[Message]) -> list[list[Message]]:
-    """Group a path into turns: each user message with the replies that follow it."""
+    """Group a path into turns: each user message with the replies (and tool results)
+    that follow it."""
     turns: list[list[Message]] = []
     for m in history:
         if m.role == "user" or not turns:
@@ -38,23 +41,24 @@ def turns_of(history: Sequence[Message]) -> list[list[Message]]:
 def build_prompt(
     tokenizer: Tokenizer,
     system_prompt: str | None,
-    history: Sequence[Message],
-    new_message: str,
+    messages: Sequence[Message],
     *,
+    tools: Sequence[dict[str, Any]] = (),
     max_tokens: int,
     limit: int,
 ) -> Prompt:
-    """Token ids of the templated conversation that fits ``limit`` with room to reply."""
-    turns = turns_of(history)
+    """Token ids of the templated conversation that fits ``limit`` with room to reply.
+    ``messages`` is the path up to the message being answered; its last turn (the new
+    user message, or the turn whose tool results are being answered) is always kept."""
+    turns = turns_of(messages)
     head = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    tail = [{"role": "user", "content": new_message}]
-    for dropped in range(len(turns) + 1):
-        kept = [{"role": m.role, "content": m.content} for t in turns[dropped:] for m in t]
-        ids = tokenizer.encode(tokenizer.apply_chat_template(head + kept + tail))
+    for dropped in range(len(turns)):
+        kept = [m.chat_entry() for t in turns[dropped:] for m in t]
+        ids = tokenizer.encode(hexin_tools.prompt(tokenizer, head + kept, tools))
         if len(ids) + max_tokens <= limit:
             return Prompt(ids, dropped, max_tokens)
-    if len(ids) < limit:  # the message alone fits; shorten the reply rather than refuse
-        return Prompt(ids, len(turns), limit - len(ids))
+    if len(ids) < limit:  # the last turn alone fits; shorten the reply rather than refuse
+        return Prompt(ids, len(turns) - 1, limit - len(ids))
     raise ContextOverflow(
         f"message too long: with the system prompt it takes {len(ids)} tokens, "
         f"and the context limit is {limit} tokens"

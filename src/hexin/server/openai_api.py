@@ -32,6 +32,7 @@ from hexin.engine import RequestHandle
 from hexin.output import Completion
 from hexin.sampling import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
 from hexin.server.state import MAX_MESSAGE_CHARS, ApiError, State, api_error_from, get_state
+from hexin.tools import MAX_TOOLS, Tool
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 #: a generation's 200 answer: the finished object, or with "stream" server-sent events,
@@ -111,18 +112,6 @@ class ChatMessage(Strict):
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
             raise PydanticCustomError("content", "content: required (null only beside tool_calls)")
         return self
-
-
-class FunctionSpec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None  # calls always follow the parameters' schema when enforced
-
-
-class Tool(Strict):
-    type: Literal["function"]
-    function: FunctionSpec
 
 
 class NamedFunction(Strict):
@@ -235,7 +224,7 @@ class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     logprobs: bool = False
     top_logprobs: int | None = LOGPROBS_FIELD
-    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # accepted; an enforced call is one call
 
@@ -564,11 +553,8 @@ def chat_prompt(state: State, req: ChatRequest) -> str:
         m.model_dump(exclude_none=True) | {"role": "system" if m.role == "developer" else m.role}
         for m in req.messages
     ]
-    specs = req.tool_specs()
     try:
-        if tok.template_takes_tools:
-            return tok.apply_chat_template(messages, tools=specs or None)
-        return tok.apply_chat_template(tools.render(messages, specs))
+        return tools.prompt(tok, messages, req.tool_specs())
     except Exception as e:
         raise api_error_from(e) from None
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from hexin.chat.service import ChatService, Reply
 from hexin.chat.tree import Session, check_id
 from hexin.server.state import MAX_MESSAGE_CHARS, ApiError, State, api_error_from, get_state
+from hexin.tools import MAX_TOOLS, Tool
 
 router = APIRouter(prefix="/api/sessions", tags=["sessions"])
 
@@ -23,12 +24,18 @@ class SessionCreate(BaseModel):
     title: str = Field(default="", max_length=200)
     system_prompt: str | None = Field(default=None, max_length=MAX_MESSAGE_CHARS)
     params: dict[str, Any] | None = None
+    #: the functions the model may call (OpenAI's ``tools``)
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
 
 
 class SessionUpdate(BaseModel):
     title: str | None = Field(default=None, max_length=200)
     system_prompt: str | None = Field(default=None, max_length=MAX_MESSAGE_CHARS)
     params: dict[str, Any] | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+
+    def tool_specs(self) -> list[dict[str, Any]] | None:
+        return None if self.tools is None else specs(self.tools)
 
 
 class MessageIn(BaseModel):
@@ -46,6 +53,22 @@ class RegenerateIn(BaseModel):
 
 class SwitchIn(BaseModel):
     message_id: str = Field(max_length=64)
+
+
+class ToolResult(BaseModel):
+    tool_call_id: str = Field(max_length=64)
+    content: str = Field(max_length=MAX_MESSAGE_CHARS)
+
+
+class ToolResultsIn(BaseModel):
+    """The results of the last reply's tool calls, one per call."""
+
+    results: list[ToolResult] = Field(max_length=MAX_TOOLS)
+    params: dict[str, Any] | None = None
+
+
+def specs(tools: list[Tool]) -> list[dict[str, Any]]:
+    return [t.model_dump(exclude_none=True) for t in tools]
 
 
 def service(request: Request) -> ChatService:
@@ -114,6 +137,7 @@ async def create_session(body: SessionCreate, svc: Svc):
         system_prompt=body.system_prompt,
         params=body.params,
         session_id=body.id,
+        tools=specs(body.tools or []),
         status=201,
     )
 
@@ -138,6 +162,7 @@ async def update_session(session_id: str, body: SessionUpdate, svc: Svc):
         title=body.title,
         system_prompt=body.system_prompt,
         params=body.params,
+        tools=body.tool_specs(),
     )
 
 
@@ -167,6 +192,15 @@ async def regenerate(request: Request, session_id: str, svc: Svc, body: Regenera
 @router.post("/{session_id}/edit")
 async def edit(request: Request, session_id: str, body: EditIn, svc: Svc):
     reply = await call(svc.edit, valid_id(session_id), body.message_id, body.content, body.params)
+    return await finished(request, reply)
+
+
+@router.post("/{session_id}/tool_results")
+async def tool_results(request: Request, session_id: str, body: ToolResultsIn, svc: Svc):
+    """Answer the last reply's tool calls; the reply to them, as ``/messages`` gives it
+    (``user_message``: the last tool result)."""
+    results = [r.model_dump() for r in body.results]
+    reply = await call(svc.tool_results, valid_id(session_id), results, body.params)
     return await finished(request, reply)
 
 

@@ -2,11 +2,19 @@
 
 Client -> server: {"type": "user", "content", "params"}, {"type": "stop"},
 {"type": "regenerate", "params"}, {"type": "rollback"}, {"type": "edit", "message_id",
-"content", "params"}, {"type": "switch", "message_id"}, {"type": "session"} (resend state).
-Server -> client: {"type": "session", "session"} on connect and after tree changes;
-{"type": "user_message", "message"} and {"type": "reply_start", "parent_id"} as a turn
-begins; {"type": "token", "text"} while it streams; {"type": "done", "message", "usage",
-"stop_reason", "dropped_turns", "timing"}; {"type": "error", "message", "code"} for
+"content", "params"}, {"type": "switch", "message_id"}, {"type": "tool_results",
+"results": [{"tool_call_id", "content"}, ...], "params"} (answers the last reply's tool
+calls), {"type": "session"} (resend state). ``params`` may hold ``tool_choice``
+("required" or a function's name) when the session has tools (set through the sessions
+API). Server -> client: {"type": "session", "session"} on connect and after tree changes;
+{"type": "user_message", "message"} (for tool results: a ``session`` frame) and
+{"type": "reply_start", "parent_id"} as a turn begins; {"type": "token", "text"} while it
+streams, and in a session with tools {"type": "tool_call", "delta"} for a call in it (an
+OpenAI ``tool_calls`` delta: index, id and name first, then pieces of the arguments; the
+call's text is no token; its id is the one stored); {"type": "done", "message", "usage",
+"stop_reason", "dropped_turns", "timing"},
+the message's ``meta.tool_calls`` holding the calls parsed out of its text (which then
+holds only the rest); {"type": "error", "message", "code"} for
 anything wrong, the connection staying open (codes: ``state.ERROR_KINDS``, "bad_request"
 for a malformed message or a binary frame). Every reply ends with ``done`` or ``error``
 (an engine error during a reply is reported, and the socket stays open). An unknown
@@ -31,6 +39,7 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from hexin import tools
 from hexin.chat.service import ChatService, Reply
 from hexin.chat.tree import ChatError, check_id
 from hexin.server.sessions import session_view
@@ -124,6 +133,8 @@ class Connection:
             await self.start(svc.regenerate, self.sid, params)
         elif kind == "edit":
             await self.start(svc.edit, self.sid, msg["message_id"], content, params)
+        elif kind == "tool_results":
+            await self.start(svc.tool_results, self.sid, msg.get("results"), params)
         elif kind == "rollback":
             await asyncio.to_thread(svc.rollback, self.sid)
             await self.send_session()
@@ -137,14 +148,24 @@ class Connection:
     async def start(self, fn, *args: Any) -> None:
         reply: Reply = await asyncio.to_thread(fn, *args)
         self.reply = reply
-        await self.send({"type": "user_message", "message": reply.user_message.to_dict()})
+        if reply.user_message.role == "tool":  # several messages were added
+            await self.send_session()
+        else:
+            await self.send({"type": "user_message", "message": reply.user_message.to_dict()})
         await self.send({"type": "reply_start", "parent_id": reply.user_message.id})
         self.task = asyncio.create_task(self.stream(reply))
 
     async def stream(self, reply: Reply) -> None:
         try:
+            calls = tools.CallStream(ids_key=reply.message_id) if reply.calls_tools else None
             async for text in reply.stream():
-                await self.send({"type": "token", "text": text})
+                if calls is None:
+                    await self.send({"type": "token", "text": text})
+                    continue
+                for delta in calls.feed(text):
+                    await self.send_delta(delta)
+            for delta in calls.close() if calls is not None else ():
+                await self.send_delta(delta)
             message = await asyncio.to_thread(reply.wait)
             self.state.metrics.completion(reply.handle.completion)
             meta = message.meta
@@ -170,6 +191,13 @@ class Connection:
                 await self.failed(e)
         finally:
             self.reply = None
+
+    async def send_delta(self, delta: dict[str, Any]) -> None:
+        """A ``CallStream`` delta as a token or tool_call frame."""
+        if "content" in delta:
+            await self.send({"type": "token", "text": delta["content"]})
+        for entry in delta.get("tool_calls", ()):
+            await self.send({"type": "tool_call", "delta": entry})
 
     def close(self) -> None:
         if self.reply is not None:

@@ -549,21 +549,28 @@ export class ChatView {
   }
 
   messageEl(m, isLast) {
-    const role = m.role === "user" ? "user" : "assistant";
+    const role = m.role === "assistant" ? "assistant" : m.role === "tool" ? "tool" : "user";
     const editing = this.editing && this.editing.id === m.id;
+    const calls = (m.meta && m.meta.tool_calls) || [];
     const body = h("div", {
-      class: role === "user" ? "msg-body plain" : "msg-body md",
+      class: role === "assistant" ? "msg-body md" : "msg-body plain",
       "data-testid": "message-content",
     });
     if (editing) {
       body.append(this.editorEl(m));
-    } else if (role === "user") {
+    } else if (role !== "assistant") {
       body.textContent = m.content;
     } else if (m.content) {
       body.append(renderMarkdown(m.content));
-    } else {
+    } else if (!calls.length) {
       body.append(h("em", { class: "muted" }, "(no text)"));
     }
+    for (const call of calls) {
+      // a call the model made: its function and arguments, as text (never as markup)
+      const text = `${call.function.name}(${call.function.arguments})`;
+      body.append(h("pre", { class: "tool-call", "data-testid": "tool-call" }, text));
+    }
+    const label = { user: "You", assistant: "Assistant", tool: `Tool result · ${m.meta?.name || ""}` };
     const el = h(
       "article",
       {
@@ -573,7 +580,7 @@ export class ChatView {
         "data-id": m.id,
         "data-status": m.status,
       },
-      h("div", { class: "msg-role" }, role === "user" ? "You" : "Assistant"),
+      h("div", { class: "msg-role" }, label[role]),
       body,
     );
     if (!editing) el.append(this.actionsEl(m, isLast));
