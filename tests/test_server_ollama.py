@@ -103,3 +103,90 @@ def test_errors_in_ollamas_shape(client, model, server):
     )
     assert r.status_code == 400 and isinstance(r.json()["error"], str)
     assert "temperature" in r.json()["error"]
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def test_tools_and_tool_messages_reach_the_model(client, model):
+    """The tools are in the prompt (it grows by their JSON), and a conversation with a
+    call and its result is taken back, as the ``ollama`` client sends them."""
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    plain = client.chat(model=model, messages=ask, options={"temperature": 0, "num_predict": 1})
+    told = client.chat(
+        model=model,
+        messages=ask,
+        tools=[WEATHER_TOOL],
+        options={"temperature": 0, "num_predict": 1},
+    )
+    assert told.prompt_eval_count > plain.prompt_eval_count + 30
+    history = [
+        *ask,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
+        {"role": "tool", "tool_name": "get_weather", "content": "sunny, 21 C"},
+    ]
+    r = client.chat(model=model, messages=history, tools=[WEATHER_TOOL], options=GREEDY)
+    assert r.done and (r.message.content or r.message.tool_calls)
+    parts = list(
+        client.chat(
+            model=model, messages=history, tools=[WEATHER_TOOL], options=GREEDY, stream=True
+        )
+    )
+    assert "".join(p.message.content for p in parts) == r.message.content
+
+
+def test_a_reply_with_a_call_gives_ollamas_tool_calls():
+    """Text in hexin's call format becomes the message's tool_calls, arguments as an
+    object; streamed, the text outside the call goes out as it comes."""
+    from types import SimpleNamespace
+
+    from hexin.server.ollama_api import ChatReply
+
+    call = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+    text = f"Let me look.\n<tool_call>\n{call}\n</tool_call>"
+    done = SimpleNamespace(text=text)
+    whole = ChatReply(calling=True).final(done, streamed=False)["message"]
+    assert whole["content"] == "Let me look."
+    assert whole["tool_calls"] == [
+        {"function": {"index": 0, "name": "get_weather", "arguments": {"city": "Oslo"}}}
+    ]
+    reply = ChatReply(calling=True)
+    pieces = [reply.delta(text[i : i + 4]) for i in range(0, len(text), 4)]
+    streamed = "".join(p["message"]["content"] for p in pieces if p is not None)
+    last = reply.final(done, streamed=True)["message"]
+    assert (streamed + last["content"]).strip() == "Let me look."
+    assert last["tool_calls"] == whole["tool_calls"]
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "name"),
+    [
+        ("/api/generate", {"suffix": "x"}, "suffix"),
+        ("/api/generate", {"template": "{{ .Prompt }}"}, "template"),
+        ("/api/chat", {"think": True}, "think"),
+    ],
+)
+def test_fields_hexin_does_not_implement_are_refused_by_name(server, model, path, extra, name):
+    body = {"model": model, "stream": False, "options": GREEDY}
+    body |= (
+        {"prompt": "hi"}
+        if path.endswith("generate")
+        else {"messages": [{"role": "user", "content": "hi"}]}
+    )
+    r = httpx.post(f"{server.url}{path}", json=body | extra, timeout=30)
+    assert r.status_code == 400 and name in r.json()["error"], r.text

@@ -4,7 +4,11 @@
 Tools that speak only Ollama's protocol (Open WebUI's Ollama connection, editor plugins,
 the ``ollama`` Python client) then work with hexin. Sampling ``options`` map onto the
 engine's (``num_predict`` is ``max_tokens``, ``repeat_penalty`` ``repetition_penalty``);
-``format`` ("json" or a JSON schema) holds the reply to it. Errors are Ollama's shape,
+``format`` ("json" or a JSON schema) holds the reply to it. ``tools`` on /api/chat work
+as in the OpenAI API (``hexin.tools``); calls come back as the message's ``tool_calls``
+(arguments as objects, as Ollama gives them) and ``role: "tool"`` messages go back in.
+A field Ollama defines that hexin does not implement (``suffix``, ``template``,
+``context``, ``think``) is refused with a 400 naming it. Errors are Ollama's shape,
 ``{"error": "..."}``, with the HTTP status hexin gives the same error elsewhere.
 """
 
@@ -14,7 +18,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -22,11 +26,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from hexin import tools
 from hexin.config import expected_shapes
 from hexin.engine import RequestHandle
 from hexin.output import Completion
 from hexin.sampling import SamplingParams
 from hexin.server.state import MAX_MESSAGE_CHARS, State, api_error_from, get_state
+from hexin.tools import Tool
 
 router = APIRouter(prefix="/api", tags=["ollama"])
 #: the Ollama API version these endpoints follow
@@ -85,15 +91,40 @@ class Options(BaseModel):
         )
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    name: str = Field(max_length=64)
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    index: int | None = None
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    function: CalledFunction
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(strict=True)  # JSON types only, as the document says
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_MESSAGE_CHARS)
+    # JSON types only, as the document says; a field it does not name is refused
+    model_config = ConfigDict(strict=True, extra="forbid")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(default="", max_length=MAX_MESSAGE_CHARS)
     images: list[str] | None = None
+    tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=tools.MAX_TOOLS)
+    tool_name: str | None = None  # a tool message's function
+
+    def chat_entry(self) -> dict[str, Any]:
+        """The message as a chat template takes it (OpenAI's form)."""
+        entry: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            entry["tool_calls"] = [
+                {"type": "function", "function": c.function.model_dump(exclude={"index"})}
+                for c in self.tool_calls
+            ]
+        return entry
 
 
 class Generation(BaseModel):
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(strict=True, extra="forbid")
     model: str = ""
     stream: bool = True
     format: Literal["json"] | dict[str, Any] | None = None
@@ -103,6 +134,10 @@ class Generation(BaseModel):
 
 class ChatBody(Generation):
     messages: list[Message] = Field(default_factory=list, max_length=1000)
+    tools: list[Tool] | None = Field(default=None, max_length=tools.MAX_TOOLS)
+
+    def tool_specs(self) -> list[dict[str, Any]]:
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
 
 
 class GenerateBody(Generation):
@@ -143,8 +178,15 @@ def submit(state: State, prompt: str, body: Generation) -> RequestHandle:
         raise OllamaError(error.status, error.message) from None
 
 
-async def answer(state: State, handle: RequestHandle, body: Generation, piece, request: Request):
-    """NDJSON lines of ``piece(text)`` and a final ``piece("") | done``, or one object."""
+async def answer(
+    state: State,
+    handle: RequestHandle,
+    body: Generation,
+    delta: Callable[[str], dict[str, Any] | None],
+    final: Callable[[Completion, bool], dict[str, Any]],
+) -> Any:
+    """NDJSON lines of ``delta(text)`` (None: nothing to send yet) and a last line
+    ``final(completion, True) | done``; or one object, ``final(completion, False) | done``."""
     started = time.perf_counter()
     base = {"model": state.model_name}
     if body.stream:
@@ -152,12 +194,13 @@ async def answer(state: State, handle: RequestHandle, body: Generation, piece, r
         async def lines() -> AsyncIterator[str]:
             try:
                 async for text in handle.stream():
-                    line = base | {"created_at": now()} | piece(text) | {"done": False}
-                    yield json.dumps(line) + "\n"
+                    if (piece := delta(text)) is not None:
+                        line = base | {"created_at": now()} | piece | {"done": False}
+                        yield json.dumps(line) + "\n"
                 c = handle.completion
                 state.metrics.completion(c)
-                final = base | {"created_at": now()} | piece("") | {"done": True}
-                yield json.dumps(final | stats(c, started)) + "\n"
+                last = base | {"created_at": now()} | final(c, True) | {"done": True}
+                yield json.dumps(last | stats(c, started)) + "\n"
             finally:
                 handle.cancel()
 
@@ -167,7 +210,42 @@ async def answer(state: State, handle: RequestHandle, body: Generation, piece, r
     finally:
         handle.cancel()
     state.metrics.completion(c)
-    return base | {"created_at": now()} | piece(c.text) | {"done": True} | stats(c, started)
+    return base | {"created_at": now()} | final(c, False) | {"done": True} | stats(c, started)
+
+
+class ChatReply:
+    """/api/chat's message pieces. With tools, text streams outside calls (a
+    ``tools.CallStream``), and the calls, parsed from the whole reply, come in the last
+    message, their arguments as objects."""
+
+    def __init__(self, calling: bool) -> None:
+        self.calls = tools.CallStream() if calling else None
+
+    def delta(self, text: str) -> dict[str, Any] | None:
+        if self.calls is not None:
+            text = "".join(d.get("content", "") for d in self.calls.feed(text))
+            if not text:
+                return None
+        return {"message": {"role": "assistant", "content": text}}
+
+    def final(self, c: Completion, streamed: bool) -> dict[str, Any]:
+        if self.calls is None:
+            return {"message": {"role": "assistant", "content": "" if streamed else c.text}}
+        held = "".join(d.get("content", "") for d in self.calls.close())
+        content, calls = tools.parse(c.text)
+        message = {"role": "assistant", "content": held if streamed else content}
+        if calls:
+            message["tool_calls"] = [
+                {
+                    "function": {
+                        "index": i,
+                        "name": call.name,
+                        "arguments": json.loads(call.arguments),
+                    }
+                }
+                for i, call in enumerate(calls)
+            ]
+        return {"message": message}
 
 
 def loaded(state: State) -> dict[str, Any]:
@@ -186,22 +264,16 @@ async def chat(request: Request, body: ChatBody):
     engine, _ = state.require()
     for m in body.messages:
         refuse_images(m.images)
-    reply = {"message": {"role": "assistant", "content": ""}}
     if not body.messages:  # Ollama's way to load a model: nothing to say
-        return loaded(state) | reply
-    messages = [m.model_dump(exclude={"images"}) for m in body.messages]
+        return loaded(state) | {"message": {"role": "assistant", "content": ""}}
+    messages = [m.chat_entry() for m in body.messages]
     try:
-        prompt = engine.tokenizer.apply_chat_template(messages)
+        prompt = tools.prompt(engine.tokenizer, messages, body.tool_specs())
     except Exception as e:
         raise OllamaError(400, str(e)) from None
     handle = submit(state, prompt, body)
-    return await answer(
-        state,
-        handle,
-        body,
-        lambda text: {"message": {"role": "assistant", "content": text}},
-        request,
-    )
+    reply = ChatReply(calling=bool(body.tools))
+    return await answer(state, handle, body, reply.delta, reply.final)
 
 
 @router.post("/generate", responses=NDJSON)
@@ -217,7 +289,13 @@ async def generate(request: Request, body: GenerateBody):
         messages.append({"role": "user", "content": body.prompt})
         prompt = engine.tokenizer.apply_chat_template(messages)
     handle = submit(state, prompt, body)
-    return await answer(state, handle, body, lambda text: {"response": text}, request)
+    return await answer(
+        state,
+        handle,
+        body,
+        lambda text: {"response": text},
+        lambda c, streamed: {"response": "" if streamed else c.text},
+    )
 
 
 def details(state: State) -> dict[str, Any]:
