@@ -209,11 +209,18 @@ def request_session(ws: ClientConnection) -> dict[str, Any]:
 def collect_reply(ws: ClientConnection, *, stop_after_first: bool = False) -> dict[str, Any]:
     """Read one turn after it was started: user_message, reply_start, tokens, done.
 
-    Returns {"user_message", "tokens", "calls", "done"} (``user_message``: the message
-    replied to; ``calls``: tool_call frames' deltas). With ``stop_after_first`` a stop
+    Returns {"user_message", "tokens", "calls", "progress", "done"} (``user_message``: the
+    message replied to; ``calls``: tool_call frames' deltas; ``progress``: the progress
+    frames, which must all come before the first token). With ``stop_after_first`` a stop
     message is sent as soon as the first token arrives.
     """
-    out: dict[str, Any] = {"user_message": None, "tokens": [], "calls": [], "done": None}
+    out: dict[str, Any] = {
+        "user_message": None,
+        "tokens": [],
+        "calls": [],
+        "progress": [],
+        "done": None,
+    }
     deadline = time.monotonic() + 3 * WS_TIMEOUT_S
     while time.monotonic() < deadline:
         msg = recv(ws)
@@ -232,6 +239,9 @@ def collect_reply(ws: ClientConnection, *, stop_after_first: bool = False) -> di
             out["tokens"].append(msg["text"])
         elif kind == "tool_call":
             out["calls"].append(msg["delta"])
+        elif kind == "progress":
+            assert not out["tokens"] and not out["calls"], f"progress after a token: {msg}"
+            out["progress"].append(msg)
         elif kind == "done":
             out["done"] = msg
             return out

@@ -333,13 +333,21 @@ def test_rollback_removes_reply_then_user_message_then_refuses(svc):
         svc.regenerate(s.id)
 
 
-def test_rollback_removes_every_version_below_the_message(svc):
+def test_rollback_removes_the_active_version_and_shows_the_one_before(svc):
     s = svc.create()
-    svc.send(s.id, "one", {"max_tokens": 4}).text()
-    svc.regenerate(s.id).text()
-    svc.rollback(s.id)  # the active version only
+    first = svc.send(s.id, "one", {"max_tokens": 4}).wait()
+    svc.regenerate(s.id, {"temperature": 0.9, "seed": 1}).wait()
+    third = svc.regenerate(s.id, {"temperature": 0.9, "seed": 2}).wait()
+    svc.switch(s.id, first.id)
+    svc.switch(s.id, third.id)
+    svc.rollback(s.id)  # the active version only: the newest one left takes its place
     sess = svc.get(s.id)
-    assert len(sess.messages) == 2
+    assert len(sess.messages) == 3 and third.id not in sess.messages
+    assert sess.path()[-1].role == "assistant" and sess.version(sess.active_id) == (2, 2)
+    svc.rollback(s.id)
+    assert svc.get(s.id).active_id == first.id
+    svc.rollback(s.id)  # no version left: the path ends at the question
+    assert roles(svc, s.id) == ["user"]
     svc.rollback(s.id)  # the user message and what is left below it
     assert svc.get(s.id).messages == {}
 
@@ -927,3 +935,28 @@ def test_a_message_the_engine_refuses_stores_nothing(story_chat, tmp_path):
     finally:
         engine.shutdown()
         service.close()
+
+
+def test_continue_goes_on_in_the_same_message_as_one_longer_reply(svc):
+    """A reply cut at its token limit, continued, is the same message with the text a
+    reply twice as long has (greedy), and no new version."""
+    whole = svc.create()
+    long = svc.send(whole.id, "Tell me a story.", {"max_tokens": 24}).wait()
+    s = svc.create()
+    cut = svc.send(s.id, "Tell me a story.", {"max_tokens": 12}).wait()
+    assert cut.meta["stop_reason"] == "length" and cut.meta["completion_tokens"] == 12
+    reply = svc.continue_(s.id, {"max_tokens": 12})
+    assert reply.message_id == cut.id
+    streamed = reply.text()
+    more = reply.wait()
+    assert more.id == cut.id and more.content == cut.content + streamed
+    assert more.content == long.content
+    assert more.meta["completion_tokens"] == 24 and more.meta["continued"] == 1
+    # most of the prompt came from the cache: the reply so far was computed before
+    assert more.meta["cached_tokens"] >= cut.meta["prompt_tokens"]
+    stored = svc.get(s.id)
+    assert len(stored.messages) == 2 and stored.version(cut.id) == (1, 1)
+    assert stored.message(cut.id).content == more.content  # saved, not only returned
+    with pytest.raises(ChatError, match="nothing to continue"):
+        empty = svc.create()
+        svc.continue_(empty.id)

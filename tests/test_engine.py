@@ -4,6 +4,7 @@ blocks are shared, memory pressure degrades to recomputation, cancellation frees
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -311,6 +312,42 @@ def test_consumer_leaving_early_cancels_the_request(story_model):
         assert handle.completion.stop_reason == "cancelled"
         assert model.passes <= 2 and handle.completion.completion_tokens <= 2
         assert engine.stats().kv_blocks_used == 0
+
+
+def progress_after(handle, before: tuple[int, int]) -> tuple[int, int]:
+    """The handle's prefill progress once it differs from ``before`` (the engine thread
+    moves it after the forward pass the test allowed)."""
+    deadline = time.monotonic() + 30
+    while (now := handle.prefill_progress) == before:
+        assert time.monotonic() < deadline, f"prefill progress stuck at {before}"
+        time.sleep(0.001)
+    return now
+
+
+def test_prefill_progress_moves_chunk_by_chunk_from_the_cached_prefix(story_model):
+    """A long prompt's progress rises one prefill chunk per forward pass to (total,
+    total); a prompt served from the prefix cache starts at its cached count."""
+    model, tok = GatedLlama(story_model), story_model.tokenizer
+    ids = tok.encode(" ".join(STORY_PROMPTS) * 6)
+    total = len(ids)
+    assert 300 < total < 450  # several chunks of 64, inside the model's 512 positions
+    with Engine(model, tok, EngineConfig(prefill_chunk=64)) as engine, model:
+        handle = engine.submit(ids, GREEDY.with_(max_tokens=1))
+        assert handle.prefill_progress == (0, total)
+        seen = [handle.prefill_progress]
+        while not handle.done.is_set() and seen[-1][0] < total:
+            model.allow(1)  # one prefill chunk
+            seen.append(progress_after(handle, seen[-1]))
+        handle.result()
+        assert seen == [(done, total) for done in [*range(0, total, 64), total]]
+        assert handle.prefill_progress == (total, total)
+
+        again = engine.submit(ids, GREEDY.with_(max_tokens=1))  # its blocks are cached
+        start = progress_after(again, (0, total))  # admitted: no forward pass let run yet
+        model.allow(1_000_000)
+        assert again.result().cached_tokens == start[0] >= total - 16
+        assert start == (again.completion.cached_tokens, total)
+        assert again.prefill_progress == (total, total)
 
 
 def test_queue_limit_gives_busy_error_not_a_hang(story):

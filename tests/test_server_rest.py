@@ -142,10 +142,15 @@ def test_conversation_operations(http):
     assert r.json()["active_id"] == second["id"]
     assert (r.json()["path"][-1]["version"], r.json()["path"][-1]["versions"]) == (1, 3)
 
-    # rollback: the active reply goes, then its user message
+    # rollback: the active version goes and the newest other one takes its place; with
+    # none left the path ends at the user message, which goes next
     count = r.json()["message_count"]
     r = http.post(f"/api/sessions/{sid}/rollback")
     assert r.status_code == 200 and r.json()["message_count"] == count - 1
+    last = r.json()["path"][-1]
+    assert last["role"] == "assistant" and (last["version"], last["versions"]) == (2, 2)
+    http.post(f"/api/sessions/{sid}/rollback")
+    r = http.post(f"/api/sessions/{sid}/rollback")
     assert r.json()["active_id"] == second["parent_id"]
     r = http.post(f"/api/sessions/{sid}/rollback")
     assert r.json()["active_id"] == first["id"]

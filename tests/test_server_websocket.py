@@ -34,7 +34,9 @@ LONG = {"temperature": 0, "max_tokens": 200}
 
 @pytest.fixture(scope="module")
 def server(default_gguf, tmp_path_factory):
-    srv = Server(default_gguf, tmp_path_factory.mktemp("websocket")).start()
+    # small prefill chunks: a long prompt's progress moves in many steps on any CPU
+    extra = ("--prefill-chunk", "64")
+    srv = Server(default_gguf, tmp_path_factory.mktemp("websocket"), extra=extra).start()
     yield srv
     srv.stop()
 
@@ -158,11 +160,11 @@ def test_regenerate_rollback_edit_and_rest_view(server):
         send(ws, type="switch", message_id=second["message"]["id"])
         assert recv_session(ws)["active_id"] == second["message"]["id"]
 
-        # rollback removes the active reply
+        # rollback removes the active reply; the other version takes its place
         send(ws, type="rollback")
         session = recv_session(ws)
         assert session["message_count"] == 2
-        assert session["active_id"] == user1
+        assert session["active_id"] == first["message"]["id"]
         assert second["message"]["id"] not in tree(session)
 
         # edit the user message: a new branch beside the old one
@@ -302,7 +304,9 @@ class FakeReply:
     def __init__(self, tokens: list[str], error: Exception | None = None) -> None:
         self.tokens, self.error, self.stopped = tokens, error, False
         self.user_message = SimpleNamespace(id="u1", role="user", to_dict=lambda: {"id": "u1"})
-        self.handle = SimpleNamespace(completion=None)
+        self.handle = SimpleNamespace(
+            completion=SimpleNamespace(cached_tokens=0), prefill_progress=(0, 5)
+        )
         self.message_id, self.calls_tools = "a1", False
 
     def stop(self) -> None:
@@ -374,6 +378,85 @@ def test_a_client_gone_mid_reply_stops_it_without_more_sends(gone):
     assert [f["type"] for f in ws.frames] == ["user_message", "reply_start", "token"]
     assert ws.attempts == 4  # the failed token; no error frame tried on a dead socket
     assert reply.stopped and conn.reply is None
+
+
+class PrefillingReply(FakeReply):
+    """A reply whose prompt takes a while: its prefill progress moves every 0.1 s (three
+    times) before the tokens come."""
+
+    def __init__(self, tokens: list[str], error: Exception | None = None) -> None:
+        super().__init__(tokens, error)
+        self.handle.prefill_progress = (0, 48)
+
+    async def stream(self):
+        for done in (16, 32, 48):
+            await asyncio.sleep(0.1)
+            self.handle.prefill_progress = (done, 48)
+        async for text in super().stream():
+            yield text
+
+
+@pytest.mark.parametrize("error", [None, RuntimeError("engine failed")])
+def test_progress_frames_come_only_before_the_first_token(monkeypatch, error):
+    monkeypatch.setattr("hexin.server.websocket.PROGRESS_S", 0.02)
+    ws = FakeSocket()
+    conn = connection(ws, [PrefillingReply(["a", "b"], error)])
+
+    async def scenario() -> None:
+        await conn.handle(json.dumps({"type": "user", "content": "Hi"}))
+        await asyncio.wait_for(conn.task, 5)
+        await asyncio.sleep(0.1)  # time for a stray frame to show
+
+    asyncio.run(scenario())
+    kinds = [f["type"] for f in ws.frames]
+    n = kinds.count("progress")
+    end = "error" if error else "done"
+    assert kinds == ["user_message", "reply_start", *["progress"] * n, "token", "token", end]
+    progress = [f for f in ws.frames if f["type"] == "progress"]
+    assert n >= 2 and progress[0] == {"type": "progress", "done": 0, "total": 48, "cached": 0}
+    dones = [f["done"] for f in progress]
+    assert dones == sorted(set(dones)) and set(dones) <= {0, 16, 32, 48}
+
+
+def test_a_client_gone_during_the_prefill_stops_the_reply(monkeypatch):
+    monkeypatch.setattr("hexin.server.websocket.PROGRESS_S", 0.02)
+    ws = FakeSocket(gone_after=2, gone=WebSocketDisconnect(1006))  # the first progress frame
+    reply = PrefillingReply(["a", "b"])
+    conn = connection(ws, [reply])
+
+    async def scenario() -> None:
+        await conn.handle(json.dumps({"type": "user", "content": "Hi"}))
+        await asyncio.wait_for(conn.task, 5)
+
+    asyncio.run(scenario())
+    assert [f["type"] for f in ws.frames] == ["user_message", "reply_start"]
+    assert reply.stopped and conn.reply is None
+    assert ws.attempts == 4  # the progress frame, then the first token: nothing more
+
+
+def test_a_long_prompt_streams_progress_before_its_first_token(server):
+    """A long message's prompt is computed in several chunks: progress frames with a
+    growing ``done`` come before the first token, and count the prompt the usage shows."""
+    words = ("river", "lantern", "copper", "violin", "meadow")
+    words += ("harbor", "glacier", "velvet", "comet", "saddle")
+    lines = [
+        f"Item {i}: the {words[i % 10]} and the {words[i * 7 % 10]} {i * 37 % 101}."
+        for i in range(200)
+    ]
+    content = "Read this list, then say OK.\n" + "\n".join(lines)
+    with server.ws("ws-progress") as ws:
+        recv_session(ws)
+        reply = turn(ws, content, {"temperature": 0, "max_tokens": 4})
+        usage = check_done(reply)["usage"]
+    progress = reply["progress"]
+    assert usage["prompt_tokens"] > 1500, usage  # several prefill chunks of 512
+    assert len(progress) >= 2, progress
+    dones = [f["done"] for f in progress]
+    assert dones == sorted(set(dones)), dones  # growing, each frame a new count
+    assert all(f["total"] == usage["prompt_tokens"] for f in progress), (progress, usage)
+    assert dones[-1] <= usage["prompt_tokens"]
+    assert all(0 <= f["cached"] <= f["done"] for f in progress), progress
+    assert progress[-1]["cached"] == usage["cached_tokens"]
 
 
 WEATHER_TOOL = {

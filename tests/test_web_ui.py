@@ -6,7 +6,8 @@ tests/server_util.py's ``Server``, as in the server tests); headless Chromium (D
 Replies are greedy and short: the model decodes a few dozen tokens a second on a CPU
 shared with everything else, so waits for generated text are generous.
 
-Screenshots land in tests/artifacts/ (git-ignored): desktop and phone width, light and dark.
+Screenshots of the main states land in docs/screenshots/ (committed; desktop and phone
+width, light and dark), others in tests/artifacts/ (git-ignored).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ if not CHROMIUM.is_file():  # pragma: no cover - depends on the machine
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
+SCREENSHOTS = REPO / "docs" / "screenshots"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -112,7 +114,9 @@ class WebServer(Server):
 
 @pytest.fixture(scope="module")
 def server(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebServer]:
-    srv = WebServer(default_gguf, tmp_path_factory.mktemp("hexin-web")).start()
+    # small prefill chunks: a long prompt's progress shows in many steps on any CPU
+    extra = ("--prefill-chunk", "64")
+    srv = WebServer(default_gguf, tmp_path_factory.mktemp("hexin-web"), extra=extra).start()
     try:
         assert srv.status("/") == 200, "the server does not serve the web UI at /"
         yield srv
@@ -141,9 +145,12 @@ def page(browser: Browser, server: WebServer) -> Iterator[Page]:
     assert not errors, f"uncaught errors in the page: {errors}"
 
 
-def shot(pg: Page, name: str) -> Path:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / name
+def shot(pg: Page, name: str, *, docs: bool = False) -> Path:
+    """A screenshot in tests/artifacts/, or with ``docs`` in docs/screenshots/ (committed,
+    named in the README, so that the UI's main states can be seen without running it)."""
+    folder = SCREENSHOTS if docs else ARTIFACTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
     pg.screenshot(path=str(path))
     assert path.stat().st_size > 5000
     return path
@@ -383,20 +390,24 @@ def test_sidebar_navigation_search_rename_delete(page: Page, server: WebServer) 
     expect(pg.get_by_test_id("chat-title")).to_have_text(f"Birds {tag}")
     assert server.request("GET", f"/api/sessions/{newer}")["title"] == f"Birds {tag}"
 
-    # delete asks first; cancel keeps it, confirm removes it and leaves the open chat
+    # delete: gone from the list at once, with an Undo that brings it back; deleted on
+    # the server only once the undo time is up
     item.get_by_test_id("session-delete").click()
-    dialog = pg.get_by_test_id("confirm-dialog")
-    expect(dialog).to_be_visible()
-    expect(dialog).to_contain_text(f"Birds {tag}")
-    pg.get_by_test_id("confirm-cancel").click()
-    expect(dialog).to_be_hidden()
+    expect(item).to_have_count(0)
+    expect(pg).to_have_url(re.compile(r"#/$"))
+    undo = pg.get_by_test_id("toast").filter(has_text=f"Birds {tag}").get_by_test_id("toast-action")
+    undo.click()
+    expect(item).to_have_count(1, timeout=UI_MS)
     assert server.status(f"/api/sessions/{newer}") == 200
     item.get_by_test_id("session-delete").click()
-    pg.get_by_test_id("confirm-ok").click()
-    expect(item).to_have_count(0, timeout=UI_MS)
-    expect(pg).to_have_url(re.compile(r"#/$"))
+    expect(item).to_have_count(0)
     expect(pg.get_by_test_id("empty-chat")).to_be_visible()
+    deadline = time.monotonic() + 15
+    while server.status(f"/api/sessions/{newer}") != 404 and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert server.status(f"/api/sessions/{newer}") == 404
+    pg.wait_for_timeout(5500)  # a poll of the list does not bring it back
+    expect(item).to_have_count(0)
     # an old link to it says so instead of creating it again
     pg.goto(f"/#/c/{newer}")
     expect(pg.get_by_test_id("missing")).to_be_visible(timeout=UI_MS)
@@ -652,6 +663,435 @@ def test_long_conversation_scrolls_and_reports_dropped_turns(page: Page, server:
     expect(pg.get_by_test_id("jump-latest")).to_be_hidden()
 
 
+def import_versions(server: WebServer, question: str, replies: list[str]) -> str:
+    """A conversation whose one question has several reply versions, the last active."""
+    t = time.time()
+    messages = [
+        {"id": "q", "parent_id": None, "role": "user", "content": question, "created_at": t}
+    ]
+    for i, reply in enumerate(replies, 1):
+        messages.append(
+            {
+                "id": f"r{i}",
+                "parent_id": "q",
+                "role": "assistant",
+                "content": reply,
+                "created_at": t + i,
+            }
+        )
+    body = {"id": "v" + uuid.uuid4().hex[:12], "title": question, "messages": messages}
+    return server.request("POST", "/api/sessions/import", body | {"active_id": f"r{len(replies)}"})[
+        "id"
+    ]
+
+
+def test_rollback_keeps_the_other_versions(page: Page, server: WebServer) -> None:
+    """Rolling back version 3/3 removes it and shows 2/2, the pager still there; the
+    conversation never ends on a question whose answers are hidden."""
+    sid = import_versions(server, "Pick a number.", ["One.", "Two.", "Three."])
+    open_chat(page, sid)
+    reply = assistant_done(page)
+    expect(reply.get_by_test_id("version-label")).to_have_text("3/3")
+    reply.get_by_test_id("rollback").click()
+    expect(reply.get_by_test_id("message-content")).to_have_text("Two.", timeout=UI_MS)
+    expect(reply.get_by_test_id("version-label")).to_have_text("2/2")
+    reply.get_by_test_id("version-prev").click()
+    expect(reply.get_by_test_id("message-content")).to_have_text("One.", timeout=UI_MS)
+    stored = server.request("GET", f"/api/sessions/{sid}")
+    assert sorted(m["content"] for m in stored["messages"]) == ["One.", "Pick a number.", "Two."]
+
+
+def test_prompt_progress_is_shown_during_a_long_prefill(page: Page, server: WebServer) -> None:
+    """A long message: before its first token the reply shows how much of the prompt is
+    done, with the total; then the text replaces it."""
+    pg = page
+    sid = server.new_session(max_tokens=4)
+    open_chat(pg, sid)
+    words = " ".join(f"item{i} costs {i % 97} coins;" for i in range(260))
+    pg.get_by_test_id("chat-input").fill(f"Sum these up: {words}")
+    pg.get_by_test_id("chat-input").press("Enter")
+    progress = pg.get_by_test_id("prompt-progress")
+    expect(progress).to_be_visible(timeout=GEN_MS)
+    expect(progress).to_contain_text(re.compile(r"Processing the prompt: \d+% of \d+ tokens"))
+    seen = int(progress.get_attribute("data-percent"))
+    assert 0 <= seen < 100
+    shot(pg, "prompt-progress.png", docs=True)
+    wait_replies(pg, 1)
+    expect(progress).to_have_count(0)
+
+
+def test_loading_state_is_consistent(page: Page, server: WebServer) -> None:
+    """While the server loads its model (its config answers 503) the page says so and
+    Send is disabled; once loaded it is ready."""
+    pg = page
+    loading = {"on": True}
+
+    def config(route) -> None:
+        if loading["on"]:
+            body = '{"error": {"message": "model is loading", "type": "server_error"}}'
+            route.fulfill(status=503, body=body, content_type="application/json")
+        else:
+            route.continue_()
+
+    pg.route(re.compile(r".*/api/config$"), config)
+    pg.goto("/")
+    expect(pg.get_by_test_id("status-model")).to_have_text("loading model…", timeout=UI_MS)
+    expect(pg.get_by_test_id("connection")).to_contain_text("loading model")
+    expect(pg.get_by_test_id("connection")).not_to_contain_text("ready")
+    expect(pg.get_by_test_id("send")).to_be_disabled()
+    pg.get_by_test_id("chat-input").fill("Hello?")
+    pg.get_by_test_id("chat-input").press("Enter")
+    expect(pg.get_by_test_id("message")).to_have_count(0)  # nothing was sent
+    loading["on"] = False
+    expect(pg.get_by_test_id("status-model")).to_contain_text("SmolLM2", timeout=UI_MS)
+    expect(pg.get_by_test_id("connection")).to_contain_text("ready")
+    expect(pg.get_by_test_id("send")).to_be_enabled()
+    expect(pg.get_by_test_id("chat-input")).to_have_value("Hello?")
+
+
+def test_an_outage_never_looks_like_lost_history(page: Page, server: WebServer) -> None:
+    """With the server unreachable, opening another chat says it cannot be loaded (not an
+    empty chat); when the server is back it loads by itself."""
+    pg = page
+    first = server.import_session("outage A", [("Hi?", "Hello from A.")])
+    other = server.import_session("outage B", [("Hey?", "Hello from B.")])
+    cut = {"down": False}
+    sockets = []
+
+    def on_socket(ws) -> None:
+        if cut["down"]:
+            ws.close()
+            return
+        ws.connect_to_server()
+        sockets.append(ws)
+
+    pg.route_web_socket(re.compile(r".*/c/[A-Za-z0-9_-]+(\?.*)?$"), on_socket)
+    open_chat(pg, first)
+    cut["down"] = True
+    http = re.compile(r".*/(api/|health|v1/).*")
+    pg.route(http, lambda route: route.abort())
+    for ws in sockets:
+        ws.close()
+    expect(pg.get_by_test_id("offline-banner")).to_be_visible(timeout=UI_MS)
+    pg.goto(f"/#/c/{other}")
+    unavailable = pg.get_by_test_id("chat-unavailable")
+    expect(unavailable).to_be_visible(timeout=UI_MS)
+    expect(pg.get_by_test_id("empty-chat")).to_have_count(0)
+    expect(pg.get_by_test_id("send")).to_be_disabled()
+    shot(pg, "outage.png", docs=True)
+    cut["down"] = False
+    pg.unroute(http)
+    started = time.monotonic()
+    expect(pg.get_by_test_id("message").last).to_contain_text("Hello from B.", timeout=30_000)
+    expect(unavailable).to_have_count(0)
+    assert time.monotonic() - started < 10  # back within seconds, not a long backoff
+
+
+def test_drafts_are_kept_per_chat_across_reloads(page: Page, server: WebServer) -> None:
+    pg = page
+    a = server.import_session("draft A", [("One?", "One.")])
+    b = server.import_session("draft B", [("Two?", "Two.")])
+    box = pg.get_by_test_id("chat-input")
+    open_chat(pg, a)
+    box.fill("half a thought for A")
+    open_chat(pg, b)
+    expect(box).to_have_value("")  # A's text is not ready to go to B
+    box.fill("something for B")
+    pg.goto("/#/")
+    expect(box).to_have_value("")
+    open_chat(pg, a)
+    pg.reload()
+    expect(pg.get_by_test_id("connection")).to_have_attribute("data-state", "open", timeout=UI_MS)
+    expect(box).to_have_value("half a thought for A")
+    open_chat(pg, b)
+    expect(box).to_have_value("something for B")
+    pg.goto("/#/c/no-such-chat")
+    expect(pg.get_by_test_id("missing")).to_be_visible(timeout=UI_MS)
+    expect(pg.get_by_test_id("send")).to_be_disabled()
+
+
+def test_phone_tab_order_and_settings_fit(browser: Browser, server: WebServer) -> None:
+    """At 390x844 the closed sidebar takes no Tab stops, the settings dialog's Save is on
+    screen, and the status bar is one line."""
+    sid = server.import_session("phone", [("Hi?", "Hello.")])
+    context = browser.new_context(
+        viewport=PHONE, color_scheme="light", base_url=server.base, is_mobile=True, has_touch=True
+    )
+    pg = context.new_page()
+    open_chat(pg, sid)
+    stops = []
+    for _ in range(6):
+        pg.keyboard.press("Tab")
+        stops.append(pg.evaluate("document.activeElement.closest('#sidebar') !== null"))
+    assert not any(stops), stops
+    pg.get_by_test_id("sidebar-toggle").click()
+    expect(pg.get_by_test_id("session-search")).to_be_focused()  # now it takes focus
+    pg.keyboard.press("Escape")
+    pg.get_by_test_id("open-settings").click()
+    save = pg.get_by_test_id("settings-save")
+    expect(save).to_be_visible()
+    box = save.bounding_box()
+    assert box["y"] >= 0 and box["y"] + box["height"] <= PHONE["height"], box
+    shot(pg, "phone-settings.png", docs=True)
+    pg.get_by_test_id("settings-cancel").click()
+    bar = pg.get_by_test_id("statusbar").bounding_box()
+    assert bar["height"] < 40, bar
+    small = pg.evaluate(
+        """() => [...document.querySelectorAll('button, a[href], input, select, textarea')]
+            .filter(e => e.offsetParent && !e.closest('#sidebar') && !e.closest('dialog'))
+            .filter(e => { const r = e.getBoundingClientRect(); return r.height < 44 ||
+                                                                     r.width < 44; })
+            .filter(e => !['TEXTAREA', 'INPUT'].includes(e.tagName))
+            .map(e => e.dataset.testid || e.id || e.tagName)"""
+    )
+    assert small == [], small
+    context.close()
+
+
+def test_importing_the_same_export_twice_gives_two_chats(
+    page: Page, server: WebServer, tmp_path: Path
+) -> None:
+    """The sidebar's Import takes an export file; the same file again (every id taken) is
+    a second copy, never a server error."""
+    pg = page
+    sid = server.import_session("import twice", [("Q?", "A.")])
+    export = tmp_path / "export.json"
+    with server.http() as http:
+        export.write_bytes(http.get(f"/api/sessions/{sid}/export").content)
+    pg.goto("/")
+    before = len(server.request("GET", "/api/sessions")["sessions"])
+    for _ in range(2):
+        pg.get_by_test_id("import-file").set_input_files(str(export))
+        expect(pg.get_by_test_id("toast").filter(has_text="Imported 1 conversation")).to_have_count(
+            1, timeout=UI_MS
+        )
+        expect(pg.get_by_test_id("toast").filter(has_text="Imported")).to_have_count(
+            0, timeout=UI_MS
+        )
+    sessions = server.request("GET", "/api/sessions")["sessions"]
+    assert len(sessions) == before + 2
+    copies = [s for s in sessions if s["title"] == "import twice"]
+    assert len(copies) == 3 and len({s["id"] for s in copies}) == 3
+    expect(pg.get_by_test_id("toast").filter(has_text="500")).to_have_count(0)
+
+
+def test_a_cut_reply_is_marked_and_continues(page: Page, server: WebServer) -> None:
+    """A reply that hit max tokens says so and offers Continue, which goes on in the same
+    message; Stop shows that it is stopping until the reply has ended."""
+    pg = page
+    sid = server.new_session(max_tokens=6)
+    open_chat(pg, sid)
+    pg.get_by_test_id("chat-input").fill("Tell me a story about a cat.")
+    pg.get_by_test_id("chat-input").press("Enter")
+    wait_replies(pg, 1)
+    reply = assistant_done(pg).last
+    expect(reply.get_by_test_id("length-badge")).to_have_text("cut at 6 tokens")
+    before = reply.get_by_test_id("message-content").inner_text()
+    reply.get_by_test_id("continue").click()
+    wait_replies(pg, 1)
+    reply = assistant_done(pg).last
+    expect(reply.get_by_test_id("length-badge")).to_have_text("cut at 12 tokens", timeout=UI_MS)
+    after = reply.get_by_test_id("message-content").inner_text()
+    assert after.startswith(before.rstrip()) and len(after) > len(before)
+    expect(reply.get_by_test_id("version-label")).to_have_count(0)  # no new version
+    (stored,) = [
+        m
+        for m in server.request("GET", f"/api/sessions/{sid}")["messages"]
+        if m["role"] == "assistant"
+    ]
+    assert stored["meta"]["completion_tokens"] == 12
+
+    # Stop: the button says it is stopping, and no dead buttons show meanwhile
+    server.request("PATCH", f"/api/sessions/{sid}", {"params": {"max_tokens": 300}})
+    pg.get_by_test_id("chat-input").fill("Tell me a much longer story, please.")
+    pg.get_by_test_id("chat-input").press("Enter")
+    watch_growth(pg, steps=2)
+    for action in ("rollback", "reply", "edit-message", "regenerate"):
+        expect(pg.locator(f"[data-testid=message] [data-testid={action}]:visible")).to_have_count(0)
+    stop = pg.get_by_test_id("stop")
+    stop.click()
+    expect(stop).to_have_text("Stopping…")
+    expect(stop).to_be_disabled()
+    wait_replies(pg, 2)
+    expect(assistant_done(pg).last.get_by_test_id("continue")).to_be_visible()
+
+
+def test_an_interrupted_reply_stays_marked(page: Page, server: WebServer) -> None:
+    """The connection drops mid-reply: the partial text stays, marked interrupted, until
+    the server's saved (stopped) reply replaces it."""
+    pg = page
+    sid = server.new_session(max_tokens=300)
+    sockets = []
+
+    def on_socket(ws) -> None:
+        ws.connect_to_server()
+        sockets.append(ws)
+
+    pg.route_web_socket(re.compile(r".*/c/[A-Za-z0-9_-]+(\?.*)?$"), on_socket)
+    open_chat(pg, sid)
+    pg.get_by_test_id("chat-input").fill("Tell me a long story about the sea.")
+    pg.get_by_test_id("chat-input").press("Enter")
+    watch_growth(pg, steps=2)
+    sockets[-1].close()
+    badge = pg.get_by_test_id("interrupted-badge")
+    expect(badge).to_be_visible(timeout=UI_MS)
+    partial = pg.get_by_test_id("message").last.get_by_test_id("message-content").inner_text()
+    assert partial.strip()
+    # reconnected: the saved reply (stopped by the closed socket) takes its place
+    expect(badge).to_have_count(0, timeout=30_000)
+    expect(assistant_done(pg).last).to_have_attribute("data-status", "stopped")
+
+
+def test_settings_defaults_presets_and_the_visible_system_prompt(
+    page: Page, server: WebServer
+) -> None:
+    pg = page
+    pg.goto("/")
+    expect(pg.get_by_test_id("status-model")).to_contain_text("SmolLM2", timeout=UI_MS)
+    pg.get_by_test_id("open-settings").click()
+    pg.get_by_test_id("set-system-prompt").fill("You answer like a pirate.")
+    pg.get_by_test_id("set-preset").select_option("Precise")
+    expect(pg.get_by_test_id("set-temperature")).to_have_value("0.2")
+    pg.get_by_test_id("set-min-p").fill("0.1")
+    pg.get_by_test_id("set-repetition-penalty").fill("1.1")
+    pg.get_by_test_id("set-max-tokens").fill("7")
+    pg.get_by_test_id("preset-name").fill("Mine")
+    pg.get_by_test_id("settings-save-preset").click()
+    pg.get_by_test_id("set-global").check()
+    pg.get_by_test_id("settings-save").click()
+    expect(pg.get_by_test_id("toast").filter(has_text="Settings saved")).to_be_visible()
+
+    # a new chat starts from those defaults, and shows its system prompt
+    pg.get_by_test_id("chat-input").fill("Hello!")
+    pg.get_by_test_id("chat-input").press("Enter")
+    wait_replies(pg, 1)
+    sid = session_id_from_url(pg)
+    stored = server.request("GET", f"/api/sessions/{sid}")
+    assert stored["system_prompt"] == "You answer like a pirate."
+    params = stored["params"]
+    assert (params["temperature"], params["min_p"], params["max_tokens"]) == (0.2, 0.1, 7)
+    assert params["repetition_penalty"] == 1.1
+    expect(pg.get_by_test_id("system-prompt")).to_contain_text("You answer like a pirate.")
+    # another new chat remembers them too (a reload keeps them)
+    pg.get_by_test_id("new-chat").click()
+    pg.reload()
+    pg.get_by_test_id("open-settings").click()
+    expect(pg.get_by_test_id("set-max-tokens")).to_have_value("7")
+    expect(pg.get_by_test_id("set-system-prompt")).to_have_value("You answer like a pirate.")
+    options = pg.get_by_test_id("set-preset").locator("option").all_inner_texts()
+    assert "Mine" in options and "Creative" in options
+    pg.get_by_test_id("settings-cancel").click()
+
+
+def test_context_stays_current(page: Page, server: WebServer) -> None:
+    """A conversation made elsewhere appears in the sidebar without a reload, and a reply
+    finishing while story mode is shown leaves the story header alone."""
+    pg = page
+    sid = server.new_session(max_tokens=40)
+    open_chat(pg, sid)
+    elsewhere = server.import_session("made elsewhere", [("Hi?", "Hello.")])
+    item = pg.locator(f"[data-testid=session-item][data-id='{elsewhere}']")
+    expect(item).to_have_count(1, timeout=UI_MS)
+    pg.get_by_test_id("chat-input").fill("Count from one to twenty.")
+    pg.get_by_test_id("chat-input").press("Enter")
+    expect(pg.locator("[data-testid=message][data-streaming=true]")).to_have_count(
+        1, timeout=GEN_MS
+    )
+    pg.get_by_test_id("tab-story").click()
+    expect(pg.get_by_test_id("chat-title")).to_have_text("Story mode")
+    deadline = time.monotonic() + GEN_MS / 1000
+    while server.request("GET", f"/api/sessions/{sid}")["message_count"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    pg.wait_for_timeout(1000)
+    expect(pg.get_by_test_id("chat-title")).to_have_text("Story mode")
+
+
+def test_keyboard_focus_and_announcements(page: Page, server: WebServer) -> None:
+    """The skip link, shortcuts with their help, Esc on an edit keeping focus, and a
+    finished reply announced politely."""
+    pg = page
+    sid = server.new_session(max_tokens=8)
+    open_chat(pg, sid)
+    pg.keyboard.press("Tab")
+    expect(pg.get_by_test_id("skip-link")).to_be_focused()
+    pg.keyboard.press("Enter")
+    expect(pg.get_by_test_id("chat-input")).to_be_focused()
+    expect(pg).to_have_url(re.compile(rf"#/c/{sid}$"))
+    assert pg.locator("main").count() == 1
+    pg.get_by_test_id("chat-input").fill("Say hello.")
+    pg.get_by_test_id("chat-input").press("Enter")
+    wait_replies(pg, 1)
+    announcer = pg.get_by_test_id("announcer")
+    expect(announcer).to_have_attribute("aria-live", "polite")
+    expect(announcer).to_contain_text("Reply finished", timeout=UI_MS)
+    # Esc on an edit returns focus to its Edit button
+    user = pg.locator("[data-testid=message][data-role=user]")
+    user.get_by_test_id("edit-message").click()
+    expect(pg.get_by_test_id("edit-input")).to_be_focused()
+    pg.keyboard.press("Escape")
+    expect(user.get_by_test_id("edit-message")).to_be_focused()
+    # shortcuts: the list, search, a new chat
+    pg.locator("body").press("Shift+?")
+    expect(pg.get_by_test_id("help-dialog")).to_be_visible()
+    pg.keyboard.press("Escape")
+    pg.keyboard.press("Control+k")
+    expect(pg.get_by_test_id("session-search")).to_be_focused()
+    pg.keyboard.press("Control+Shift+O")
+    expect(pg).to_have_url(re.compile(r"#/$"))
+    expect(pg.get_by_test_id("empty-chat")).to_be_visible()
+
+
+AXE = REPO / "tests" / "data" / "axe" / "axe.min.js"
+
+
+def axe_violations(pg: Page) -> list[str]:
+    """axe-core's serious and critical violations on the page as it is now."""
+    pg.add_script_tag(path=str(AXE))
+    found = pg.evaluate(
+        """async () => (await axe.run(document, {resultTypes: ['violations']})).violations
+            .filter(v => ['serious', 'critical'].includes(v.impact))
+            .map(v => `${v.id}: ${v.nodes.slice(0, 3).map(n => n.target.join(' ')).join(', ')}`)"""
+    )
+    return found
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_axe_finds_nothing_serious(browser: Browser, server: WebServer, scheme, viewport) -> None:
+    """axe-core on the chat view, the settings dialog and story mode."""
+    sid = server.import_session(
+        "axe",
+        [("Show me code.", "Here:\n\n```python\nprint('hi')\n```\n\n1. one\n2. two")],
+        last_meta={
+            "prompt_tokens": 20,
+            "cached_tokens": 0,
+            "completion_tokens": 12,
+            "stop_reason": "length",
+            "dropped_turns": 0,
+            "ttft_ms": 50,
+            "tokens_per_s": 30,
+        },
+    )
+    # the page's CSP refuses injected scripts: only this test's context lets axe in
+    context = browser.new_context(
+        viewport=viewport, color_scheme=scheme, base_url=server.base, bypass_csp=True
+    )
+    pg = context.new_page()
+    open_chat(pg, sid)
+    expect(pg.locator("pre code")).to_be_visible()
+    problems = {"chat": axe_violations(pg)}
+    pg.get_by_test_id("open-settings").click()
+    expect(pg.get_by_test_id("settings-dialog")).to_be_visible()
+    problems["settings"] = axe_violations(pg)
+    pg.get_by_test_id("settings-cancel").click()
+    pg.goto("/#/story")
+    expect(pg.get_by_test_id("story-prompt")).to_be_visible()
+    problems["story"] = axe_violations(pg)
+    context.close()
+    assert not any(problems.values()), problems
+
+
 def test_themes_phone_layout_and_screenshots(browser: Browser, server: WebServer) -> None:
     showcase = server.import_session(
         "Sorting a list in Python",
@@ -711,3 +1151,128 @@ def test_themes_phone_layout_and_screenshots(browser: Browser, server: WebServer
     paths.append(shot(pg, "phone-dark-story.png"))
     context.close()
     assert len(paths) >= 4 and all(p.is_file() for p in paths)
+
+
+# the contrast (WCAG) of every highlighted token on its code block's background
+TOKEN_CONTRAST_JS = """(root) => {
+  const rgb = (s) => s.match(/[\\d.]+/g).slice(0, 3).map(Number);
+  const lum = (c) => {
+    const [r, g, b] = c.map((v) => {
+      v /= 255;
+      return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+    });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const spans = [...root.querySelectorAll(".code-block span[class^=hljs-]")];
+  return spans.map((s) => {
+    const bg = lum(rgb(getComputedStyle(s.closest(".code-block")).backgroundColor));
+    const fg = lum(rgb(getComputedStyle(s).color));
+    return [s.className, (Math.max(bg, fg) + 0.05) / (Math.min(bg, fg) + 0.05)];
+  });
+}"""
+
+
+def test_markdown_lists_tables_code_math_and_reasoning(page: Page, server: WebServer) -> None:
+    """A reply's markdown: ordered lists keep their numbers, GFM tables, highlighted code,
+    KaTeX math (laid out under the page's CSP), a closed reasoning block; raw HTML stays
+    text; the console stays free of errors (no CSP violation)."""
+    pg = page
+    console: list[str] = []
+    pg.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+    reply = (
+        "<think>First, *think* about $x$.</think>\n\n"
+        "4. four\n5. five\n\nAnd:\n\n"  # a paragraph between: two lists
+        "2023. A good year.\n\n"
+        "| name | value |\n| :--- | ---: |\n| pi | 3.14 |\n\n"
+        "```python\ndef square(x):\n    return x * x  # squared\n```\n\n"
+        "Inline $\\frac{a}{b}$ and `$not math$`, then\n\n"
+        "$$\\int_0^1 x\\,dx$$\n\n"
+        'Raw: <img src=x onerror="window.__xss = 1"> stays text.'
+    )
+    sid = server.import_session("markdown extras", [("Show me markdown", reply)])
+    open_chat(pg, sid)
+    body = pg.locator("[data-testid=message][data-role=assistant] [data-testid=message-content]")
+    expect(body.locator(".math-display .katex-display")).to_be_visible(timeout=UI_MS)
+
+    # ordered lists start where the model's numbering did
+    lists = body.locator(":scope > ol")
+    expect(lists).to_have_count(2)
+    assert lists.nth(0).get_attribute("start") == "4"
+    expect(lists.nth(0).locator("li")).to_have_text(["four", "five"])
+    assert lists.nth(1).get_attribute("start") == "2023"
+    expect(lists.nth(1).locator("li")).to_have_text(["A good year."])
+
+    # a GFM table, with its column alignment
+    table = body.locator("table")
+    expect(table.locator("th")).to_have_text(["name", "value"])
+    expect(table.locator("td")).to_have_text(["pi", "3.14"])
+    assert table.locator("td").nth(1).get_attribute("align") == "right"
+
+    # fenced python: highlighted, same text
+    code = body.locator("pre code.language-python")
+    expect(code).to_have_text("def square(x):\n    return x * x  # squared")
+    expect(code.locator("span.hljs-keyword")).to_have_text(["def", "return"])
+    expect(code.locator("span.hljs-comment")).to_have_text("# squared")
+    expect(code.locator("span.hljs-title")).to_have_text("square")
+
+    # math: inline and display KaTeX; code spans keep their dollars; `\,` reached KaTeX
+    expect(body.locator(":scope > p .math-inline .katex")).to_have_count(1)
+    expect(body.locator(".math-display .katex-display")).to_have_count(1)
+    expect(body.locator("code:not(pre code)")).to_have_text("$not math$")
+    annotation = body.locator(".math-display annotation")
+    expect(annotation).to_have_text("\\int_0^1 x\\,dx")
+    shown = body.evaluate(
+        "(el) => { const c = el.cloneNode(true);"
+        " c.querySelectorAll('code, .katex-mathml').forEach((n) => n.remove());"
+        " return c.textContent; }"
+    )
+    assert "$" not in shown and "\\frac" not in shown and "\\int" not in shown
+    # laid out: KaTeX's sizes (set through CSSOM, allowed by the CSP) and fonts took effect
+    layout = body.evaluate(
+        """(el) => {
+          const frac = el.querySelector('.math-inline .mfrac');
+          const line = frac.querySelector('.frac-line').getBoundingClientRect();
+          const num = frac.querySelectorAll('.mord.mathnormal');
+          const display = el.querySelector('.math-display .katex-display');
+          return {
+            styled: el.querySelectorAll('.katex [style]').length,
+            lineWidth: line.width,
+            stacked: num[0].getBoundingClientRect().top - num[1].getBoundingClientRect().top,
+            displayHeight: display.getBoundingClientRect().height,
+            font: getComputedStyle(el.querySelector('.katex')).fontFamily,
+          };
+        }"""
+    )
+    assert layout["styled"] > 5 and layout["lineWidth"] > 2
+    assert abs(layout["stacked"]) > 5  # b below a, not side by side
+    assert layout["displayHeight"] > 30
+    assert "KaTeX_Main" in layout["font"]
+    pg.wait_for_function("document.fonts.check('16px KaTeX_Main')", timeout=UI_MS)
+
+    # the reasoning: a closed details block, its content markdown too
+    think = body.locator("details.think")
+    expect(think).to_have_count(1)
+    expect(think.locator("summary")).to_have_text("Reasoning")
+    assert think.get_attribute("open") is None
+    expect(think.locator(".think-body em")).to_be_hidden()
+    think.locator("summary").click()
+    expect(think.locator(".think-body em")).to_have_text("think")
+    expect(think.locator(".katex")).to_have_count(1)
+    expect(body).not_to_contain_text("<think>")
+
+    # raw HTML elsewhere is still text
+    expect(body).to_contain_text('Raw: <img src=x onerror="window.__xss = 1"> stays text.')
+    expect(pg.locator("[data-testid=messages] img")).to_have_count(0)
+    assert pg.evaluate("window.__xss") is None
+
+    # token colours are readable in both themes
+    for theme in ("light", "dark"):
+        pg.evaluate(f"document.documentElement.dataset.theme = '{theme}'")
+        contrasts = body.evaluate(TOKEN_CONTRAST_JS)
+        assert len(contrasts) >= 4
+        low = [(cls, round(c, 2)) for cls, c in contrasts if c < 4.5]
+        assert not low, f"{theme}: token contrast under 4.5:1: {low}"
+    shot(pg, "markdown-extras-dark.png")
+
+    pg.wait_for_timeout(300)
+    assert not console, f"console errors: {console}"

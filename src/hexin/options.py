@@ -118,6 +118,14 @@ def add_engine_args(p: argparse.ArgumentParser, *, serving: bool) -> None:
             help="KV pool, e.g. 1G",
         )
         p.add_argument(
+            "--prefill-chunk",
+            type=positive_int,
+            default=EngineConfig.prefill_chunk,
+            metavar="N",
+            help="prompt tokens computed per engine step: smaller keeps other streams "
+            f"smoother while a long prompt is read (default: {EngineConfig.prefill_chunk})",
+        )
+        p.add_argument(
             "--max-tokens-default",
             type=positive_int,
             default=MAX_TOKENS_DEFAULT,
@@ -130,7 +138,7 @@ def add_engine_args(p: argparse.ArgumentParser, *, serving: bool) -> None:
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The engine options given on the command line over the defaults."""
     given = {"context_limit": args.context}
-    for name in ("max_running", "kv_memory"):
+    for name in ("max_running", "kv_memory", "prefill_chunk"):
         if hasattr(args, name):
             given[name] = getattr(args, name)
     return EngineConfig(**given)

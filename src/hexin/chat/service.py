@@ -283,18 +283,31 @@ class ChatService:
             parent = message
         return self._ask(session, added, params)
 
+    def continue_(self, session_id: str, params: dict[str, Any] | None = None) -> Reply:
+        """Go on with the last reply (one cut at its token limit, or stopped): the model
+        continues its text, which is added to the same message (no new version)."""
+        session = self.get(session_id)
+        last = session.message(session.active_id) if session.active_id else None
+        if last is None or last.role != "assistant" or last.meta.get("tool_calls"):
+            raise ChatError("nothing to continue: the last message is no reply")
+        asked = session.message(last.parent_id or "")
+        return self._reply(session, asked, self._params(session, params), continuing=last)
+
     def rollback(self, session_id: str) -> Session:
         """Remove the last message of the active path with everything below it: the
-        last reply, or, called again, the user message before it."""
+        last reply, or, called again, the user message before it. Its other versions
+        stay: the path then continues down the newest of them (so a rolled-back
+        regeneration shows the version before it), else it ends at the parent."""
         session = self.get(session_id)
         self._check_idle(session_id)
         if session.active_id is None:
             raise ChatError("nothing to roll back: the conversation is empty")
         last = session.message(session.active_id)
         removed = session.subtree(last.id)
-        session.active_id = last.parent_id
+        others = [m for m in session.siblings(last.id) if m.id != last.id]
         for mid in removed:
             del session.messages[mid]
+        session.active_id = session.latest_leaf(others[-1].id) if others else last.parent_id
         session.updated_at = now()
         self.store.delete_messages(session_id, removed, active_id=session.active_id)
         return session
@@ -371,7 +384,9 @@ class ChatService:
             raise ChatError("empty message")
         return Message(id=new_id(), parent_id=parent_id, role="user", content=content)
 
-    def _prompt(self, session: Session, asked: Message, params: SamplingParams) -> Prompt:
+    def _prompt(
+        self, session: Session, asked: Message, params: SamplingParams, reply_so_far: str = ""
+    ) -> Prompt:
         """The prompt for a reply to ``asked`` (on the path, or the last of new
         messages added after it): the context window over the path up to it."""
         path: list[Message] = []
@@ -386,6 +401,7 @@ class ChatService:
             tools=session.tools,
             max_tokens=params.max_tokens,
             limit=self.context_limit,
+            reply_so_far=reply_so_far,
         )
 
     def _ask(self, session: Session, added: list[Message], params: dict[str, Any] | None) -> Reply:
@@ -424,24 +440,40 @@ class ChatService:
             self._active.pop(session.id, None)
             raise
 
-    def _reply(self, session: Session, asked: Message, params: SamplingParams) -> Reply:
-        prompt = self._prompt(session, asked, params)
+    def _reply(
+        self,
+        session: Session,
+        asked: Message,
+        params: SamplingParams,
+        continuing: Message | None = None,
+    ) -> Reply:
+        so_far = continuing.content if continuing is not None else ""
+        prompt = self._prompt(session, asked, params, so_far)
         self._claim(session.id)
         try:
-            return self._submit(session, asked, params, prompt)
+            return self._submit(session, asked, params, prompt, continuing)
         except BaseException:
             self._active.pop(session.id, None)
             raise
 
     def _submit(
-        self, session: Session, user: Message, params: SamplingParams, prompt: Prompt
+        self,
+        session: Session,
+        user: Message,
+        params: SamplingParams,
+        prompt: Prompt,
+        continuing: Message | None = None,
     ) -> Reply:
         dropped = prompt.dropped_turns
         outcome = Outcome()
+        if continuing is not None:
+            outcome.message_id = continuing.id
         self._active[session.id] = outcome  # before the request can end
 
         def ended(handle: RequestHandle) -> None:  # engine thread: hand over, never wait
-            self._writer.submit(lambda: self._finish(handle, outcome, session, user, dropped))
+            self._writer.submit(
+                lambda: self._finish(handle, outcome, session, user, dropped, continuing)
+            )
 
         outcome.handle = self.engine.submit(
             prompt.ids,
@@ -460,9 +492,10 @@ class ChatService:
         session: Session,
         user: Message,
         dropped_turns: int,
+        continuing: Message | None = None,
     ) -> None:
-        """Save the reply (complete or stopped), release the session, then tell the
-        waiters. Runs on the writer thread."""
+        """Save the reply (complete or stopped; a continued one with its new text added),
+        release the session, then tell the waiters. Runs on the writer thread."""
         c = handle.completion
         stopped = c.stop_reason in ("", "cancelled")
         key = outcome.message_id
@@ -485,11 +518,20 @@ class ChatService:
         )
         if calls:
             message.meta["tool_calls"] = [call.to_openai() for call in calls]
+        if continuing is not None:  # the same message, its text and counts extended
+            message.content = continuing.content + message.content
+            message.created_at = continuing.created_at
+            done = continuing.meta.get("completion_tokens", 0)
+            message.meta["completion_tokens"] += done
+            message.meta["continued"] = continuing.meta.get("continued", 0) + 1
         session.messages[message.id] = message
         session.active_id = message.id
         session.updated_at = message.created_at
         try:
-            self.store.add_message(session.id, message)
+            if continuing is not None:
+                self.store.update_message(session.id, message)
+            else:
+                self.store.add_message(session.id, message)
             outcome.message = message
         except Exception as e:
             outcome.error = e

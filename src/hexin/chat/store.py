@@ -208,6 +208,21 @@ class Store:
                 (m.id, m.created_at, title, title, session_id),
             )
 
+    def update_message(self, session_id: str, m: Message) -> None:
+        """Write a message's content, status and meta (a continued reply), and make it
+        the session's active one, atomically."""
+        with self._tx() as db:
+            found = db.execute(
+                "UPDATE messages SET content=?, status=?, meta=? WHERE id=? AND session_id=?",
+                (m.content, m.status, json.dumps(m.meta), m.id, session_id),
+            ).rowcount
+            if not found:
+                raise ChatError(f"no message {m.id!r} in session {session_id!r}")
+            db.execute(
+                "UPDATE sessions SET active_id=?, updated_at=? WHERE id=?",
+                (m.id, now(), session_id),
+            )
+
     def update_session(self, session_id: str, **columns: Any) -> None:
         """Write only the given columns of a session row (``params`` as SamplingParams,
         ``tools`` as a list)."""

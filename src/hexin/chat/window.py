@@ -46,15 +46,19 @@ def build_prompt(
     tools: Sequence[dict[str, Any]] = (),
     max_tokens: int,
     limit: int,
+    reply_so_far: str = "",
 ) -> Prompt:
     """Token ids of the templated conversation that fits ``limit`` with room to reply.
     ``messages`` is the path up to the message being answered; its last turn (the new
-    user message, or the turn whose tool results are being answered) is always kept."""
+    user message, or the turn whose tool results are being answered) is always kept.
+    ``reply_so_far``: the start of the reply, written after the template's generation
+    prompt, for the model to continue."""
     turns = turns_of(messages)
     head = [{"role": "system", "content": system_prompt}] if system_prompt else []
     for dropped in range(len(turns)):
         kept = [m.chat_entry() for t in turns[dropped:] for m in t]
-        ids = tokenizer.encode(hexin_tools.prompt(tokenizer, head + kept, tools))
+        text = hexin_tools.prompt(tokenizer, head + kept, tools) + reply_so_far
+        ids = tokenizer.encode(text)
         if len(ids) + max_tokens <= limit:
             return Prompt(ids, dropped, max_tokens)
     if len(ids) < limit:  # the last turn alone fits; shorten the reply rather than refuse

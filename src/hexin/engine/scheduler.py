@@ -99,6 +99,7 @@ class Scheduler:
             table += [self.pool.allocate() for _ in range(need)]
             self.waiting.popleft()
             seq.block_table, seq.num_computed = table, cached
+            seq.handle.computed(cached)
             seq.digest, seq.num_digested = b"", 0
             self._digest_full_blocks(seq, register=False)
             if seq.preemptions == 0:
@@ -125,6 +126,7 @@ class Scheduler:
             self.pool.copy_prefix(parent.block_table[full], copy, part)
             table = [*table, copy]
         child.block_table, child.num_computed = table, parent.num_computed
+        child.handle.computed(parent.num_computed)
         child.digest, child.num_digested = parent.digest, parent.num_digested
         self.prompt_tokens += len(child.token_ids)
         self.cached_tokens += parent.num_computed
@@ -159,6 +161,7 @@ class Scheduler:
     def computed(self, seq: Sequence, n: int) -> None:
         """``n`` more tokens of ``seq`` have their KV in the pool; index newly full blocks."""
         seq.num_computed += n
+        seq.handle.computed(seq.num_computed)
         self._digest_full_blocks(seq, register=True)
 
     def _digest_full_blocks(self, seq: Sequence, *, register: bool) -> None:

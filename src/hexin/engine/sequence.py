@@ -86,6 +86,8 @@ class RequestHandle:
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.cancelled = False
+        #: prompt tokens whose keys and values are computed, a cached prefix included
+        self.prompt_done = 0
         self._events: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._on_cancel = on_cancel
         self._listeners: list[Callable[[], None]] = []
@@ -95,6 +97,12 @@ class RequestHandle:
     def push(self, text: str) -> None:
         self._events.put(text)
         self._notify()
+
+    def computed(self, tokens: int) -> None:
+        """The sequence's first ``tokens`` tokens are computed: the prompt's progress moves
+        up to them, never back (a preempted prompt is recomputed behind it) and never past
+        the prompt's end."""
+        self.prompt_done = max(self.prompt_done, min(tokens, self.completion.prompt_tokens))
 
     def close(self, error: BaseException | None = None) -> None:
         self.error = error
@@ -116,6 +124,13 @@ class RequestHandle:
         if not self.done.is_set() and not self.cancelled:
             self.cancelled = True
             self._on_cancel(self)
+
+    @property
+    def prefill_progress(self) -> tuple[int, int]:
+        """(prompt tokens computed, prompt tokens), so that a caller can show how far a long
+        prompt is before its first token. The engine thread moves it on after each prefill
+        chunk; two ints, read from any thread without a lock."""
+        return self.prompt_done, self.completion.prompt_tokens
 
     def __iter__(self) -> Iterator[str]:
         try:

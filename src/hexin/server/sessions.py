@@ -189,6 +189,16 @@ async def regenerate(request: Request, session_id: str, svc: Svc, body: Regenera
     return await finished(request, reply)
 
 
+@router.post("/{session_id}/continue")
+async def continue_reply(
+    request: Request, session_id: str, svc: Svc, body: RegenerateIn | None = None
+):
+    """The last reply goes on from where it stopped (its token limit, or a stop); the
+    text is added to the same message."""
+    reply = await call(svc.continue_, valid_id(session_id), body.params if body else None)
+    return await finished(request, reply)
+
+
 @router.post("/{session_id}/edit")
 async def edit(request: Request, session_id: str, body: EditIn, svc: Svc):
     reply = await call(svc.edit, valid_id(session_id), body.message_id, body.content, body.params)

@@ -1,18 +1,22 @@
 """WebSocket chat at /c/{session_id}: JSON messages both ways, replies streamed as tokens.
 
 Client -> server: {"type": "user", "content", "params"}, {"type": "stop"},
-{"type": "regenerate", "params"}, {"type": "rollback"}, {"type": "edit", "message_id",
+{"type": "regenerate", "params"}, {"type": "continue", "params"} (the last reply goes on,
+in the same message), {"type": "rollback"}, {"type": "edit", "message_id",
 "content", "params"}, {"type": "switch", "message_id"}, {"type": "tool_results",
 "results": [{"tool_call_id", "content"}, ...], "params"} (answers the last reply's tool
 calls), {"type": "session"} (resend state). ``params`` may hold ``tool_choice``
 ("required" or a function's name) when the session has tools (set through the sessions
 API). Server -> client: {"type": "session", "session"} on connect and after tree changes;
 {"type": "user_message", "message"} (for tool results: a ``session`` frame) and
-{"type": "reply_start", "parent_id"} as a turn begins; {"type": "token", "text"} while it
-streams, and in a session with tools {"type": "tool_call", "delta"} for a call in it (an
-OpenAI ``tool_calls`` delta: index, id and name first, then pieces of the arguments; the
-call's text is no token; its id is the one stored); {"type": "done", "message", "usage",
-"stop_reason", "dropped_turns", "timing"},
+{"type": "reply_start", "parent_id"} as a turn begins; {"type": "progress", "done",
+"total", "cached"} while the prompt is computed (``done`` of its ``total`` tokens so far,
+the ``cached`` prefix counted as done; looked at every ``PROGRESS_S``, sent when ``done``
+moved, so a short prompt gets none; never after the first token); {"type": "token",
+"text"} while it streams, and in a session with tools {"type": "tool_call", "delta"} for
+a call in it (an OpenAI ``tool_calls`` delta: index, id and name first, then pieces of
+the arguments; the call's text is no token; its id is the one stored); {"type": "done",
+"message", "usage", "stop_reason", "dropped_turns", "timing"},
 the message's ``meta.tool_calls`` holding the calls parsed out of its text (which then
 holds only the rest); {"type": "error", "message", "code"} for
 anything wrong, the connection staying open (codes: ``state.ERROR_KINDS``, "bad_request"
@@ -54,6 +58,8 @@ from hexin.server.state import (
 router = APIRouter()
 SUBPROTOCOL = "hexin"
 KEY_PREFIX = "hexin.key."
+#: how often a reply still computing its prompt is looked at for a ``progress`` frame
+PROGRESS_S = 0.2
 
 
 class ClientGone(Exception):
@@ -131,6 +137,8 @@ class Connection:
             await self.start(svc.send, self.sid, content, params)
         elif kind == "regenerate":
             await self.start(svc.regenerate, self.sid, params)
+        elif kind == "continue":
+            await self.start(svc.continue_, self.sid, params)
         elif kind == "edit":
             await self.start(svc.edit, self.sid, msg["message_id"], content, params)
         elif kind == "tool_results":
@@ -156,14 +164,25 @@ class Connection:
         self.task = asyncio.create_task(self.stream(reply))
 
     async def stream(self, reply: Reply) -> None:
+        started = asyncio.Event()  # set at the first token: no progress frame after it
+        progress = asyncio.create_task(self.progress(reply, started))
+
+        async def quiet() -> None:
+            """No progress frame from now on (one being sent goes out whole first)."""
+            started.set()
+            await asyncio.wait([progress])
+
         try:
             calls = tools.CallStream(ids_key=reply.message_id) if reply.calls_tools else None
             async for text in reply.stream():
+                if not started.is_set():
+                    await quiet()
                 if calls is None:
                     await self.send({"type": "token", "text": text})
                     continue
                 for delta in calls.feed(text):
                     await self.send_delta(delta)
+            await quiet()  # a reply without a token
             for delta in calls.close() if calls is not None else ():
                 await self.send_delta(delta)
             message = await asyncio.to_thread(reply.wait)
@@ -187,10 +206,33 @@ class Connection:
             reply.stop()
         except Exception as e:  # the reply failed (engine or store): say so, stay open
             reply.stop()
+            await quiet()
             with contextlib.suppress(ClientGone):
                 await self.failed(e)
         finally:
             self.reply = None
+            started.set()
+            progress.cancel()  # (still running only if this task itself was cancelled)
+
+    async def progress(self, reply: Reply, started: asyncio.Event) -> None:
+        """Until ``started`` is set, every ``PROGRESS_S``: a ``progress`` frame if more of
+        the prompt was computed since the last one (a UI shows "Processing N%" while a
+        long prompt is prefilled). A client gone stops the reply, whose stream then ends."""
+        handle, last = reply.handle, None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(started.wait(), PROGRESS_S)
+                return
+            done, total = handle.prefill_progress
+            if done == last:
+                continue
+            last = done
+            frame = {"done": done, "total": total, "cached": handle.completion.cached_tokens}
+            try:
+                await self.send({"type": "progress", **frame})
+            except ClientGone:
+                reply.stop()
+                return
 
     async def send_delta(self, delta: dict[str, Any]) -> None:
         """A ``CallStream`` delta as a token or tool_call frame."""

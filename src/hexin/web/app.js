@@ -3,16 +3,22 @@
 
 import { api, net } from "./js/api.js";
 import { ChatView } from "./js/chat.js";
-import { FALLBACK_DEFAULTS, pickParams, Settings } from "./js/settings.js";
+import { FALLBACK_DEFAULTS, globalDefaults, pickParams, Settings } from "./js/settings.js";
 import { Sidebar } from "./js/sidebar.js";
 import { setModel } from "./js/status.js";
 import { StoryView } from "./js/story.js";
+import { exportAll, exportChat, importFiles } from "./js/transfer.js";
 import { $, SESSION_ID_RE, storage, toast } from "./js/util.js";
 
 const state = { config: null, view: "chat", configTimer: null };
 const app = $("#app");
 
-const defaults = () => (state.config ? pickParams(state.config.defaults) : { ...FALLBACK_DEFAULTS });
+/** Sampling for a new chat: this browser's defaults where set, else the server's. */
+function defaults() {
+  const server = state.config ? pickParams(state.config.defaults) : { ...FALLBACK_DEFAULTS };
+  const mine = globalDefaults();
+  return mine?.params ? pickParams(mine.params, server) : server;
+}
 
 // -- views --------------------------------------------------------------------------------
 const sidebar = new Sidebar({
@@ -31,9 +37,16 @@ const sidebar = new Sidebar({
 const chat = new ChatView({
   onSessionsChanged: () => sidebar.refreshSoon(),
   onSession: () => {
+    $("#export-chat").hidden = !chat.session;
     sidebar.setActive(chat.sessionId);
     if (chat.sessionId) $("#tab-chat").setAttribute("href", `#/c/${chat.sessionId}`);
   },
+});
+
+chat.isVisible = () => state.view === "chat";
+chat.newChatDefaults = () => ({
+  system_prompt: globalDefaults()?.system_prompt || "",
+  params: globalDefaults()?.params ? defaults() : null,
 });
 
 const story = new StoryView({ getDefaults: defaults });
@@ -64,6 +77,7 @@ const settings = new Settings({
           if (chat.session && chat.session.id === id) {
             chat.session.system_prompt = view.system_prompt;
             chat.session.params = view.params;
+            chat.render();
           }
         },
       };
@@ -71,7 +85,7 @@ const settings = new Settings({
     return {
       scope: "draft",
       label: "For the new conversation; applied when you send its first message.",
-      system_prompt: chat.draft.system_prompt,
+      system_prompt: chat.draft.system_prompt || chat.newChatDefaults().system_prompt,
       params: chat.draft.params || defaults(),
       save: async ({ system_prompt, params }) => {
         chat.draft = { system_prompt, params };
@@ -137,37 +151,58 @@ $("#new-chat").addEventListener("click", () => {
 
 // -- sidebar on narrow screens -------------------------------------------------------------
 const toggle = $("#sidebar-toggle");
+// on a phone the closed sidebar is off-screen: inert, so that Tab does not walk into it
+const narrow = window.matchMedia("(max-width: 760px)");
+function syncSidebarInert() {
+  $("#sidebar").inert = narrow.matches && !app.classList.contains("sidebar-open");
+}
+narrow.addEventListener("change", syncSidebarInert);
+
 function openSidebar() {
   app.classList.add("sidebar-open");
   toggle.setAttribute("aria-expanded", "true");
   toggle.setAttribute("aria-label", "Hide conversations");
   $("#scrim").hidden = false;
+  syncSidebarInert();
+  $("#session-search").focus();
 }
 function closeSidebar() {
   app.classList.remove("sidebar-open");
   toggle.setAttribute("aria-expanded", "false");
   toggle.setAttribute("aria-label", "Show conversations");
   $("#scrim").hidden = true;
+  syncSidebarInert();
 }
 toggle.addEventListener("click", () =>
   app.classList.contains("sidebar-open") ? closeSidebar() : openSidebar(),
 );
 $("#scrim").addEventListener("click", closeSidebar);
 
-// -- theme --------------------------------------------------------------------------------
+// -- theme: light, dark, or the system's (the button cycles through them) --------------------
 const dark = window.matchMedia("(prefers-color-scheme: dark)");
-function effectiveTheme() {
-  return document.documentElement.dataset.theme || (dark.matches ? "dark" : "light");
+function themeChoice() {
+  return document.documentElement.dataset.theme || "system";
+}
+/** The choice after this one: from the system's theme to the other one first, so that a
+ * click always changes what is seen, then the system's own, then back to it. */
+function nextTheme() {
+  const order = dark.matches ? ["system", "light", "dark"] : ["system", "dark", "light"];
+  return order[(order.indexOf(themeChoice()) + 1) % order.length];
 }
 function labelTheme() {
-  const other = effectiveTheme() === "dark" ? "light" : "dark";
-  $("#theme-toggle").setAttribute("aria-label", `Switch to ${other} theme`);
-  $("#theme-toggle").dataset.theme = effectiveTheme();
+  const choice = themeChoice();
+  const next = nextTheme();
+  const shown = choice === "system" ? `system (${dark.matches ? "dark" : "light"})` : choice;
+  $("#theme-toggle").setAttribute("aria-label", `Theme: ${shown}. Switch to ${next}`);
+  $("#theme-toggle").title = `Theme: ${shown}`;
+  $("#theme-toggle").dataset.theme = choice === "system" ? (dark.matches ? "dark" : "light") : choice;
+  $("#theme-toggle").dataset.choice = choice;
 }
 $("#theme-toggle").addEventListener("click", () => {
-  const next = effectiveTheme() === "dark" ? "light" : "dark";
-  document.documentElement.dataset.theme = next;
-  storage.set("hexin.theme", next);
+  const next = nextTheme();
+  if (next === "system") delete document.documentElement.dataset.theme;
+  else document.documentElement.dataset.theme = next;
+  storage.set("hexin.theme", next === "system" ? "" : next);
   labelTheme();
 });
 dark.addEventListener("change", labelTheme);
@@ -175,7 +210,52 @@ labelTheme();
 
 $("#open-settings").addEventListener("click", () => settings.open());
 
+// the skip link moves focus; it must not change the route (the hash is the route)
+$(".skip-link").addEventListener("click", (ev) => {
+  ev.preventDefault();
+  (state.view === "story" ? $("#story-prompt") : $("#input")).focus();
+});
+
+// -- import / export ----------------------------------------------------------------------
+$("#export-chat").addEventListener("click", () => chat.session && exportChat(chat.session.id));
+$("#export-all").addEventListener("click", exportAll);
+$("#import-chats").addEventListener("click", () => $("#import-file").click());
+$("#import-file").addEventListener("change", async (ev) => {
+  const files = [...ev.target.files];
+  ev.target.value = "";
+  const ids = await importFiles(files);
+  sidebar.refresh();
+  if (ids.length === 1) location.hash = `#/c/${ids[0]}`;
+});
+
 // -- keyboard -----------------------------------------------------------------------------
+const help = $("#help-dialog");
+$("#open-help").addEventListener("click", () => help.showModal());
+
+function typing(target) {
+  return target instanceof HTMLElement && (target.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(target.tagName));
+}
+
+document.addEventListener("keydown", (ev) => {
+  if (ev.defaultPrevented || document.querySelector("dialog[open]")) return;
+  const mod = ev.ctrlKey || ev.metaKey;
+  const key = ev.key.toLowerCase();
+  if (mod && ev.shiftKey && key === "o") {
+    ev.preventDefault();
+    $("#new-chat").click();
+  } else if (mod && !ev.shiftKey && key === "k") {
+    ev.preventDefault();
+    if (narrow.matches) openSidebar();
+    $("#session-search").focus();
+  } else if (ev.altKey && !mod && key === "r" && state.view === "chat") {
+    ev.preventDefault();
+    chat.regenerateLast();
+  } else if (ev.key === "?" && !typing(ev.target)) {
+    ev.preventDefault();
+    help.showModal();
+  }
+});
+
 document.addEventListener("keydown", (ev) => {
   if (ev.key !== "Escape" || ev.defaultPrevented) return;
   if (document.querySelector("dialog[open]")) return;
@@ -231,6 +311,10 @@ net.addEventListener("change", () => {
   wasOnline = net.online;
 });
 net.addEventListener("retry", () => chat.retryNow());
+// HTTP answers again while the socket waits out its backoff: try the socket now
+net.addEventListener("change", () => {
+  if (net.http === "ok" && net.ws === "down") chat.retryNow();
+});
 $("#banner-retry").addEventListener("click", () => {
   if (net.auth) settings.open();
   else net.retryNow();
@@ -243,10 +327,12 @@ async function loadConfig(retried = false) {
   clearTimeout(state.configTimer);
   try {
     state.config = await api("api/config");
+    chat.setModelLoading(false);
     setModel(state.config);
     if (retried) sidebar.refresh(); // the model was loading: the list was refused too
   } catch (e) {
     if (e.status === 503) {
+      chat.setModelLoading(true);
       $("#status-model").textContent = "loading model…";
       state.configTimer = setTimeout(() => loadConfig(true), 1500);
     } else if (e.status !== 0 && e.status !== 401) {
@@ -256,7 +342,17 @@ async function loadConfig(retried = false) {
   }
 }
 
+// conversations created or changed elsewhere (another tab, an import, the API) appear
+// without a reload: the list is read again every few seconds while the page is seen
+const SIDEBAR_POLL_MS = 5000;
+setInterval(() => {
+  if (document.visibilityState === "visible" && net.online && !net.auth) sidebar.refresh();
+}, SIDEBAR_POLL_MS);
+window.addEventListener("focus", () => sidebar.refresh());
+window.addEventListener("pagehide", () => sidebar.flushDeletes());
+
 // -- start ----------------------------------------------------------------------------------
 loadConfig();
 sidebar.refresh();
+syncSidebarInert();
 route();

@@ -1,5 +1,5 @@
 // Runs before the page paints: apply a remembered theme choice so there is no flash.
-// Without a choice the stylesheet follows prefers-color-scheme.
+// Without a choice ("system") the stylesheet follows prefers-color-scheme.
 (function () {
   try {
     var t = localStorage.getItem("hexin.theme");

@@ -45,10 +45,10 @@ export class ApiError extends Error {
   }
 }
 
-/** Backoff delays: 0.5 s doubling up to 10 s, with some jitter so that many tabs do not
- * retry in lockstep. */
+/** Backoff delays: 0.5 s doubling up to 3 s (a server that comes back is found within
+ * seconds), with some jitter so that many tabs do not retry in lockstep. */
 export function backoff(attempt) {
-  const base = Math.min(10000, 500 * 2 ** Math.min(attempt, 10));
+  const base = Math.min(3000, 500 * 2 ** Math.min(attempt, 10));
   return Math.round(base * (0.85 + Math.random() * 0.3));
 }
 

@@ -4,9 +4,23 @@
 import { api, ApiError, backoff, net, wsProtocols, wsUrl } from "./api.js";
 import { renderMarkdown } from "./markdown.js";
 import { clearReplyStats, setConnection, showReplyStats, statsFromMeta } from "./status.js";
-import { $, copyText, h, toast } from "./util.js";
+import { $, copyText, h, storage, toast } from "./util.js";
 
 const STOP_GRACE_MS = 8000;
+
+/** Where a chat's unsent text is kept (per conversation; "new" for a chat not created). */
+const draftKey = (id) => `hexin.draft.${id || "new"}`;
+
+/** The largest text file that can be attached to a message. */
+const MAX_ATTACHMENT_CHARS = 60000;
+
+/** Say something to screen readers, politely (the live region in index.html). */
+export function announce(text) {
+  const region = $("#announcer");
+  if (!region) return;
+  region.textContent = "";
+  setTimeout(() => (region.textContent = text), 50);
+}
 
 /** A WebSocket to one session that reconnects with exponential backoff. The connection
  * counts as up once the server's first "session" message arrives. */
@@ -126,6 +140,13 @@ export class ChatView {
     this.routeToken = 0;
     this.stick = true;
     this.draft = { system_prompt: "", params: null }; // settings of a chat not yet created
+    this.modelLoading = false; // the server is still loading its model
+    this.unavailable = false; // the open conversation could not be read (server down)
+    this.interrupted = null; // a partial reply cut off by a lost connection: {parentId, el}
+    this.stopping = false; // Stop was pressed; the reply's "done" has not come yet
+    this.attachments = []; // text files dropped on the message box: {name, text}
+    this.isVisible = () => true; // whether the chat view is the one shown (not story)
+    this.newChatDefaults = () => ({ system_prompt: "", params: null }); // set by the app
 
     this.el = {
       view: $("#chat-view"),
@@ -158,7 +179,24 @@ export class ChatView {
         this.submit();
       }
     });
-    input.addEventListener("input", () => this.autosize());
+    // a text file dropped on the message box is attached: sent as a fenced block
+    form.addEventListener("dragover", (ev) => {
+      if (ev.dataTransfer?.types?.includes("Files")) {
+        ev.preventDefault();
+        form.classList.add("dropping");
+      }
+    });
+    form.addEventListener("dragleave", () => form.classList.remove("dropping"));
+    form.addEventListener("drop", (ev) => {
+      form.classList.remove("dropping");
+      if (!ev.dataTransfer?.files?.length) return;
+      ev.preventDefault();
+      this.attach([...ev.dataTransfer.files]);
+    });
+    input.addEventListener("input", () => {
+      this.autosize();
+      storage.set(draftKey(this.sessionId), input.value);
+    });
     stop.addEventListener("click", () => this.stop());
     scroller.addEventListener("scroll", () => {
       const gap = scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight;
@@ -178,6 +216,56 @@ export class ChatView {
     });
   }
 
+  async attach(files) {
+    for (const file of files) {
+      const text = await file.text();
+      if (text.includes("\u0000")) {
+        toast(`“${file.name}” is not a text file`, "error");
+      } else if (text.length > MAX_ATTACHMENT_CHARS) {
+        toast(`“${file.name}” is too long to attach (over ${MAX_ATTACHMENT_CHARS} characters)`, "error");
+      } else {
+        this.attachments.push({ name: file.name, text });
+      }
+    }
+    this.renderAttachments();
+  }
+
+  renderAttachments() {
+    const list = $("#attachments");
+    list.hidden = !this.attachments.length;
+    list.replaceChildren(
+      ...this.attachments.map((a, i) =>
+        h(
+          "li",
+          { class: "attachment", "data-testid": "attachment" },
+          h("span", {}, a.name),
+          h(
+            "button",
+            {
+              type: "button",
+              class: "icon-btn small",
+              "aria-label": `Remove ${a.name}`,
+              onclick: () => {
+                this.attachments.splice(i, 1);
+                this.renderAttachments();
+              },
+            },
+            "×",
+          ),
+        ),
+      ),
+    );
+  }
+
+  /** The message to send: the attached files as fenced blocks, then what was typed. */
+  composed(text) {
+    const files = this.attachments.map((a) => {
+      const fence = a.text.includes("```") ? "~~~~" : "```";
+      return `${a.name}:\n${fence}\n${a.text.replace(/\n$/, "")}\n${fence}`;
+    });
+    return [...files, text].filter((x) => x.trim()).join("\n\n");
+  }
+
   autosize() {
     const { input } = this.el;
     input.style.height = "auto";
@@ -190,10 +278,23 @@ export class ChatView {
     this.routeToken++;
     this.socket.close();
     this.reset(null);
-    setConnection("idle", "ready");
+    this.showIdle();
     this.onSession(null);
     this.render();
     this.el.input.focus();
+  }
+
+  /** The connection label of a chat with no socket: ready, or waiting for the model. */
+  showIdle() {
+    if (this.modelLoading) setConnection("connecting", "loading model");
+    else setConnection("idle", "ready");
+  }
+
+  setModelLoading(loading) {
+    if (this.modelLoading === loading) return;
+    this.modelLoading = loading;
+    if (!this.socket.id) this.showIdle();
+    this.updateComposer();
   }
 
   async open(id) {
@@ -214,10 +315,14 @@ export class ChatView {
           this.showMissing(id);
           return;
         }
-        // unreachable or loading: the socket below retries and brings the state
+        // unreachable or loading: the socket below retries and brings the state; until
+        // then say so, rather than show an empty chat as if its history were gone
         if (e instanceof ApiError && e.status !== 0 && e.status !== 503) {
           toast(e.message, "error");
         }
+        this.unavailable = true;
+        this.render();
+        this.updateComposer();
       }
     }
     if (token !== this.routeToken) return;
@@ -235,16 +340,23 @@ export class ChatView {
     this.editing = null;
     this.stick = true;
     this.missing = false;
+    this.unavailable = false;
+    this.interrupted = null;
+    this.stopping = false;
     clearTimeout(this.stopTimer);
     clearReplyStats();
-    this.el.title.textContent = "New chat";
+    if (this.isVisible()) this.el.title.textContent = "New chat";
+    this.el.input.disabled = false;
+    this.el.input.value = storage.get(draftKey(id), "");
+    this.autosize();
     this.updateComposer();
   }
 
   showMissing(id) {
     this.missing = true;
     this.sessionId = null;
-    setConnection("idle", "ready");
+    this.showIdle();
+    this.updateComposer();
     this.el.title.textContent = "Conversation not found";
     this.el.inner.replaceChildren(
       h(
@@ -278,9 +390,28 @@ export class ChatView {
     else if (state === "unauthorized") setConnection("down", "API key needed");
     else if (state === "invalid") setConnection("down", "invalid session id");
     else if (state === "closed" && info?.wasReady && (this.streaming || this.busy)) {
-      // the server saves an interrupted reply as stopped; the next "session" shows it
+      // the server saves an interrupted reply as stopped; the next "session" shows it.
+      // Until then the partial reply stays, marked, instead of vanishing.
+      const s = this.streaming;
+      if (s?.text) {
+        if (s.frame) cancelAnimationFrame(s.frame);
+        s.body.replaceChildren(renderMarkdown(s.text));
+        s.el.classList.remove("streaming");
+        s.el.removeAttribute("aria-busy");
+        s.el.removeAttribute("data-streaming");
+        s.el.querySelector(".cursor")?.remove();
+        s.el.append(
+          h(
+            "div",
+            { class: "msg-actions" },
+            h("span", { class: "badge badge-warn", "data-testid": "interrupted-badge" }, "interrupted"),
+          ),
+        );
+        this.interrupted = { parentId: s.parentId, el: s.el };
+      }
       this.streaming = null;
       this.busy = false;
+      this.stopping = false;
       this.render();
       this.updateComposer();
     }
@@ -298,6 +429,9 @@ export class ChatView {
         break;
       case "reply_start":
         this.beginStream(msg.parent_id);
+        break;
+      case "progress":
+        this.showProgress(msg);
         break;
       case "token":
         this.appendToken(msg.text);
@@ -318,9 +452,18 @@ export class ChatView {
     this.session = session;
     this.byId = new Map(session.messages.map((m) => [m.id, m]));
     this.path = session.path.slice();
+    this.unavailable = false;
     if (!this.busy) this.streaming = null;
-    this.el.title.textContent = session.title || "New chat";
-    document.title = session.title ? `${session.title} · hexin` : "hexin";
+    // a partial reply cut off by an outage stays until the server shows what it saved
+    const cut = this.interrupted;
+    if (cut && this.path.some((m) => m.parent_id === cut.parentId && m.role === "assistant")) {
+      this.interrupted = null;
+    }
+    if (this.isVisible()) {
+      // a reply finishing in the background must not retitle the story view
+      this.el.title.textContent = session.title || "New chat";
+      document.title = session.title ? `${session.title} · hexin` : "hexin";
+    }
     this.onSession(session);
     const last = [...this.path].reverse().find((m) => m.role === "assistant");
     const stats = last && statsFromMeta(last.meta);
@@ -375,7 +518,11 @@ export class ChatView {
       body,
       h("span", { class: "cursor", "aria-hidden": "true" }),
     );
-    this.streaming = { parentId, text: "", el, body, frame: 0 };
+    // a continued reply streams on from its text so far (it left the path meanwhile)
+    const cont = this.continuing?.parent_id === parentId ? this.continuing : null;
+    this.continuing = null;
+    this.streaming = { parentId, text: cont ? cont.content : "", el, body, frame: 0 };
+    if (cont) body.replaceChildren(renderMarkdown(cont.content));
     this.busy = true;
     this.el.inner.querySelector(".empty")?.remove();
     this.el.inner.append(el);
@@ -383,9 +530,33 @@ export class ChatView {
     this.afterContentChange();
   }
 
+  /** Prompt processing before the first token: "Processing 40% · about 3 s left". The
+   * rate is measured from the first progress frame of this reply. */
+  showProgress({ done, total, cached }) {
+    const s = this.streaming;
+    if (!s || s.text || !total) return;
+    const now = performance.now();
+    if (!s.progress) {
+      s.progress = { t0: now, done0: done };
+      s.meter = h("div", { class: "progress", "data-testid": "prompt-progress", role: "status" });
+      s.el.insertBefore(s.meter, s.body);
+    }
+    const pct = Math.floor((100 * done) / total);
+    const rate = (done - s.progress.done0) / ((now - s.progress.t0) / 1000);
+    const left = rate > 0 ? Math.ceil((total - done) / rate) : null;
+    const eta = left === null ? "" : ` · about ${left} s left`;
+    const reused = cached ? ` (${cached} cached)` : "";
+    s.meter.textContent = `Processing the prompt: ${pct}% of ${total} tokens${reused}${eta}`;
+    s.meter.dataset.percent = String(pct);
+  }
+
   appendToken(text) {
     const s = this.streaming;
     if (!s) return;
+    if (s.meter) {
+      s.meter.remove();
+      s.meter = null;
+    }
     s.text += text;
     if (!s.frame) {
       s.frame = requestAnimationFrame(() => {
@@ -401,7 +572,12 @@ export class ChatView {
     if (this.streaming?.frame) cancelAnimationFrame(this.streaming.frame);
     this.streaming = null;
     this.busy = false;
+    this.stopping = false;
     const message = msg.message;
+    if (message) {
+      const how = message.status === "stopped" ? "Reply stopped" : "Reply finished";
+      announce(`${how}. ${message.content.slice(0, 300)}`);
+    }
     if (message) {
       this.byId.set(message.id, message);
       const parent = this.path.findIndex((m) => m.id === message.parent_id);
@@ -425,8 +601,8 @@ export class ChatView {
   // -- actions --------------------------------------------------------------------------
   async submit() {
     const { input } = this.el;
-    const text = input.value;
-    if (!text.trim() || this.busy || this.creating) return;
+    const text = this.composed(input.value);
+    if (!text.trim() || this.busy || this.creating || this.el.send.disabled) return;
     if (!this.sessionId) {
       await this.createAndSend(text);
       return;
@@ -437,6 +613,9 @@ export class ChatView {
     }
     this.busy = true;
     input.value = "";
+    this.attachments = [];
+    this.renderAttachments();
+    storage.set(draftKey(this.sessionId), "");
     this.autosize();
     this.updateComposer();
   }
@@ -446,11 +625,17 @@ export class ChatView {
     this.updateComposer();
     try {
       const body = {};
-      if (this.draft.system_prompt) body.system_prompt = this.draft.system_prompt;
-      if (this.draft.params) body.params = this.draft.params;
+      const base = this.newChatDefaults();
+      const systemPrompt = this.draft.system_prompt || base.system_prompt;
+      const params = this.draft.params || base.params;
+      if (systemPrompt) body.system_prompt = systemPrompt;
+      if (params) body.params = params;
       const view = await api("api/sessions", { method: "POST", body });
       this.draft = { system_prompt: "", params: null };
       this.el.input.value = "";
+      this.attachments = [];
+      this.renderAttachments();
+      storage.set(draftKey(null), "");
       this.autosize();
       this.pendingSend = { id: view.id, text };
       this.preloaded = view;
@@ -467,11 +652,14 @@ export class ChatView {
   stop() {
     if (!this.busy) return;
     this.socket.send({ type: "stop" });
+    this.stopping = true;
+    this.updateComposer();
     clearTimeout(this.stopTimer);
     // if no "done" comes (the reply failed), do not leave the page stuck
     this.stopTimer = setTimeout(() => {
       if (!this.busy) return;
       this.busy = false;
+      this.stopping = false;
       this.streaming = null;
       this.updateComposer();
       this.socket.send({ type: "session" });
@@ -489,6 +677,21 @@ export class ChatView {
 
   regenerate() {
     if (this.request({ type: "regenerate" })) {
+      this.busy = true;
+      this.updateComposer();
+    }
+  }
+
+  /** Regenerate the last reply (or answer a trailing question), if there is one. */
+  regenerateLast() {
+    const last = this.path[this.path.length - 1];
+    if (last && !this.busy) this.regenerate();
+  }
+
+  /** Let the last reply go on where it stopped (its token limit, or Stop). */
+  continueReply(message) {
+    if (this.request({ type: "continue" })) {
+      this.continuing = message;
       this.busy = true;
       this.updateComposer();
     }
@@ -524,14 +727,36 @@ export class ChatView {
 
   render() {
     const items = this.path.map((m, i) => this.messageEl(m, i === this.path.length - 1));
+    if (this.interrupted) items.push(this.interrupted.el);
     if (this.streaming) items.push(this.streaming.el);
-    if (!items.length && !this.missing) items.push(this.emptyEl());
+    if (!items.length && this.unavailable) items.push(this.unavailableEl());
+    else if (!items.length && !this.missing) items.push(this.emptyEl());
+    const system = this.session?.system_prompt;
+    if (system) {
+      // what the model was told, visible: a short prompt open, a long one folded
+      const block = h(
+        "details",
+        { class: "system-prompt", "data-testid": "system-prompt", open: system.length <= 200 },
+        h("summary", {}, "System prompt"),
+        system,
+      );
+      items.unshift(block);
+    }
     // a reader who scrolled up keeps their place when the view is rebuilt (e.g. when the
     // server's "session" message lands mid-reading)
     const top = this.el.scroller.scrollTop;
     if (!this.missing) this.el.inner.replaceChildren(...items);
     if (!this.stick) this.el.scroller.scrollTop = top;
     this.afterContentChange();
+  }
+
+  unavailableEl() {
+    return h(
+      "div",
+      { class: "empty", "data-testid": "chat-unavailable" },
+      h("h2", {}, "This conversation cannot be loaded right now"),
+      h("p", {}, "The server cannot be reached. Its history is kept there and appears here as soon as it is back."),
+    );
   }
 
   emptyEl() {
@@ -627,6 +852,15 @@ export class ChatView {
     }
     if (m.status === "stopped") {
       bar.append(h("span", { class: "badge", "data-testid": "stopped-badge" }, "stopped"));
+    } else if (m.role === "assistant" && m.meta?.stop_reason === "length") {
+      const n = m.meta.completion_tokens;
+      bar.append(
+        h(
+          "span",
+          { class: "badge", "data-testid": "length-badge", title: "The reply reached its token limit" },
+          `cut at ${n} tokens`,
+        ),
+      );
     }
     const copy = h(
       "button",
@@ -656,6 +890,23 @@ export class ChatView {
             },
           },
           "Edit",
+        ),
+      );
+    }
+    const cut = m.status === "stopped" || m.meta?.stop_reason === "length";
+    if (m.role === "assistant" && isLast && cut && !m.meta?.tool_calls) {
+      bar.append(
+        h(
+          "button",
+          {
+            type: "button",
+            class: "act",
+            "aria-label": "Continue the reply",
+            "data-testid": "continue",
+            disabled,
+            onclick: () => this.continueReply(m),
+          },
+          "Continue",
         ),
       );
     }
@@ -726,6 +977,8 @@ export class ChatView {
     const cancel = () => {
       this.editing = null;
       this.render();
+      // focus back where the edit began, not on <body>
+      this.el.inner.querySelector(`[data-id="${m.id}"] [data-testid=edit-message]`)?.focus();
     };
     area.addEventListener("keydown", (ev) => {
       if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
@@ -769,13 +1022,23 @@ export class ChatView {
     const busy = this.busy;
     send.hidden = busy;
     stop.hidden = !busy;
-    send.disabled = !!this.creating || this.missing;
+    stop.disabled = this.stopping;
+    stop.textContent = this.stopping ? "Stopping…" : "Stop";
+    const blocked = this.missing || this.modelLoading || this.unavailable;
+    send.disabled = !!this.creating || blocked;
+    send.title = this.modelLoading
+      ? "The model is still loading"
+      : this.unavailable
+        ? "The server cannot be reached"
+        : "";
     input.disabled = this.missing;
+    if (this.missing) input.value = "";
+    input.placeholder = this.modelLoading ? "The model is loading…" : "Send a message";
     this.el.view.dataset.busy = busy ? "true" : "false";
     for (const b of this.el.inner.querySelectorAll(".msg-actions button")) {
-      if (b.dataset.testid !== "copy-message") {
-        if (busy) b.disabled = true;
-      }
+      if (b.dataset.testid === "copy-message") continue;
+      if (b.classList.contains("act")) b.hidden = busy; // no dead buttons while it streams
+      else if (busy) b.disabled = true;
     }
   }
 

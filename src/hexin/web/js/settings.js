@@ -1,24 +1,61 @@
 // The settings dialog: system prompt and sampling of the open conversation (or of story
-// mode), and the API key. The caller says what is being edited through getContext().
+// mode), the defaults for new chats (kept in this browser), presets, and the API key. The
+// caller says what is being edited through getContext().
 
 import { apiKey, setApiKey } from "./api.js";
-import { $ } from "./util.js";
+import { $, storage, toast } from "./util.js";
 
 const FIELDS = {
   temperature: "#set-temperature",
   top_k: "#set-top-k",
   top_p: "#set-top-p",
+  min_p: "#set-min-p",
   max_tokens: "#set-max-tokens",
   seed: "#set-seed",
+  repetition_penalty: "#set-repetition-penalty",
+  presence_penalty: "#set-presence-penalty",
+  frequency_penalty: "#set-frequency-penalty",
 };
 
 export const FALLBACK_DEFAULTS = {
   temperature: 0.8,
   top_k: 40,
   top_p: 0.95,
+  min_p: 0,
   max_tokens: 256,
   seed: null,
+  repetition_penalty: 1,
+  presence_penalty: 0,
+  frequency_penalty: 0,
 };
+
+const DEFAULTS_KEY = "hexin.defaults";
+const PRESETS_KEY = "hexin.presets";
+
+/** Built-in presets: sampling only (max tokens and seed stay as they are). */
+const BUILTIN_PRESETS = {
+  Precise: { temperature: 0.2, top_k: 40, top_p: 0.9, min_p: 0, repetition_penalty: 1 },
+  Balanced: { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.05, repetition_penalty: 1 },
+  Creative: { temperature: 1.1, top_k: null, top_p: 1, min_p: 0.05, repetition_penalty: 1.05 },
+};
+
+function readJson(key, fallback) {
+  try {
+    const value = JSON.parse(storage.get(key, "null"));
+    return value && typeof value === "object" ? value : fallback;
+  } catch {
+    return fallback;
+  }
+}
+
+/** The defaults for new chats set in this browser ({system_prompt, params}), or null. */
+export function globalDefaults() {
+  return readJson(DEFAULTS_KEY, null);
+}
+
+function presets() {
+  return { ...BUILTIN_PRESETS, ...readJson(PRESETS_KEY, {}) };
+}
 
 /** Only the sampling fields the UI edits, with top_k 0 meaning "off" (null). */
 export function pickParams(params, defaults = FALLBACK_DEFAULTS) {
@@ -31,7 +68,9 @@ export function pickParams(params, defaults = FALLBACK_DEFAULTS) {
 }
 
 function readNumber(sel, { integer = false, optional = false, min, max, name }) {
-  const raw = $(sel).value.trim();
+  const field = $(sel);
+  if (field.validity?.badInput) throw new Error(`${name} must be a number`);
+  const raw = field.value.trim();
   if (raw === "") {
     if (optional) return null;
     throw new Error(`${name} is required`);
@@ -57,6 +96,48 @@ export class Settings {
     });
     $("#settings-cancel").addEventListener("click", () => this.dialog.close());
     $("#settings-defaults").addEventListener("click", () => this.fill(this.getDefaults()));
+    $("#set-preset").addEventListener("change", (ev) => {
+      const preset = presets()[ev.target.value];
+      if (preset) this.fill({ ...this.readLoose(), ...preset });
+    });
+    $("#settings-save-preset").addEventListener("click", () => this.savePreset());
+  }
+
+  /** The fields as they are, unchecked (for applying a preset over them). */
+  readLoose() {
+    try {
+      return this.read();
+    } catch {
+      return this.ctx.params;
+    }
+  }
+
+  savePreset() {
+    const name = $("#preset-name").value.trim();
+    if (!name) {
+      this.showError("Name the preset first");
+      return;
+    }
+    let params;
+    try {
+      params = this.read();
+    } catch (e) {
+      this.showError(e.message);
+      return;
+    }
+    const { max_tokens, seed, ...sampling } = params;
+    const saved = readJson(PRESETS_KEY, {});
+    saved[name] = sampling;
+    storage.set(PRESETS_KEY, JSON.stringify(saved));
+    this.fillPresets(name);
+    toast(`Preset “${name}” saved`);
+  }
+
+  fillPresets(selected = "") {
+    const select = $("#set-preset");
+    select.replaceChildren(new Option("Choose a preset…", ""));
+    for (const name of Object.keys(presets())) select.append(new Option(name, name));
+    select.value = selected;
   }
 
   open() {
@@ -64,8 +145,12 @@ export class Settings {
     this.ctx = ctx;
     $("#settings-scope").textContent = ctx.label;
     $("#field-system").hidden = ctx.scope === "story";
+    $("#field-global").hidden = ctx.scope === "story";
+    $("#set-global").checked = false;
     $("#set-system").value = ctx.system_prompt || "";
     this.fill(ctx.params);
+    this.fillPresets();
+    $("#preset-name").value = "";
     $("#set-api-key").value = apiKey();
     this.error.hidden = true;
     this.dialog.showModal();
@@ -80,12 +165,17 @@ export class Settings {
 
   read() {
     const top_k = readNumber(FIELDS.top_k, { integer: true, optional: true, min: 0, name: "Top-k" });
+    const penalty = (sel, name, min, max) => readNumber(sel, { min, max, name });
     return {
       temperature: readNumber(FIELDS.temperature, { min: 0, max: 2, name: "Temperature" }),
       top_k: top_k === 0 ? null : top_k,
       top_p: readNumber(FIELDS.top_p, { min: 0, max: 1, name: "Top-p" }),
+      min_p: readNumber(FIELDS.min_p, { min: 0, max: 1, name: "Min-p" }),
       max_tokens: readNumber(FIELDS.max_tokens, { integer: true, min: 1, name: "Max tokens" }),
       seed: readNumber(FIELDS.seed, { integer: true, optional: true, name: "Seed" }),
+      repetition_penalty: penalty(FIELDS.repetition_penalty, "Repetition penalty", 0.01, 10),
+      presence_penalty: penalty(FIELDS.presence_penalty, "Presence penalty", -2, 2),
+      frequency_penalty: penalty(FIELDS.frequency_penalty, "Frequency penalty", -2, 2),
     };
   }
 
@@ -100,14 +190,19 @@ export class Settings {
     const key = $("#set-api-key").value.trim();
     const keyChanged = key !== apiKey();
     if (keyChanged) setApiKey(key);
+    const system_prompt = $("#set-system").value;
     try {
-      await this.ctx.save({ system_prompt: $("#set-system").value, params });
+      await this.ctx.save({ system_prompt, params });
     } catch (e) {
       this.showError(e.message);
       if (keyChanged) this.onApiKeyChanged();
       return;
     }
+    const global = this.ctx.scope !== "story" && $("#set-global").checked;
+    if (global) storage.set(DEFAULTS_KEY, JSON.stringify({ system_prompt, params }));
     this.dialog.close();
+    const where = { story: "for story mode", session: "for this conversation", draft: "for the new chat" };
+    toast(`Settings saved ${where[this.ctx.scope] || ""}${global ? " and as the default for new chats" : ""}`);
     if (keyChanged) this.onApiKeyChanged();
   }
 

@@ -1,21 +1,11 @@
-// The conversations sidebar: newest first, search, rename inline, delete with a confirm.
+// The conversations sidebar: newest first, search, rename inline, delete with undo.
 
-import { api } from "./api.js";
+import { api, apiKey, url } from "./api.js";
 import { icon } from "./icons.js";
 import { $, debounce, formatWhen, h, toast } from "./util.js";
 
-/** A modal yes/no question; resolves true when the user confirms. */
-export function confirmDialog(text, okLabel = "Delete") {
-  const dialog = $("#confirm-dialog");
-  $("#confirm-text").textContent = text;
-  $("#confirm-ok").textContent = okLabel;
-  dialog.returnValue = "";
-  dialog.showModal();
-  $("#confirm-ok").focus();
-  return new Promise((resolve) => {
-    dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
-  });
-}
+/** How long a deleted conversation can be brought back. */
+const UNDO_MS = 6000;
 
 export class Sidebar {
   constructor({ onDeleted, onNavigate }) {
@@ -27,6 +17,7 @@ export class Sidebar {
     this.activeId = null;
     this.sessions = [];
     this.renaming = null;
+    this.pending = new Map(); // deletes waiting out their undo time: id -> {timer, commit}
     this.seq = 0;
     const later = debounce(() => this.refresh(), 200);
     this.search.addEventListener("input", later);
@@ -50,7 +41,9 @@ export class Sidebar {
       return; // the banner tells about connectivity; keep the list we have
     }
     if (seq !== this.seq) return; // a newer refresh is under way
-    this.sessions = [...data.sessions].sort((a, b) => b.updated_at - a.updated_at);
+    this.sessions = [...data.sessions]
+      .filter((s) => !this.pending.has(s.id))
+      .sort((a, b) => b.updated_at - a.updated_at);
     this.render();
   }
 
@@ -173,18 +166,50 @@ export class Sidebar {
     return li;
   }
 
-  async remove(s) {
+  /** Delete a conversation, with a few seconds to undo: it leaves the list at once and
+   * is deleted on the server when the time is up (or when the page goes away). */
+  remove(s) {
     const title = s.title || "Untitled";
-    if (!(await confirmDialog(`Delete “${title}”? This cannot be undone.`))) return;
-    try {
-      await api(`api/sessions/${encodeURIComponent(s.id)}`, { method: "DELETE" });
-    } catch (e) {
-      toast(`Delete failed: ${e.message}`, "error");
-      return;
-    }
+    const pending = { id: s.id, timer: null };
+    const commit = async () => {
+      clearTimeout(pending.timer);
+      this.pending.delete(s.id);
+      try {
+        await api(`api/sessions/${encodeURIComponent(s.id)}`, { method: "DELETE" });
+      } catch (e) {
+        if (e.status !== 404) toast(`Delete failed: ${e.message}`, "error");
+      }
+      this.refresh();
+    };
+    pending.commit = commit;
+    this.pending.set(s.id, pending);
     this.sessions = this.sessions.filter((x) => x.id !== s.id);
     this.render();
     this.onDeleted(s.id);
-    this.refresh();
+    const dismiss = toast(`Deleted “${title}”.`, "info", UNDO_MS, {
+      label: "Undo",
+      onClick: () => {
+        clearTimeout(pending.timer);
+        this.pending.delete(s.id);
+        this.refresh();
+      },
+    });
+    pending.timer = setTimeout(() => {
+      dismiss();
+      commit();
+    }, UNDO_MS);
+  }
+
+  /** Carry out the deletes still waiting for their undo time (the page is closing). */
+  flushDeletes() {
+    for (const { id, timer } of this.pending.values()) {
+      clearTimeout(timer);
+      fetch(url(`api/sessions/${encodeURIComponent(id)}`), {
+        method: "DELETE",
+        keepalive: true,
+        headers: apiKey() ? { Authorization: `Bearer ${apiKey()}` } : {},
+      });
+    }
+    this.pending.clear();
   }
 }

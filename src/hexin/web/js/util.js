@@ -75,11 +75,27 @@ export async function copyText(text) {
   return ok;
 }
 
-export function toast(message, kind = "info", ms = 4000) {
+/** A passing message; with ``action`` ({label, onClick}) it carries one button (e.g.
+ * Undo), which dismisses it. Returns a function that dismisses it early. */
+export function toast(message, kind = "info", ms = 4000, action = null) {
   const box = document.getElementById("toasts");
   const item = h("div", { class: `toast toast-${kind}`, "data-testid": "toast" }, message);
+  const dismiss = () => item.remove();
+  if (action) {
+    const button = h(
+      "button",
+      { type: "button", class: "toast-action", "data-testid": "toast-action" },
+      action.label,
+    );
+    button.addEventListener("click", () => {
+      dismiss();
+      action.onClick();
+    });
+    item.append(" ", button);
+  }
   box.append(item);
-  setTimeout(() => item.remove(), ms);
+  setTimeout(dismiss, ms);
+  return dismiss;
 }
 
 export const storage = {
