@@ -7,6 +7,7 @@ import json
 
 import jsonschema
 import pytest
+from tool_specs import TOOLS
 
 from hexin.chat import ChatError, ChatService, Store
 from hexin.engine import Engine
@@ -14,32 +15,6 @@ from hexin.model import Llama
 from hexin.options import EngineConfig
 from hexin.sampling import InvalidParams, SamplingParams
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "The current weather in a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "get_time",
-            "description": "The current time in a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    },
-]
 PARIS = "What's the weather in Paris?"
 
 
@@ -104,7 +79,9 @@ def test_a_named_call_and_versions_of_the_answer(svc):
     second = svc.regenerate(s.id, {"temperature": 0.9, "seed": 4}).wait()
     # a regenerated answer is a second version of the reply to the tool result
     assert second.parent_id == first.parent_id and svc.get(s.id).version(second.id) == (2, 2)
-    svc.rollback(s.id)  # the answer (every version), then the tool result
+    svc.rollback(s.id)  # the second answer: the first takes its place
+    assert svc.get(s.id).active_id == first.id
+    svc.rollback(s.id)  # the first answer, then the tool result
     svc.rollback(s.id)
     assert [m.role for m in svc.get(s.id).path()] == ["user", "assistant"]
 

@@ -10,6 +10,7 @@ import httpx
 import ollama
 import pytest
 from server_util import FRANCE, Server
+from tool_specs import WEATHER_TOOL
 
 
 @pytest.fixture(scope="module")
@@ -103,20 +104,6 @@ def test_errors_in_ollamas_shape(client, model, server):
     )
     assert r.status_code == 400 and isinstance(r.json()["error"], str)
     assert "temperature" in r.json()["error"]
-
-
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 
 
 def test_tools_and_tool_messages_reach_the_model(client, model):

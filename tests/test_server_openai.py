@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 from server_util import FRANCE, Server, sse_events
+from tool_specs import TOOLS
 
 #: ``--max-tokens-default`` here: a chat completion naming no max_tokens stops there
 DEFAULT_CAP = 24
@@ -733,35 +734,6 @@ def test_streamed_completions_of_several_prompts(client):
 
 # -- tools -------------------------------------------------------------------------------------
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "The current weather in a city",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "city": {"type": "string"},
-                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-                },
-                "required": ["city"],
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "get_time",
-            "description": "The current time in a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    },
-]
 WEATHER = [{"role": "user", "content": "What's the weather in Paris?"}]
 
 

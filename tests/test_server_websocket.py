@@ -25,6 +25,7 @@ from server_util import (
     turn,
 )
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
+from tool_specs import WEATHER_TOOL
 
 from hexin.engine import EngineBusy
 from hexin.server.websocket import Connection
@@ -457,19 +458,6 @@ def test_a_long_prompt_streams_progress_before_its_first_token(server):
     assert dones[-1] <= usage["prompt_tokens"]
     assert all(0 <= f["cached"] <= f["done"] for f in progress), progress
     assert progress[-1]["cached"] == usage["cached_tokens"]
-
-
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 
 
 def test_tool_calls_and_their_results_over_the_socket_and_rest(server):

@@ -530,31 +530,45 @@ def test_story_mode_streams_and_stops(page: Page, server: WebServer) -> None:
     expect(pg.get_by_test_id("story-prompt")).to_have_value("Once upon a time, a little fox" + text)
 
 
+class Outage:
+    """The page's way to the server, cut and restored at will: its chat sockets (closed,
+    and refused while down) and its HTTP requests (aborted while down)."""
+
+    HTTP = re.compile(r".*/(api/|health|v1/).*")
+
+    def __init__(self, pg: Page) -> None:
+        self.pg, self.down, self.sockets = pg, False, []
+        pg.route_web_socket(re.compile(r".*/c/[A-Za-z0-9_-]+(\?.*)?$"), self._socket)
+
+    def _socket(self, ws) -> None:
+        if self.down:
+            ws.close()
+            return
+        ws.connect_to_server()
+        self.sockets.append(ws)
+
+    def cut(self) -> None:
+        self.down = True
+        self.pg.route(self.HTTP, lambda route: route.abort())
+        for ws in self.sockets:
+            ws.close()
+
+    def restore(self) -> None:
+        self.down = False
+        self.pg.unroute(self.HTTP)
+
+
 def test_unreachable_banner_and_reconnect(page: Page, server: WebServer) -> None:
     """Cut the page off from the server (its WebSocket closed, HTTP refused), then let it
     through again: the banner comes and goes, and the socket reconnects by itself."""
     pg = page
     sid = server.import_session("offline check", [("Hello?", "Hello! How can I help?")])
-    cut = {"down": False}
-    routes = []
-
-    def on_socket(ws) -> None:
-        if cut["down"]:
-            ws.close()
-            return
-        ws.connect_to_server()
-        routes.append(ws)
-
-    pg.route_web_socket(re.compile(r".*/c/[A-Za-z0-9_-]+(\?.*)?$"), on_socket)
+    outage = Outage(pg)
     open_chat(pg, sid)
     banner = pg.get_by_test_id("offline-banner")
     expect(banner).to_be_hidden()
 
-    cut["down"] = True
-    http = re.compile(r".*/(api/|health|v1/).*")
-    pg.route(http, lambda route: route.abort())
-    for ws in routes:
-        ws.close()
+    outage.cut()
     expect(banner).to_be_visible(timeout=UI_MS)
     expect(banner).to_contain_text("Cannot reach the server")
     expect(pg.get_by_test_id("connection")).to_have_attribute("data-state", "down")
@@ -562,11 +576,10 @@ def test_unreachable_banner_and_reconnect(page: Page, server: WebServer) -> None
     pg.wait_for_timeout(1500)
     expect(banner).to_be_visible()
 
-    cut["down"] = False
-    pg.unroute(http)
+    outage.restore()
     expect(banner).to_be_hidden(timeout=45_000)
     expect(pg.get_by_test_id("connection")).to_have_attribute("data-state", "open")
-    assert len(routes) >= 2  # a new socket was opened by the page itself
+    assert len(outage.sockets) >= 2  # a new socket was opened by the page itself
     expect(pg.get_by_test_id("message").last).to_contain_text("Hello! How can I help?")
 
 
@@ -755,23 +768,9 @@ def test_an_outage_never_looks_like_lost_history(page: Page, server: WebServer) 
     pg = page
     first = server.import_session("outage A", [("Hi?", "Hello from A.")])
     other = server.import_session("outage B", [("Hey?", "Hello from B.")])
-    cut = {"down": False}
-    sockets = []
-
-    def on_socket(ws) -> None:
-        if cut["down"]:
-            ws.close()
-            return
-        ws.connect_to_server()
-        sockets.append(ws)
-
-    pg.route_web_socket(re.compile(r".*/c/[A-Za-z0-9_-]+(\?.*)?$"), on_socket)
+    outage = Outage(pg)
     open_chat(pg, first)
-    cut["down"] = True
-    http = re.compile(r".*/(api/|health|v1/).*")
-    pg.route(http, lambda route: route.abort())
-    for ws in sockets:
-        ws.close()
+    outage.cut()
     expect(pg.get_by_test_id("offline-banner")).to_be_visible(timeout=UI_MS)
     pg.goto(f"/#/c/{other}")
     unavailable = pg.get_by_test_id("chat-unavailable")
@@ -779,8 +778,7 @@ def test_an_outage_never_looks_like_lost_history(page: Page, server: WebServer) 
     expect(pg.get_by_test_id("empty-chat")).to_have_count(0)
     expect(pg.get_by_test_id("send")).to_be_disabled()
     shot(pg, "outage.png", docs=True)
-    cut["down"] = False
-    pg.unroute(http)
+    outage.restore()
     started = time.monotonic()
     expect(pg.get_by_test_id("message").last).to_contain_text("Hello from B.", timeout=30_000)
     expect(unavailable).to_have_count(0)
@@ -870,8 +868,13 @@ def test_importing_the_same_export_twice_gives_two_chats(
         )
     sessions = server.request("GET", "/api/sessions")["sessions"]
     assert len(sessions) == before + 2
+    # a toast never covers the message box's Send button
+    pg.get_by_test_id("import-file").set_input_files(str(export))
+    toast = pg.get_by_test_id("toast").first.bounding_box()
+    send = pg.get_by_test_id("send").bounding_box()
+    assert toast["y"] + toast["height"] <= send["y"] or toast["y"] >= send["y"] + send["height"]
     copies = [s for s in sessions if s["title"] == "import twice"]
-    assert len(copies) == 3 and len({s["id"] for s in copies}) == 3
+    assert len(copies) >= 3 and len({s["id"] for s in copies}) == len(copies)
     expect(pg.get_by_test_id("toast").filter(has_text="500")).to_have_count(0)
 
 
@@ -921,18 +924,12 @@ def test_an_interrupted_reply_stays_marked(page: Page, server: WebServer) -> Non
     the server's saved (stopped) reply replaces it."""
     pg = page
     sid = server.new_session(max_tokens=300)
-    sockets = []
-
-    def on_socket(ws) -> None:
-        ws.connect_to_server()
-        sockets.append(ws)
-
-    pg.route_web_socket(re.compile(r".*/c/[A-Za-z0-9_-]+(\?.*)?$"), on_socket)
+    outage = Outage(pg)
     open_chat(pg, sid)
     pg.get_by_test_id("chat-input").fill("Tell me a long story about the sea.")
     pg.get_by_test_id("chat-input").press("Enter")
     watch_growth(pg, steps=2)
-    sockets[-1].close()
+    outage.sockets[-1].close()
     badge = pg.get_by_test_id("interrupted-badge")
     expect(badge).to_be_visible(timeout=UI_MS)
     partial = pg.get_by_test_id("message").last.get_by_test_id("message-content").inner_text()
@@ -1114,7 +1111,7 @@ def test_themes_phone_layout_and_screenshots(browser: Browser, server: WebServer
         # no stored choice: the theme follows the system's preference
         bg = pg.evaluate("getComputedStyle(document.body).backgroundColor")
         assert (bg == "rgb(255, 255, 255)") == (scheme == "light"), bg
-        paths.append(shot(pg, f"desktop-{scheme}.png"))
+        paths.append(shot(pg, f"desktop-{scheme}.png", docs=True))
         context.close()
 
     # phone width: the sidebar collapses behind a toggle
@@ -1127,11 +1124,11 @@ def test_themes_phone_layout_and_screenshots(browser: Browser, server: WebServer
     toggle = pg.get_by_test_id("sidebar-toggle")
     expect(toggle).to_be_visible()
     assert sidebar.bounding_box()["x"] + sidebar.bounding_box()["width"] <= 1
-    paths.append(shot(pg, "phone-light.png"))
+    paths.append(shot(pg, "phone-light.png", docs=True))
     toggle.click()
     expect(toggle).to_have_attribute("aria-expanded", "true")
     pg.wait_for_function("() => document.querySelector('#sidebar').getBoundingClientRect().x >= -1")
-    paths.append(shot(pg, "phone-light-sidebar.png"))
+    paths.append(shot(pg, "phone-light-sidebar.png", docs=True))
     pg.get_by_test_id("new-chat").click()
     expect(toggle).to_have_attribute("aria-expanded", "false")
     expect(pg.get_by_test_id("empty-chat")).to_be_visible()
@@ -1145,10 +1142,10 @@ def test_themes_phone_layout_and_screenshots(browser: Browser, server: WebServer
     assert pg.evaluate("localStorage.getItem('hexin.theme')") == "dark"
     bg = pg.evaluate("getComputedStyle(document.body).backgroundColor")
     assert bg != "rgb(255, 255, 255)"
-    paths.append(shot(pg, "phone-dark.png"))
+    paths.append(shot(pg, "phone-dark.png", docs=True))
     pg.goto("/#/story")
     expect(pg.get_by_test_id("story-prompt")).to_be_visible()
-    paths.append(shot(pg, "phone-dark-story.png"))
+    paths.append(shot(pg, "phone-dark-story.png", docs=True))
     context.close()
     assert len(paths) >= 4 and all(p.is_file() for p in paths)
 
