@@ -39,6 +39,9 @@ FILE_MARKERS = {
 SLOW_FIXTURES = {"default_gguf", "default_model"}
 #: single tests that took over a second and a half in a full run (nodeid prefixes)
 SLOW_TESTS = (
+    "tests/test_hub.py::test_model_flag_fetches_on_first_use_then_runs_from_the_cache",
+    "tests/test_hub.py::test_interrupted_pull_continues_where_it_stopped",
+    "tests/test_hub.py::test_missing_repo_from_the_command_line",
     "tests/test_engine.py::test_16_concurrent_requests_give_the_tokens_each_gives_alone",
     "tests/test_engine.py::test_pool_too_small_for_all_requests_still_completes_correctly",
     "tests/test_engine.py::test_requests_from_many_threads",

@@ -1,4 +1,4 @@
-"""The ``hexin`` command line: story | models | pull.
+"""The ``hexin`` command line: story | chat | serve | bench | models | info | pull.
 
 Errors the user can act on are printed as one line; a traceback is shown only with
 HEXIN_DEBUG=1.
@@ -151,7 +151,23 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{name}{default}\n  {desc}\n  cached: {where}")
     for name, desc in sorted(registry.BUNDLED.items()):
         print(f"{name}\n  {desc}\n  bundled: {registry.bundled_path(name)}")
+    _print_hub_models()
     return 0
+
+
+def _print_hub_models() -> None:
+    """What ``hexin pull ORG/NAME[:QUANT]`` fetched: name, format, family, size, path."""
+    from hexin import hub
+
+    models = hub.cached_models()
+    if not models:
+        return
+    print(f"hub cache: {hub.hub_dir()}")
+    for m in models:
+        state = "" if m.complete else "  (incomplete: pull it again)"
+        print(
+            f"{m.name}\n  {m.format}, {m.family}\n  cached: {m.size / 1e6:.1f} MB  {m.path}{state}"
+        )
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -168,11 +184,25 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    """Fetch a registered model into the cache."""
+    """Fetch a registered model, or a hub repository (ORG/NAME[:QUANT]), into the cache."""
+    if "/" in args.name:
+        from hexin import hub
+
+        print(hub.pull(args.name))
+        return 0
     from hexin.weights import registry
 
     print(registry.pull(args.name))
     return 0
+
+
+def _resolve_hub_model(args: argparse.Namespace) -> None:
+    """``--model ORG/NAME[:QUANT]``: the cached copy's path, fetched first when absent."""
+    from hexin import hub
+
+    spec = getattr(args, "model", None)
+    if isinstance(spec, str) and hub.is_hub_spec(spec):
+        args.model = str(hub.resolve(spec))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,8 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="CPU features and the kernels chosen for them")
     info.set_defaults(func=cmd_info)
 
-    pull = sub.add_parser("pull", help="fetch a registered model into the cache")
-    pull.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    pull = sub.add_parser(
+        "pull", help="fetch a registered model, or ORG/NAME[:QUANT] from a hub, into the cache"
+    )
+    pull.add_argument(
+        "name",
+        nargs="?",
+        default="smollm2-135m-instruct",
+        help="a registered name, ORG/NAME (HF folder) or ORG/NAME:QUANT (one GGUF file)",
+    )
     pull.set_defaults(func=cmd_pull)
     return parser
 
@@ -226,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        _resolve_hub_model(args)
         return func(args)
     except KeyboardInterrupt:
         print("\nhexin: interrupted", file=sys.stderr)

@@ -52,7 +52,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--model",
         "-m",
         default=None,
-        help="model folder, .gguf file or registered name (default: smollm2-135m-instruct)",
+        help="model folder, .gguf file, registered name, or a hub repository ORG/NAME[:QUANT] "
+        "(fetched on first use; default: smollm2-135m-instruct)",
     )
     p.add_argument(
         "--device",
