@@ -1273,3 +1273,133 @@ def test_markdown_lists_tables_code_math_and_reasoning(page: Page, server: WebSe
 
     pg.wait_for_timeout(300)
     assert not console, f"console errors: {console}"
+
+
+def test_the_ui_speaks_chinese_and_switches_to_english(browser: Browser, server: WebServer) -> None:
+    """A browser that prefers Chinese gets the UI in Simplified Chinese: the page's own
+    text (index.html), what chat.js, the status bar and the sidebar build, and <html lang>.
+    The language select in the settings dialog switches to English at once (no reload),
+    and the choice survives a reload. A browser with no Chinese preference gets English."""
+    meta = {
+        "prompt_tokens": 7000,
+        "cached_tokens": 6000,
+        "completion_tokens": 500,
+        "stop_reason": "length",
+        "dropped_turns": 1,
+        "ttft_ms": 40,
+        "tokens_per_s": 25,
+    }
+    sid = server.import_session(
+        "语言测试", [("你好？", "你好！"), ("还有呢？", "一段被截断的")], meta
+    )
+    errors: list[str] = []
+
+    def new_page(**options: Any) -> Page:
+        context = browser.new_context(
+            viewport=DESKTOP, color_scheme="light", base_url=server.base, **options
+        )
+        pg = context.new_page()
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        open_chat(pg, sid)
+        return pg
+
+    pg = new_page(locale="zh-CN")
+    assert pg.evaluate("document.documentElement.lang") == "zh-CN"
+    # both tables have the same keys: nothing falls back to English by accident
+    only = pg.evaluate(
+        """async () => {
+          const m = await import(new URL('js/i18n.js', document.baseURI).href);
+          const en = m.keys('en'), zh = m.keys('zh-CN');
+          return [en.filter(k => !zh.includes(k)), zh.filter(k => !en.includes(k))];
+        }"""
+    )
+    assert only == [[], []], only
+    reply = assistant_done(pg).last
+    user = pg.locator("[data-testid=message][data-role=user]").last
+    bar = pg.get_by_test_id("session-item").filter(has_text="语言测试")
+    chinese = {
+        # index.html
+        pg.get_by_test_id("send"): "发送",
+        pg.get_by_test_id("new-chat"): "+ 新对话",
+        pg.get_by_test_id("tab-chat"): "聊天",
+        pg.get_by_test_id("export-all"): "导出全部",
+        pg.get_by_test_id("open-help"): "快捷键",
+        # chat.js
+        reply.locator(".msg-role"): "助手",
+        user.locator(".msg-role"): "你",
+        reply.get_by_test_id("length-badge"): "在 500 个 token 处截断",
+        reply.get_by_test_id("regenerate"): "重新生成",
+        reply.get_by_test_id("rollback"): "回滚",
+        reply.get_by_test_id("copy-message"): "复制",
+        user.get_by_test_id("edit-message"): "编辑",
+        # status.js
+        pg.get_by_test_id("connection"): "已连接",
+        pg.get_by_test_id("status-dropped"): "为适应上下文，省略了 1 轮较早的对话",
+        pg.get_by_test_id("status-speed"): "25.0 token/秒",
+        pg.get_by_test_id("status-cached"): "缓存 6,000",
+    }
+    for locator, text in chinese.items():
+        expect(locator).to_have_text(text, timeout=UI_MS)
+    # no English left: among the texts above, nor the sidebar's and the attributes
+    shown = [locator.inner_text() for locator in chinese]
+    shown += [
+        bar.locator(".session-when").inner_text(),
+        bar.get_by_test_id("session-delete").get_attribute("aria-label"),
+        bar.get_by_test_id("session-rename").get_attribute("title"),
+        pg.get_by_test_id("session-search").get_attribute("placeholder"),
+        pg.get_by_test_id("chat-input").get_attribute("placeholder"),
+        pg.get_by_test_id("theme-toggle").get_attribute("aria-label"),
+    ]
+    english = [s for s in shown if re.search(r"[a-z]{2,}", s.lower().replace("token", ""))]
+    assert not english, english
+    assert bar.get_by_test_id("session-delete").get_attribute("aria-label") == "删除“语言测试”"
+
+    # the settings dialog: Chinese, and the language select switches at once
+    pg.get_by_test_id("open-settings").click()
+    dialog = pg.get_by_test_id("settings-dialog")
+    expect(dialog.locator("h2")).to_have_text("设置")
+    expect(pg.get_by_test_id("settings-save")).to_have_text("保存")
+    select = pg.get_by_test_id("set-language")
+    expect(select).to_have_value("zh-CN")
+    expect(pg.get_by_label("语言", exact=True)).to_be_visible()
+    select.select_option("en")
+    expect(dialog.locator("h2")).to_have_text("Settings")
+    expect(pg.get_by_test_id("settings-cancel")).to_have_text("Cancel")
+    expect(pg.locator("#settings-scope")).to_have_text(
+        "For this conversation; saved on the server."
+    )
+    pg.get_by_test_id("settings-cancel").click()
+    english_texts = {
+        pg.get_by_test_id("send"): "Send",
+        pg.get_by_test_id("new-chat"): "+ New chat",
+        pg.get_by_test_id("tab-chat"): "Chat",
+        reply.locator(".msg-role"): "Assistant",
+        reply.get_by_test_id("length-badge"): "cut at 500 tokens",
+        reply.get_by_test_id("regenerate"): "Regenerate",
+        pg.get_by_test_id("connection"): "connected",
+        pg.get_by_test_id("status-dropped"): "1 older turn left out to fit the context",
+        pg.get_by_test_id("status-speed"): "25.0 tok/s",
+    }
+    for locator, text in english_texts.items():
+        expect(locator).to_have_text(text)
+    expect(bar.get_by_test_id("session-rename")).to_have_attribute("title", "Rename")
+    assert pg.evaluate("document.documentElement.lang") == "en"
+    assert pg.evaluate("localStorage.getItem('hexin.lang')") == "en"
+    # the choice is kept: a reload stays English, though the browser prefers Chinese
+    pg.reload()
+    expect(pg.get_by_test_id("connection")).to_have_text("connected", timeout=UI_MS)
+    expect(pg.get_by_test_id("send")).to_have_text("Send")
+    expect(assistant_done(pg).last.get_by_test_id("length-badge")).to_have_text("cut at 500 tokens")
+    assert pg.evaluate("document.documentElement.lang") == "en"
+    pg.context.close()
+
+    # a browser with the default (English) locale: English, with nothing stored
+    pg = new_page()
+    assert pg.evaluate("localStorage.getItem('hexin.lang')") is None
+    assert pg.evaluate("document.documentElement.lang") == "en"
+    expect(pg.get_by_test_id("new-chat")).to_have_text("+ New chat")
+    expect(pg.get_by_test_id("send")).to_have_text("Send")
+    expect(assistant_done(pg).last.get_by_test_id("length-badge")).to_have_text("cut at 500 tokens")
+    expect(pg.get_by_test_id("open-help")).to_have_text("Shortcuts")
+    pg.context.close()
+    assert not errors, f"uncaught errors in the page: {errors}"

@@ -1,17 +1,22 @@
 // hexin web UI: routing (#/ new chat, #/c/<id> a conversation, #/story), the theme,
-// the sidebar toggle, the connectivity banner, and the wiring between the views.
+// the sidebar toggle, the connectivity banner, the language, and the wiring between the
+// views.
 
 import { api, net } from "./js/api.js";
 import { ChatView } from "./js/chat.js";
+import { applyI18n, onLangChange, t } from "./js/i18n.js";
 import { FALLBACK_DEFAULTS, globalDefaults, pickParams, Settings } from "./js/settings.js";
 import { Sidebar } from "./js/sidebar.js";
-import { setModel } from "./js/status.js";
+import { relabelStatus, setModel, setModelLoading } from "./js/status.js";
 import { StoryView } from "./js/story.js";
 import { exportAll, exportChat, importFiles } from "./js/transfer.js";
 import { $, SESSION_ID_RE, storage, toast } from "./js/util.js";
 
 const state = { config: null, view: "chat", configTimer: null };
 const app = $("#app");
+
+// the page's own text (index.html) in the chosen language, before the views add theirs
+applyI18n(document);
 
 /** Sampling for a new chat: this browser's defaults where set, else the server's. */
 function defaults() {
@@ -29,7 +34,7 @@ const sidebar = new Sidebar({
     if (what === "open") closeSidebar();
     if (what === "renamed" && chat.session && chat.session.id === s.id) {
       chat.session.title = s.title;
-      $("#title").textContent = s.title || "New chat";
+      $("#title").textContent = s.title || t("chat.new");
     }
   },
 });
@@ -57,7 +62,7 @@ const settings = new Settings({
     if (state.view === "story") {
       return {
         scope: "story",
-        label: "Sampling for story mode (kept in this browser).",
+        label: "settings.scope.story", // an i18n key: the dialog says it in its language
         params: story.params,
         save: async ({ params }) => story.saveParams(params),
       };
@@ -66,7 +71,7 @@ const settings = new Settings({
       const id = chat.session.id;
       return {
         scope: "session",
-        label: "For this conversation; saved on the server.",
+        label: "settings.scope.session",
         system_prompt: chat.session.system_prompt,
         params: chat.session.params,
         save: async ({ system_prompt, params }) => {
@@ -84,7 +89,7 @@ const settings = new Settings({
     }
     return {
       scope: "draft",
-      label: "For the new conversation; applied when you send its first message.",
+      label: "settings.scope.draft",
       system_prompt: chat.draft.system_prompt || chat.newChatDefaults().system_prompt,
       params: chat.draft.params || defaults(),
       save: async ({ system_prompt, params }) => {
@@ -132,13 +137,13 @@ function setView(view) {
   $("#tab-chat").toggleAttribute("aria-current", view === "chat");
   $("#tab-story").toggleAttribute("aria-current", view === "story");
   if (view === "story") {
-    $("#title").textContent = "Story mode";
-    document.title = "Story · hexin";
+    $("#title").textContent = t("app.storyTitle");
+    document.title = t("app.storyDocTitle");
   } else if (!chat.session) {
-    $("#title").textContent = chat.missing ? "Conversation not found" : "New chat";
+    $("#title").textContent = t(chat.missing ? "chat.notFoundTitle" : "chat.new");
     document.title = "hexin";
   } else {
-    $("#title").textContent = chat.session.title || "New chat";
+    $("#title").textContent = chat.session.title || t("chat.new");
   }
 }
 
@@ -161,7 +166,7 @@ narrow.addEventListener("change", syncSidebarInert);
 function openSidebar() {
   app.classList.add("sidebar-open");
   toggle.setAttribute("aria-expanded", "true");
-  toggle.setAttribute("aria-label", "Hide conversations");
+  toggle.setAttribute("aria-label", t("sidebar.hide"));
   $("#scrim").hidden = false;
   syncSidebarInert();
   $("#session-search").focus();
@@ -169,7 +174,7 @@ function openSidebar() {
 function closeSidebar() {
   app.classList.remove("sidebar-open");
   toggle.setAttribute("aria-expanded", "false");
-  toggle.setAttribute("aria-label", "Show conversations");
+  toggle.setAttribute("aria-label", t("sidebar.show"));
   $("#scrim").hidden = true;
   syncSidebarInert();
 }
@@ -192,9 +197,11 @@ function nextTheme() {
 function labelTheme() {
   const choice = themeChoice();
   const next = nextTheme();
-  const shown = choice === "system" ? `system (${dark.matches ? "dark" : "light"})` : choice;
-  $("#theme-toggle").setAttribute("aria-label", `Theme: ${shown}. Switch to ${next}`);
-  $("#theme-toggle").title = `Theme: ${shown}`;
+  const mode = t(dark.matches ? "theme.dark" : "theme.light");
+  const shown = choice === "system" ? t("theme.systemShown", { mode }) : t(`theme.${choice}`);
+  const label = t("theme.aria", { shown, next: t(`theme.${next}`) });
+  $("#theme-toggle").setAttribute("aria-label", label);
+  $("#theme-toggle").title = t("theme.title", { shown });
   $("#theme-toggle").dataset.theme = choice === "system" ? (dark.matches ? "dark" : "light") : choice;
   $("#theme-toggle").dataset.choice = choice;
 }
@@ -281,15 +288,16 @@ function updateBanner() {
   if (net.auth) {
     banner.hidden = false;
     banner.dataset.kind = "auth";
-    text.textContent = "The server wants an API key, or the one given is wrong.";
-    button.textContent = "Open settings";
+    text.textContent = t("banner.auth");
+    button.textContent = t("banner.openSettings");
   } else if (!net.online) {
     banner.hidden = false;
     banner.dataset.kind = "offline";
     const secs = Math.ceil((net.retryAt - Date.now()) / 1000);
-    const lead = net.note || "Cannot reach the server.";
-    text.textContent = `${lead} Reconnecting ${secs > 0 ? `in ${secs} s` : "now"}…`;
-    button.textContent = "Retry now";
+    const lead = t(net.note || "banner.unreachable");
+    text.textContent =
+      secs > 0 ? t("banner.reconnectIn", { lead, secs }) : t("banner.reconnectNow", { lead });
+    button.textContent = t("banner.retry");
   } else {
     banner.hidden = true;
     delete banner.dataset.kind;
@@ -333,10 +341,10 @@ async function loadConfig(retried = false) {
   } catch (e) {
     if (e.status === 503) {
       chat.setModelLoading(true);
-      $("#status-model").textContent = "loading model…";
+      setModelLoading();
       state.configTimer = setTimeout(() => loadConfig(true), 1500);
     } else if (e.status !== 0 && e.status !== 401) {
-      toast(`Could not read the server configuration: ${e.message}`, "error");
+      toast(t("app.configFailed", { message: e.message }), "error");
     }
     // status 0: the banner's probe brings us back online, which reloads the config
   }
@@ -350,6 +358,22 @@ setInterval(() => {
 }, SIDEBAR_POLL_MS);
 window.addEventListener("focus", () => sidebar.refresh());
 window.addEventListener("pagehide", () => sidebar.flushDeletes());
+
+// -- language -------------------------------------------------------------------------------
+// A switch (the select in the settings dialog) takes effect at once, without a reload:
+// i18n.js has refilled the marked static text; here each view writes its built text again.
+onLangChange(() => {
+  relabelStatus();
+  chat.relabel();
+  sidebar.render();
+  story.relabel();
+  settings.relabel();
+  setView(state.view); // last: the title is the shown view's (chat.relabel may set it)
+  const open = app.classList.contains("sidebar-open");
+  toggle.setAttribute("aria-label", t(open ? "sidebar.hide" : "sidebar.show"));
+  labelTheme();
+  updateBanner();
+});
 
 // -- start ----------------------------------------------------------------------------------
 loadConfig();

@@ -1,6 +1,7 @@
 // HTTP calls to the hexin server, the API key, and the connectivity state that drives
 // the "server unreachable" banner.
 
+import { t } from "./i18n.js";
 import { storage } from "./util.js";
 
 const KEY_STORAGE = "hexin.apiKey";
@@ -64,6 +65,7 @@ class Net extends EventTarget {
     this.http = "ok";
     this.auth = false; // the server refused our API key
     this.retryAt = 0; // when the next reconnection attempt happens (ms since epoch)
+    this.note = ""; // an i18n key for why it is down, shown in the banner ("" for none)
     this.probeTimer = null;
     this.probeAttempt = 0;
   }
@@ -155,11 +157,11 @@ export async function api(path, { method = "GET", body, signal, stream = false }
   } catch (e) {
     if (e.name === "AbortError") throw e;
     net.report("http", "down");
-    throw new ApiError(0, "Cannot reach the server");
+    throw new ApiError(0, t("api.unreachable"));
   }
   if (res.status === 502 || res.status === 504) {
     net.report("http", "down");
-    throw new ApiError(res.status, "Cannot reach the server (gateway error)");
+    throw new ApiError(res.status, t("api.gateway"));
   }
   net.report("http", "ok");
   if (res.status === 401) net.setAuthProblem(true);

@@ -2,6 +2,7 @@
 // versions (regenerate / edit) with a < i/n > pager, rollback, copy, auto-scroll.
 
 import { api, ApiError, backoff, net, wsProtocols, wsUrl } from "./api.js";
+import { t } from "./i18n.js";
 import { renderMarkdown } from "./markdown.js";
 import { clearReplyStats, setConnection, showReplyStats, statsFromMeta } from "./status.js";
 import { $, copyText, h, storage, toast } from "./util.js";
@@ -88,7 +89,7 @@ class ChatSocket {
         this.onState("invalid");
         return;
       }
-      net.note = loading || ev.code === 1013 ? "The model is still loading." : "";
+      net.note = loading || ev.code === 1013 ? "banner.modelLoading" : "";
       net.report("ws", "down");
       this.schedule();
     });
@@ -220,9 +221,9 @@ export class ChatView {
     for (const file of files) {
       const text = await file.text();
       if (text.includes("\u0000")) {
-        toast(`“${file.name}” is not a text file`, "error");
+        toast(t("chat.notText", { name: file.name }), "error");
       } else if (text.length > MAX_ATTACHMENT_CHARS) {
-        toast(`“${file.name}” is too long to attach (over ${MAX_ATTACHMENT_CHARS} characters)`, "error");
+        toast(t("chat.tooLong", { name: file.name, max: MAX_ATTACHMENT_CHARS }), "error");
       } else {
         this.attachments.push({ name: file.name, text });
       }
@@ -244,7 +245,7 @@ export class ChatView {
             {
               type: "button",
               class: "icon-btn small",
-              "aria-label": `Remove ${a.name}`,
+              "aria-label": t("chat.removeAttachment", { name: a.name }),
               onclick: () => {
                 this.attachments.splice(i, 1);
                 this.renderAttachments();
@@ -286,8 +287,8 @@ export class ChatView {
 
   /** The connection label of a chat with no socket: ready, or waiting for the model. */
   showIdle() {
-    if (this.modelLoading) setConnection("connecting", "loading model");
-    else setConnection("idle", "ready");
+    if (this.modelLoading) setConnection("connecting", "conn.loading");
+    else setConnection("idle", "conn.idle");
   }
 
   setModelLoading(loading) {
@@ -345,7 +346,7 @@ export class ChatView {
     this.stopping = false;
     clearTimeout(this.stopTimer);
     clearReplyStats();
-    if (this.isVisible()) this.el.title.textContent = "New chat";
+    if (this.isVisible()) this.el.title.textContent = t("chat.new");
     this.el.input.disabled = false;
     this.el.input.value = storage.get(draftKey(id), "");
     this.autosize();
@@ -354,17 +355,18 @@ export class ChatView {
 
   showMissing(id) {
     this.missing = true;
+    this.missingId = id; // to say it again after a language switch
     this.sessionId = null;
     this.showIdle();
     this.updateComposer();
-    this.el.title.textContent = "Conversation not found";
+    this.el.title.textContent = t("chat.notFoundTitle");
     this.el.inner.replaceChildren(
       h(
         "div",
         { class: "empty", "data-testid": "missing" },
-        h("h2", {}, "This conversation does not exist"),
-        h("p", {}, `No session “${id}” on this server; it may have been deleted.`),
-        h("p", {}, h("a", { href: "#/", class: "btn btn-primary" }, "Start a new chat")),
+        h("h2", {}, t("chat.notFoundHeading")),
+        h("p", {}, t("chat.notFoundText", { id })),
+        h("p", {}, h("a", { href: "#/", class: "btn btn-primary" }, t("chat.startNew"))),
       ),
     );
   }
@@ -382,13 +384,23 @@ export class ChatView {
     }
   }
 
+  /** Say it all again in the language just chosen: the messages are rebuilt (roles,
+   * badges, buttons) and the composer relabelled. A reply kept across renders (streaming,
+   * or cut off by an outage) carries data-i18n, which applyI18n has reached already. */
+  relabel() {
+    if (this.missing) this.showMissing(this.missingId);
+    else this.render();
+    this.renderAttachments();
+    this.updateComposer();
+  }
+
   // -- server messages ------------------------------------------------------------------
   socketState(state, info) {
-    if (state === "open") setConnection("open", "connected");
-    else if (state === "connecting") setConnection("connecting", "connecting");
-    else if (state === "reconnecting") setConnection("down", "reconnecting");
-    else if (state === "unauthorized") setConnection("down", "API key needed");
-    else if (state === "invalid") setConnection("down", "invalid session id");
+    if (state === "open") setConnection("open", "conn.open");
+    else if (state === "connecting") setConnection("connecting", "conn.connecting");
+    else if (state === "reconnecting") setConnection("down", "conn.reconnecting");
+    else if (state === "unauthorized") setConnection("down", "conn.unauthorized");
+    else if (state === "invalid") setConnection("down", "conn.invalid");
     else if (state === "closed" && info?.wasReady && (this.streaming || this.busy)) {
       // the server saves an interrupted reply as stopped; the next "session" shows it.
       // Until then the partial reply stays, marked, instead of vanishing.
@@ -404,7 +416,16 @@ export class ChatView {
           h(
             "div",
             { class: "msg-actions" },
-            h("span", { class: "badge badge-warn", "data-testid": "interrupted-badge" }, "interrupted"),
+            // this element outlives re-renders: data-i18n lets a language switch reach it
+            h(
+              "span",
+              {
+                class: "badge badge-warn",
+                "data-testid": "interrupted-badge",
+                "data-i18n": "chat.interrupted",
+              },
+              t("chat.interrupted"),
+            ),
           ),
         );
         this.interrupted = { parentId: s.parentId, el: s.el };
@@ -461,7 +482,7 @@ export class ChatView {
     }
     if (this.isVisible()) {
       // a reply finishing in the background must not retitle the story view
-      this.el.title.textContent = session.title || "New chat";
+      this.el.title.textContent = session.title || t("chat.new");
       document.title = session.title ? `${session.title} · hexin` : "hexin";
     }
     this.onSession(session);
@@ -479,7 +500,7 @@ export class ChatView {
     this.pendingSend = null;
     if (!this.socket.send({ type: "user", content: pending.text })) {
       this.el.input.value = pending.text;
-      toast("Not connected; message not sent", "error");
+      toast(t("chat.notSent"), "error");
       return;
     }
     this.busy = true;
@@ -514,7 +535,7 @@ export class ChatView {
         "data-streaming": "true",
         "aria-busy": "true",
       },
-      h("div", { class: "msg-role" }, "Assistant"),
+      h("div", { class: "msg-role", "data-i18n": "chat.assistant" }, t("chat.assistant")),
       body,
       h("span", { class: "cursor", "aria-hidden": "true" }),
     );
@@ -544,9 +565,9 @@ export class ChatView {
     const pct = Math.floor((100 * done) / total);
     const rate = (done - s.progress.done0) / ((now - s.progress.t0) / 1000);
     const left = rate > 0 ? Math.ceil((total - done) / rate) : null;
-    const eta = left === null ? "" : ` · about ${left} s left`;
-    const reused = cached ? ` (${cached} cached)` : "";
-    s.meter.textContent = `Processing the prompt: ${pct}% of ${total} tokens${reused}${eta}`;
+    const eta = left === null ? "" : t("chat.progressEta", { left });
+    const reused = cached ? t("chat.progressCached", { cached }) : "";
+    s.meter.textContent = t("chat.progress", { pct, total, reused, eta });
     s.meter.dataset.percent = String(pct);
   }
 
@@ -575,8 +596,8 @@ export class ChatView {
     this.stopping = false;
     const message = msg.message;
     if (message) {
-      const how = message.status === "stopped" ? "Reply stopped" : "Reply finished";
-      announce(`${how}. ${message.content.slice(0, 300)}`);
+      const how = message.status === "stopped" ? "chat.announceStopped" : "chat.announceFinished";
+      announce(t(how, { text: message.content.slice(0, 300) }));
     }
     if (message) {
       this.byId.set(message.id, message);
@@ -608,7 +629,7 @@ export class ChatView {
       return;
     }
     if (!this.socket.send({ type: "user", content: text })) {
-      toast("Not connected to the server; try again in a moment", "error");
+      toast(t("chat.notConnectedRetry"), "error");
       return;
     }
     this.busy = true;
@@ -642,7 +663,7 @@ export class ChatView {
       this.onSessionsChanged();
       location.hash = `#/c/${view.id}`;
     } catch (e) {
-      toast(`Could not start the conversation: ${e.message}`, "error");
+      toast(t("chat.startFailed", { message: e.message }), "error");
     } finally {
       this.creating = false;
       this.updateComposer();
@@ -669,7 +690,7 @@ export class ChatView {
   request(payload) {
     if (this.busy) return false;
     if (!this.socket.send(payload)) {
-      toast("Not connected to the server", "error");
+      toast(t("chat.notConnected"), "error");
       return false;
     }
     return true;
@@ -737,7 +758,7 @@ export class ChatView {
       const block = h(
         "details",
         { class: "system-prompt", "data-testid": "system-prompt", open: system.length <= 200 },
-        h("summary", {}, "System prompt"),
+        h("summary", {}, t("chat.systemPrompt")),
         system,
       );
       items.unshift(block);
@@ -754,8 +775,8 @@ export class ChatView {
     return h(
       "div",
       { class: "empty", "data-testid": "chat-unavailable" },
-      h("h2", {}, "This conversation cannot be loaded right now"),
-      h("p", {}, "The server cannot be reached. Its history is kept there and appears here as soon as it is back."),
+      h("h2", {}, t("chat.unavailableHeading")),
+      h("p", {}, t("chat.unavailableText")),
     );
   }
 
@@ -763,13 +784,8 @@ export class ChatView {
     return h(
       "div",
       { class: "empty", "data-testid": "empty-chat" },
-      h("h2", {}, "What shall we talk about?"),
-      h(
-        "p",
-        {},
-        "Enter sends, Shift+Enter starts a new line, Esc stops a reply. ",
-        "Sampling settings and the system prompt are under ⚙.",
-      ),
+      h("h2", {}, t("chat.emptyHeading")),
+      h("p", {}, t("chat.emptyKeys"), t("chat.emptySettings")),
     );
   }
 
@@ -788,14 +804,18 @@ export class ChatView {
     } else if (m.content) {
       body.append(renderMarkdown(m.content));
     } else if (!calls.length) {
-      body.append(h("em", { class: "muted" }, "(no text)"));
+      body.append(h("em", { class: "muted" }, t("chat.noText")));
     }
     for (const call of calls) {
       // a call the model made: its function and arguments, as text (never as markup)
       const text = `${call.function.name}(${call.function.arguments})`;
       body.append(h("pre", { class: "tool-call", "data-testid": "tool-call" }, text));
     }
-    const label = { user: "You", assistant: "Assistant", tool: `Tool result · ${m.meta?.name || ""}` };
+    const label = {
+      user: t("chat.you"),
+      assistant: t("chat.assistant"),
+      tool: t("chat.toolResult", { name: m.meta?.name || "" }),
+    };
     const el = h(
       "article",
       {
@@ -827,7 +847,7 @@ export class ChatView {
             {
               type: "button",
               class: "icon-btn small",
-              "aria-label": "Previous version",
+              "aria-label": t("chat.prevVersion"),
               "data-testid": "version-prev",
               disabled: disabled || i <= 0,
               onclick: () => this.switchTo(sibs[i - 1].id),
@@ -840,7 +860,7 @@ export class ChatView {
             {
               type: "button",
               class: "icon-btn small",
-              "aria-label": "Next version",
+              "aria-label": t("chat.nextVersion"),
               "data-testid": "version-next",
               disabled: disabled || i >= sibs.length - 1,
               onclick: () => this.switchTo(sibs[i + 1].id),
@@ -851,26 +871,31 @@ export class ChatView {
       );
     }
     if (m.status === "stopped") {
-      bar.append(h("span", { class: "badge", "data-testid": "stopped-badge" }, "stopped"));
+      bar.append(h("span", { class: "badge", "data-testid": "stopped-badge" }, t("chat.stopped")));
     } else if (m.role === "assistant" && m.meta?.stop_reason === "length") {
       const n = m.meta.completion_tokens;
       bar.append(
         h(
           "span",
-          { class: "badge", "data-testid": "length-badge", title: "The reply reached its token limit" },
-          `cut at ${n} tokens`,
+          { class: "badge", "data-testid": "length-badge", title: t("chat.cutTitle") },
+          t("chat.cut", { count: n }),
         ),
       );
     }
     const copy = h(
       "button",
-      { type: "button", class: "act", "aria-label": "Copy message", "data-testid": "copy-message" },
-      "Copy",
+      {
+        type: "button",
+        class: "act",
+        "aria-label": t("chat.copyMessage"),
+        "data-testid": "copy-message",
+      },
+      t("chat.copy"),
     );
     copy.addEventListener("click", async () => {
       const ok = await copyText(m.content);
-      copy.textContent = ok ? "Copied" : "Copy failed";
-      setTimeout(() => (copy.textContent = "Copy"), 1500);
+      copy.textContent = ok ? t("chat.copied") : t("chat.copyFailed");
+      setTimeout(() => (copy.textContent = t("chat.copy")), 1500);
     });
     bar.append(copy);
     if (m.role === "user") {
@@ -880,7 +905,7 @@ export class ChatView {
           {
             type: "button",
             class: "act",
-            "aria-label": "Edit message",
+            "aria-label": t("chat.editMessage"),
             "data-testid": "edit-message",
             disabled,
             onclick: () => {
@@ -889,7 +914,7 @@ export class ChatView {
               this.el.inner.querySelector("[data-testid=edit-input]")?.focus();
             },
           },
-          "Edit",
+          t("chat.edit"),
         ),
       );
     }
@@ -901,12 +926,12 @@ export class ChatView {
           {
             type: "button",
             class: "act",
-            "aria-label": "Continue the reply",
+            "aria-label": t("chat.continueLabel"),
             "data-testid": "continue",
             disabled,
             onclick: () => this.continueReply(m),
           },
-          "Continue",
+          t("chat.continue"),
         ),
       );
     }
@@ -917,12 +942,12 @@ export class ChatView {
           {
             type: "button",
             class: "act",
-            "aria-label": "Regenerate reply",
+            "aria-label": t("chat.regenerateLabel"),
             "data-testid": "regenerate",
             disabled,
             onclick: () => this.regenerate(),
           },
-          "Regenerate",
+          t("chat.regenerate"),
         ),
       );
     }
@@ -934,12 +959,12 @@ export class ChatView {
           {
             type: "button",
             class: "act",
-            "aria-label": "Generate a reply",
+            "aria-label": t("chat.replyLabel"),
             "data-testid": "reply",
             disabled,
             onclick: () => this.regenerate(),
           },
-          "Reply",
+          t("chat.reply"),
         ),
       );
     }
@@ -950,13 +975,13 @@ export class ChatView {
           {
             type: "button",
             class: "act",
-            "aria-label": m.role === "assistant" ? "Roll back the last reply" : "Roll back the last message",
+            "aria-label": t(m.role === "assistant" ? "chat.rollbackReply" : "chat.rollbackMessage"),
             "data-testid": "rollback",
-            title: "Remove this message from the conversation",
+            title: t("chat.rollbackTitle"),
             disabled,
             onclick: () => this.rollback(),
           },
-          "Roll back",
+          t("chat.rollback"),
         ),
       );
     }
@@ -967,7 +992,7 @@ export class ChatView {
     const area = h("textarea", {
       class: "edit-input",
       "data-testid": "edit-input",
-      "aria-label": "Edit message",
+      "aria-label": t("chat.editMessage"),
       rows: 3,
     });
     area.value = this.editing.draft;
@@ -1000,7 +1025,7 @@ export class ChatView {
         h(
           "button",
           { type: "button", class: "btn", "data-testid": "edit-cancel", onclick: cancel },
-          "Cancel",
+          t("chat.cancel"),
         ),
         h(
           "button",
@@ -1008,10 +1033,10 @@ export class ChatView {
             type: "button",
             class: "btn btn-primary",
             "data-testid": "edit-save",
-            "aria-label": "Save and send the edited message",
+            "aria-label": t("chat.saveSendLabel"),
             onclick: () => this.submitEdit(m, area.value),
           },
-          "Save & send",
+          t("chat.saveSend"),
         ),
       ),
     );
@@ -1023,17 +1048,17 @@ export class ChatView {
     send.hidden = busy;
     stop.hidden = !busy;
     stop.disabled = this.stopping;
-    stop.textContent = this.stopping ? "Stopping…" : "Stop";
+    stop.textContent = t(this.stopping ? "chat.stopping" : "chat.stop");
     const blocked = this.missing || this.modelLoading || this.unavailable;
     send.disabled = !!this.creating || blocked;
     send.title = this.modelLoading
-      ? "The model is still loading"
+      ? t("chat.sendTitleLoading")
       : this.unavailable
-        ? "The server cannot be reached"
+        ? t("chat.sendTitleUnreachable")
         : "";
     input.disabled = this.missing;
     if (this.missing) input.value = "";
-    input.placeholder = this.modelLoading ? "The model is loading…" : "Send a message";
+    input.placeholder = t(this.modelLoading ? "chat.placeholderLoading" : "chat.placeholder");
     this.el.view.dataset.busy = busy ? "true" : "false";
     for (const b of this.el.inner.querySelectorAll(".msg-actions button")) {
       if (b.dataset.testid === "copy-message") continue;

@@ -27,6 +27,7 @@ import typescript from "../vendor/highlight/languages/typescript.min.js";
 import xml from "../vendor/highlight/languages/xml.min.js";
 import yaml from "../vendor/highlight/languages/yaml.min.js";
 import katex from "../vendor/katex/katex.mjs";
+import { t } from "./i18n.js";
 import { copyText, h } from "./util.js";
 
 const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
@@ -293,7 +294,7 @@ export function renderMarkdown(text) {
     h(
       "details",
       { class: "think", open: !closed, "data-testid": "think" },
-      h("summary", {}, "Reasoning"),
+      h("summary", {}, t("md.reasoning")),
       h("div", { class: "think-body" }, renderBody(thought.trim())),
     ),
     renderBody(text.slice(m[0].length).replace(/^\s+/, "")),
@@ -306,13 +307,18 @@ function decorateCode(pre) {
   const lang = (code?.className.match(/^language-(\S+)/) || [])[1] || "";
   const button = h(
     "button",
-    { type: "button", class: "code-copy", "aria-label": "Copy code", "data-testid": "copy-code" },
-    "Copy",
+    {
+      type: "button",
+      class: "code-copy",
+      "aria-label": t("md.copyCode"),
+      "data-testid": "copy-code",
+    },
+    t("chat.copy"),
   );
   button.addEventListener("click", async () => {
     const ok = await copyText(code ? code.textContent : pre.textContent);
-    button.textContent = ok ? "Copied" : "Copy failed";
-    setTimeout(() => (button.textContent = "Copy"), 1500);
+    button.textContent = ok ? t("chat.copied") : t("chat.copyFailed");
+    setTimeout(() => (button.textContent = t("chat.copy")), 1500);
   });
   const head = h("div", { class: "code-head" }, h("span", { class: "code-lang" }, lang), button);
   const wrap = h("div", { class: "code-block" });

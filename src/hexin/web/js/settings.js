@@ -1,8 +1,9 @@
 // The settings dialog: system prompt and sampling of the open conversation (or of story
-// mode), the defaults for new chats (kept in this browser), presets, and the API key. The
-// caller says what is being edited through getContext().
+// mode), the defaults for new chats (kept in this browser), presets, the API key and the
+// language. The caller says what is being edited through getContext().
 
 import { apiKey, setApiKey } from "./api.js";
+import { lang, setLang, t } from "./i18n.js";
 import { $, storage, toast } from "./util.js";
 
 const FIELDS = {
@@ -32,7 +33,8 @@ export const FALLBACK_DEFAULTS = {
 const DEFAULTS_KEY = "hexin.defaults";
 const PRESETS_KEY = "hexin.presets";
 
-/** Built-in presets: sampling only (max tokens and seed stay as they are). */
+/** Built-in presets: sampling only (max tokens and seed stay as they are). Their names
+ * are shown translated ("preset.<name>"); the stored name stays the English one. */
 const BUILTIN_PRESETS = {
   Precise: { temperature: 0.2, top_k: 40, top_p: 0.9, min_p: 0, repetition_penalty: 1 },
   Balanced: { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.05, repetition_penalty: 1 },
@@ -53,6 +55,11 @@ export function globalDefaults() {
   return readJson(DEFAULTS_KEY, null);
 }
 
+/** A preset's name as shown: a built-in one translated, one saved here as written. */
+function presetLabel(name) {
+  return name in BUILTIN_PRESETS ? t(`preset.${name}`) : name;
+}
+
 function presets() {
   return { ...BUILTIN_PRESETS, ...readJson(PRESETS_KEY, {}) };
 }
@@ -67,19 +74,21 @@ export function pickParams(params, defaults = FALLBACK_DEFAULTS) {
   return out;
 }
 
-function readNumber(sel, { integer = false, optional = false, min, max, name }) {
+/** The number in a field, checked; ``label`` is the i18n key of the field's name. */
+function readNumber(sel, { integer = false, optional = false, min, max, label }) {
   const field = $(sel);
-  if (field.validity?.badInput) throw new Error(`${name} must be a number`);
+  const fail = (key) => new Error(t(key, { name: t(label), min, max }));
+  if (field.validity?.badInput) throw fail("settings.notNumber");
   const raw = field.value.trim();
   if (raw === "") {
     if (optional) return null;
-    throw new Error(`${name} is required`);
+    throw fail("settings.required");
   }
   const value = Number(raw);
-  if (!Number.isFinite(value)) throw new Error(`${name} must be a number`);
-  if (integer && !Number.isInteger(value)) throw new Error(`${name} must be a whole number`);
-  if (min !== undefined && value < min) throw new Error(`${name} must be at least ${min}`);
-  if (max !== undefined && value > max) throw new Error(`${name} must be at most ${max}`);
+  if (!Number.isFinite(value)) throw fail("settings.notNumber");
+  if (integer && !Number.isInteger(value)) throw fail("settings.notWhole");
+  if (min !== undefined && value < min) throw fail("settings.atLeast");
+  if (max !== undefined && value > max) throw fail("settings.atMost");
   return value;
 }
 
@@ -101,6 +110,18 @@ export class Settings {
       if (preset) this.fill({ ...this.readLoose(), ...preset });
     });
     $("#settings-save-preset").addEventListener("click", () => this.savePreset());
+    // the language is not part of what Save keeps: it applies, and is stored, at once
+    $("#set-language").addEventListener("change", (ev) => setLang(ev.target.value));
+  }
+
+  /** The fields, checked; null (the fault shown in the dialog) when one is wrong. */
+  readOrReport() {
+    try {
+      return this.read();
+    } catch (e) {
+      this.showError(e.message);
+      return null;
+    }
   }
 
   /** The fields as they are, unchecked (for applying a preset over them). */
@@ -115,35 +136,38 @@ export class Settings {
   savePreset() {
     const name = $("#preset-name").value.trim();
     if (!name) {
-      this.showError("Name the preset first");
+      this.showError(t("settings.presetNeedsName"));
       return;
     }
-    let params;
-    try {
-      params = this.read();
-    } catch (e) {
-      this.showError(e.message);
-      return;
-    }
+    const params = this.readOrReport();
+    if (!params) return;
     const { max_tokens, seed, ...sampling } = params;
     const saved = readJson(PRESETS_KEY, {});
     saved[name] = sampling;
     storage.set(PRESETS_KEY, JSON.stringify(saved));
     this.fillPresets(name);
-    toast(`Preset “${name}” saved`);
+    toast(t("settings.presetSaved", { name }));
   }
 
   fillPresets(selected = "") {
     const select = $("#set-preset");
-    select.replaceChildren(new Option("Choose a preset…", ""));
-    for (const name of Object.keys(presets())) select.append(new Option(name, name));
+    select.replaceChildren(new Option(t("settings.presetChoose"), ""));
+    for (const name of Object.keys(presets())) select.append(new Option(presetLabel(name), name));
     select.value = selected;
+  }
+
+  /** The dialog's built text again, in the language just chosen (it may be open). */
+  relabel() {
+    if (!this.ctx) return;
+    $("#settings-scope").textContent = t(this.ctx.label);
+    this.fillPresets($("#set-preset").value);
   }
 
   open() {
     const ctx = this.getContext();
     this.ctx = ctx;
-    $("#settings-scope").textContent = ctx.label;
+    $("#settings-scope").textContent = t(ctx.label);
+    $("#set-language").value = lang();
     $("#field-system").hidden = ctx.scope === "story";
     $("#field-global").hidden = ctx.scope === "story";
     $("#set-global").checked = false;
@@ -164,29 +188,42 @@ export class Settings {
   }
 
   read() {
-    const top_k = readNumber(FIELDS.top_k, { integer: true, optional: true, min: 0, name: "Top-k" });
-    const penalty = (sel, name, min, max) => readNumber(sel, { min, max, name });
+    const top_k = readNumber(FIELDS.top_k, {
+      integer: true,
+      optional: true,
+      min: 0,
+      label: "settings.topK",
+    });
+    const penalty = (sel, label, min, max) => readNumber(sel, { min, max, label });
     return {
-      temperature: readNumber(FIELDS.temperature, { min: 0, max: 2, name: "Temperature" }),
+      temperature: readNumber(FIELDS.temperature, {
+        min: 0,
+        max: 2,
+        label: "settings.temperature",
+      }),
       top_k: top_k === 0 ? null : top_k,
-      top_p: readNumber(FIELDS.top_p, { min: 0, max: 1, name: "Top-p" }),
-      min_p: readNumber(FIELDS.min_p, { min: 0, max: 1, name: "Min-p" }),
-      max_tokens: readNumber(FIELDS.max_tokens, { integer: true, min: 1, name: "Max tokens" }),
-      seed: readNumber(FIELDS.seed, { integer: true, optional: true, name: "Seed" }),
-      repetition_penalty: penalty(FIELDS.repetition_penalty, "Repetition penalty", 0.01, 10),
-      presence_penalty: penalty(FIELDS.presence_penalty, "Presence penalty", -2, 2),
-      frequency_penalty: penalty(FIELDS.frequency_penalty, "Frequency penalty", -2, 2),
+      top_p: readNumber(FIELDS.top_p, { min: 0, max: 1, label: "settings.topP" }),
+      min_p: readNumber(FIELDS.min_p, { min: 0, max: 1, label: "settings.minP" }),
+      max_tokens: readNumber(FIELDS.max_tokens, {
+        integer: true,
+        min: 1,
+        label: "settings.maxTokens",
+      }),
+      seed: readNumber(FIELDS.seed, { integer: true, optional: true, label: "settings.seed" }),
+      repetition_penalty: penalty(
+        FIELDS.repetition_penalty,
+        "settings.repetitionPenalty",
+        0.01,
+        10,
+      ),
+      presence_penalty: penalty(FIELDS.presence_penalty, "settings.presencePenalty", -2, 2),
+      frequency_penalty: penalty(FIELDS.frequency_penalty, "settings.frequencyPenalty", -2, 2),
     };
   }
 
   async save() {
-    let params;
-    try {
-      params = this.read();
-    } catch (e) {
-      this.showError(e.message);
-      return;
-    }
+    const params = this.readOrReport();
+    if (!params) return;
     const key = $("#set-api-key").value.trim();
     const keyChanged = key !== apiKey();
     if (keyChanged) setApiKey(key);
@@ -201,8 +238,7 @@ export class Settings {
     const global = this.ctx.scope !== "story" && $("#set-global").checked;
     if (global) storage.set(DEFAULTS_KEY, JSON.stringify({ system_prompt, params }));
     this.dialog.close();
-    const where = { story: "for story mode", session: "for this conversation", draft: "for the new chat" };
-    toast(`Settings saved ${where[this.ctx.scope] || ""}${global ? " and as the default for new chats" : ""}`);
+    toast(t(`settings.saved.${this.ctx.scope}`) + (global ? t("settings.savedGlobal") : ""));
     if (keyChanged) this.onApiKeyChanged();
   }
 

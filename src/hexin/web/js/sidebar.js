@@ -1,6 +1,7 @@
 // The conversations sidebar: newest first, search, rename inline, delete with undo.
 
 import { api, apiKey, url } from "./api.js";
+import { t } from "./i18n.js";
 import { icon } from "./icons.js";
 import { $, debounce, formatWhen, h, toast } from "./util.js";
 
@@ -64,12 +65,12 @@ export class Sidebar {
     const q = this.search.value.trim();
     this.list.replaceChildren(...this.sessions.map((s) => this.itemEl(s)));
     this.empty.hidden = this.sessions.length > 0;
-    this.empty.textContent = q ? "No conversation matches." : "No conversations yet.";
+    this.empty.textContent = t(q ? "sessions.noMatch" : "sessions.none");
   }
 
   itemEl(s) {
     const active = s.id === this.activeId;
-    const title = s.title || "Untitled";
+    const title = s.title || t("sessions.untitled");
     const li = h("li", {
       class: active ? "session active" : "session",
       "data-testid": "session-item",
@@ -80,7 +81,7 @@ export class Sidebar {
         type: "text",
         class: "rename-input",
         "data-testid": "rename-input",
-        "aria-label": "New title",
+        "aria-label": t("sessions.newTitle"),
         maxlength: 200,
       });
       input.value = s.title;
@@ -98,7 +99,7 @@ export class Sidebar {
             s.title = input.value.trim();
             this.onNavigate?.("renamed", s);
           } catch (e) {
-            toast(`Rename failed: ${e.message}`, "error");
+            toast(t("sessions.renameFailed", { message: e.message }), "error");
           }
         }
         this.render();
@@ -140,9 +141,9 @@ export class Sidebar {
       {
         type: "button",
         class: "icon-btn small",
-        "aria-label": `Rename “${title}”`,
+        "aria-label": t("sessions.renameTitle", { title }),
         "data-testid": "session-rename",
-        title: "Rename",
+        title: t("sessions.rename"),
         onclick: () => {
           this.renaming = s.id;
           this.render();
@@ -155,9 +156,9 @@ export class Sidebar {
       {
         type: "button",
         class: "icon-btn small",
-        "aria-label": `Delete “${title}”`,
+        "aria-label": t("sessions.deleteTitle", { title }),
         "data-testid": "session-delete",
-        title: "Delete",
+        title: t("sessions.delete"),
         onclick: () => this.remove(s),
       },
       icon("trash"),
@@ -169,7 +170,7 @@ export class Sidebar {
   /** Delete a conversation, with a few seconds to undo: it leaves the list at once and
    * is deleted on the server when the time is up (or when the page goes away). */
   remove(s) {
-    const title = s.title || "Untitled";
+    const title = s.title || t("sessions.untitled");
     const pending = { id: s.id, timer: null };
     const commit = async () => {
       clearTimeout(pending.timer);
@@ -177,7 +178,7 @@ export class Sidebar {
       try {
         await api(`api/sessions/${encodeURIComponent(s.id)}`, { method: "DELETE" });
       } catch (e) {
-        if (e.status !== 404) toast(`Delete failed: ${e.message}`, "error");
+        if (e.status !== 404) toast(t("sessions.deleteFailed", { message: e.message }), "error");
       }
       this.refresh();
     };
@@ -186,8 +187,8 @@ export class Sidebar {
     this.sessions = this.sessions.filter((x) => x.id !== s.id);
     this.render();
     this.onDeleted(s.id);
-    const dismiss = toast(`Deleted “${title}”.`, "info", UNDO_MS, {
-      label: "Undo",
+    const dismiss = toast(t("sessions.deleted", { title }), "info", UNDO_MS, {
+      label: t("sessions.undo"),
       onClick: () => {
         clearTimeout(pending.timer);
         this.pending.delete(s.id);

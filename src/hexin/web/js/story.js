@@ -2,11 +2,15 @@
 // read as server-sent events from a fetch() body; Stop aborts the request.
 
 import { api, ApiError } from "./api.js";
+import { t } from "./i18n.js";
 import { pickParams } from "./settings.js";
 import { $, h, storage, toast } from "./util.js";
 
 const PARAMS_KEY = "hexin.story.params";
 const PROMPT_KEY = "hexin.story.prompt";
+
+/** Why a story ended, as the server (or Stop) says it; others are shown as they come. */
+const FINISH_REASONS = ["length", "stopped", "stop"];
 
 /** Split a growing SSE text buffer into complete events; returns [events, rest]. Each
  * event is the joined data: lines of one block. */
@@ -39,8 +43,8 @@ export class StoryView {
       output: $("#story-output"),
       stats: $("#story-stats"),
     };
-    const saved = storage.get(PROMPT_KEY);
-    if (saved) this.el.prompt.value = saved;
+    // a prompt not yet written here is the example one, in the UI's language
+    this.el.prompt.value = storage.get(PROMPT_KEY) || t("story.defaultPrompt");
     this.el.prompt.addEventListener("input", () => storage.set(PROMPT_KEY, this.el.prompt.value));
     this.el.prompt.addEventListener("keydown", (ev) => {
       if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) {
@@ -57,6 +61,14 @@ export class StoryView {
     });
     this.prompt = "";
     this.text = "";
+    this.stats = null; // the figures of the last run, kept to say them again (relabel)
+  }
+
+  /** Say it again in the language just chosen: the figures, and the example prompt if
+   * nothing was written over it. */
+  relabel() {
+    if (!storage.get(PROMPT_KEY) && !this.running) this.el.prompt.value = t("story.defaultPrompt");
+    this.renderStats();
   }
 
   get params() {
@@ -98,12 +110,13 @@ export class StoryView {
     if (this.running) return;
     const prompt = this.el.prompt.value;
     if (!prompt.trim()) {
-      toast("Write the beginning of a story first", "error");
+      toast(t("story.empty"), "error");
       return;
     }
     const p = this.params;
     this.prompt = prompt;
     this.text = "";
+    this.stats = null;
     this.el.stats.textContent = "";
     this.el.append.disabled = true;
     this.controller = new AbortController();
@@ -164,7 +177,8 @@ export class StoryView {
       }
     } catch (e) {
       if (e.name !== "AbortError") {
-        toast(e instanceof ApiError ? e.message : `Story failed: ${e.message}`, "error", 6000);
+        const text = e instanceof ApiError ? e.message : t("story.failed", { message: e.message });
+        toast(text, "error", 6000);
       } else {
         finish = "stopped";
       }
@@ -177,15 +191,32 @@ export class StoryView {
     }
   }
 
+  /** Measure the run that just ended, then show it. */
   showStats(started, first, usage, finish) {
-    const parts = [];
-    if (usage) parts.push(`${usage.completion_tokens} tokens`);
-    if (first) parts.push(`TTFT ${Math.round(first - started)} ms`);
     const elapsed = (performance.now() - (first || started)) / 1000;
-    if (usage && first && elapsed > 0 && usage.completion_tokens > 1) {
-      parts.push(`${((usage.completion_tokens - 1) / elapsed).toFixed(1)} tok/s`);
+    const rate =
+      usage && first && elapsed > 0 && usage.completion_tokens > 1
+        ? ((usage.completion_tokens - 1) / elapsed).toFixed(1)
+        : null;
+    this.stats = {
+      tokens: usage ? usage.completion_tokens : null,
+      ttft: first ? Math.round(first - started) : null,
+      rate,
+      finish,
+    };
+    this.renderStats();
+  }
+
+  renderStats() {
+    const s = this.stats;
+    if (!s) return;
+    const parts = [];
+    if (s.tokens !== null) parts.push(t("story.tokens", { count: s.tokens }));
+    if (s.ttft !== null) parts.push(t("status.ttft", { ms: s.ttft }));
+    if (s.rate !== null) parts.push(t("status.speed", { rate: s.rate }));
+    if (s.finish) {
+      parts.push(FINISH_REASONS.includes(s.finish) ? t(`story.finish.${s.finish}`) : s.finish);
     }
-    if (finish) parts.push(finish === "length" ? "max tokens reached" : finish);
     this.el.stats.textContent = parts.join(" · ");
   }
 

@@ -4,6 +4,7 @@
 // server gives a copy fresh ids when they are taken).
 
 import { api } from "./api.js";
+import { t } from "./i18n.js";
 import { toast } from "./util.js";
 
 /** Offer ``data`` as a JSON file download. */
@@ -28,7 +29,7 @@ export async function exportChat(id) {
     const data = await api(`api/sessions/${encodeURIComponent(id)}/export`);
     download(fileName(data.title, id), data);
   } catch (e) {
-    toast(`Export failed: ${e.message}`, "error");
+    toast(t("transfer.exportFailed", { message: e.message }), "error");
   }
 }
 
@@ -41,9 +42,9 @@ export async function exportAll() {
     }
     const day = new Date().toISOString().slice(0, 10);
     download(`hexin-conversations-${day}.json`, { sessions: all });
-    toast(`Exported ${all.length} conversation${all.length === 1 ? "" : "s"}`);
+    toast(t("transfer.exported", { count: all.length }));
   } catch (e) {
-    toast(`Export failed: ${e.message}`, "error");
+    toast(t("transfer.exportFailed", { message: e.message }), "error");
   }
 }
 
@@ -63,7 +64,7 @@ export async function importFiles(files) {
     try {
       data = JSON.parse(await file.text());
     } catch {
-      failures.push(`${file.name}: not JSON`);
+      failures.push(t("transfer.notJson", { name: file.name }));
       continue;
     }
     for (const item of exportsIn(data)) {
@@ -74,7 +75,9 @@ export async function importFiles(files) {
       }
     }
   }
-  if (ids.length) toast(`Imported ${ids.length} conversation${ids.length === 1 ? "" : "s"}`);
-  if (failures.length) toast(`Not imported: ${failures.join("; ")}`, "error", 8000);
+  if (ids.length) toast(t("transfer.imported", { count: ids.length }));
+  if (failures.length) {
+    toast(t("transfer.notImported", { list: failures.join("; ") }), "error", 8000);
+  }
   return ids;
 }

@@ -1,6 +1,8 @@
 // Small DOM and formatting helpers. Elements are built with h(); text always goes in as
 // text nodes, never as HTML.
 
+import { locale } from "./i18n.js";
+
 export function h(tag, attrs = {}, ...children) {
   const el = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs || {})) {
@@ -37,17 +39,20 @@ export function debounce(fn, ms) {
   return wrapped;
 }
 
+/** A count in the UI's language ("12,345"); formatted anew on each call, so that a
+ * language switch shows in what is rendered next. */
 export function formatNumber(n) {
-  return Number(n).toLocaleString("en-US");
+  return Number(n).toLocaleString(locale());
 }
 
+/** When a conversation last changed: the time today, else the day ("May 3", "5月3日"). */
 export function formatWhen(seconds) {
   const d = new Date(seconds * 1000);
   const now = new Date();
   if (d.toDateString() === now.toDateString()) {
-    return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    return d.toLocaleTimeString(locale(), { hour: "2-digit", minute: "2-digit" });
   }
-  return d.toLocaleDateString([], { month: "short", day: "numeric" });
+  return d.toLocaleDateString(locale(), { month: "short", day: "numeric" });
 }
 
 /** Copy text; the async Clipboard API needs a secure context, so fall back to a hidden
