@@ -30,6 +30,7 @@ FILE_MARKERS = {
     "test_web_ui.py": ("slow", "server", "browser"),
     "test_cuda.py": ("gpu",),
     "test_reference.py": ("slow",),  # transformers as the reference, on the default model
+    "test_families.py": ("slow",),  # random Llama 3 / Qwen2 / Qwen3 against transformers
     "test_quality.py": ("slow",),  # perplexity over a text
     "test_chat_persistence.py": ("slow",),  # real processes, killed and restarted
     "test_chat_cli.py": ("slow",),  # the REPL in a subprocess

@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -233,27 +234,104 @@ def _encode(w: np.ndarray, qtype: Q) -> np.ndarray:
     return gguf.quants.quantize(w, qtype)
 
 
-def write_tiny_gguf(
+@dataclass(frozen=True)
+class Hparams:
+    """The model shape a GGUF header declares (``write_gguf``), under llama.cpp's keys."""
+
+    layers: int = 1
+    hidden: int = HIDDEN
+    heads: int = HEADS
+    kv_heads: int = KV_HEADS
+    ffn: int = FFN
+    #: written as ``attention.key_length`` when given, as the converter does for an HF
+    #: config that names its ``head_dim``
+    head_dim: int | None = None
+    context: int = 128
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+
+
+def write_gguf(
     path: Path,
+    tensors: dict[str, np.ndarray],
     *,
-    types: dict[str, Q] | None = None,
+    hparams: Hparams = Hparams(),
     arch: str = "llama",
-    drop: tuple[str, ...] = (),
-    shapes: dict[str, tuple[int, ...]] | None = None,
+    types: dict[str, Q] | None = None,
     extra: dict[str, np.ndarray] | None = None,
     vocab: dict[str, Any] | None = None,
     tokenizer_model: str = "gpt2",
     more_metadata: Callable[[gguf.GGUFWriter], None] | None = None,
+) -> None:
+    """Write ``tensors`` (float32, Hugging Face layout, GGUF names) the way llama.cpp's
+    converter lays a file out: ``hparams`` under the architecture's keys, the vocabulary,
+    each tensor stored as ``types`` names it (F32 otherwise). Q and K rows (weights and
+    biases) are permuted for the interleaved RoPE in a ``llama`` file only: the converter's
+    LlamaModel does that, its Qwen2 and Qwen3 models keep HF's rows (llama.cpp runs those
+    with rotate-half RoPE). ``extra`` tensors go in as given. tests/test_families.py writes
+    its models' GGUF files with it too.
+    """
+    types, extra = types or {}, extra or {}
+    vocab = vocab or _tiny_byte_level_vocab()
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(hparams.layers)
+    w.add_context_length(hparams.context)
+    w.add_embedding_length(hparams.hidden)
+    w.add_feed_forward_length(hparams.ffn)
+    w.add_head_count(hparams.heads)
+    w.add_head_count_kv(hparams.kv_heads)
+    if hparams.head_dim is not None:
+        w.add_key_length(hparams.head_dim)
+        w.add_value_length(hparams.head_dim)
+    w.add_layer_norm_rms_eps(hparams.rms_eps)
+    w.add_rope_freq_base(hparams.rope_theta)
+    w.add_rope_dimension_count(hparams.head_dim or hparams.hidden // hparams.heads)
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_tokenizer_pre("default")
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    if "scores" in vocab:
+        w.add_token_scores(vocab["scores"])
+    if "merges" in vocab:
+        w.add_token_merges(vocab["merges"])
+    w.add_bos_token_id(vocab.get("bos", 0))
+    w.add_eos_token_id(vocab.get("eos", 0))
+    w.add_chat_template("{{ messages[0]['content'] }}")
+    if more_metadata is not None:
+        more_metadata(w)
+
+    rope_heads = {"attn_q": hparams.heads, "attn_k": hparams.kv_heads} if arch == "llama" else {}
+    for name, hf in tensors.items():
+        stored = hf
+        heads = rope_heads.get(name.split(".")[2]) if name.startswith("blk.") else None
+        if heads and hf.shape[0] % heads == 0:
+            stored = _llama_cpp_permute(hf, heads)
+        qtype = types.get(name, Q.F32)
+        data = _encode(np.ascontiguousarray(stored), qtype)
+        w.add_tensor(name, data, raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
+    for name, data in extra.items():
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_tiny_gguf(
+    path: Path,
+    *,
+    drop: tuple[str, ...] = (),
+    shapes: dict[str, tuple[int, ...]] | None = None,
     seed: int = 0,
+    **options: Any,
 ) -> dict[str, np.ndarray]:
-    """Write a one-layer Llama GGUF the way llama.cpp's converter lays it out.
+    """Write a one-layer Llama GGUF of random weights (``write_gguf``; ``options`` are its
+    keywords), with ``drop`` left out and ``shapes`` changed.
 
     Returns the float32 weights in Hugging Face layout (before the Q/K permutation and
     quantization), keyed by GGUF name.
     """
-    types, shapes, extra = types or {}, shapes or {}, extra or {}
-    vocab = vocab or _tiny_byte_level_vocab()
-    n_vocab = len(vocab["tokens"])
+    n_vocab = len((options.get("vocab") or _tiny_byte_level_vocab())["tokens"])
     rng = np.random.default_rng(seed)
     layout = {
         "token_embd.weight": (n_vocab, HIDDEN),
@@ -269,32 +347,7 @@ def write_tiny_gguf(
         "blk.0.ffn_up.weight": (FFN, HIDDEN),
         "blk.0.ffn_down.weight": (HIDDEN, FFN),
     }
-    layout.update(shapes)
-
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(1)
-    w.add_context_length(128)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(HEAD_DIM)
-    w.add_tokenizer_model(tokenizer_model)
-    w.add_tokenizer_pre("default")
-    w.add_token_list(vocab["tokens"])
-    w.add_token_types(vocab["types"])
-    if "scores" in vocab:
-        w.add_token_scores(vocab["scores"])
-    if "merges" in vocab:
-        w.add_token_merges(vocab["merges"])
-    w.add_bos_token_id(vocab.get("bos", 0))
-    w.add_eos_token_id(vocab.get("eos", 0))
-    w.add_chat_template("{{ messages[0]['content'] }}")
-    if more_metadata is not None:
-        more_metadata(w)
-
+    layout.update(shapes or {})
     originals: dict[str, np.ndarray] = {}
     for name, shape in layout.items():
         if name in drop:
@@ -303,20 +356,7 @@ def write_tiny_gguf(
         if len(shape) == 1:
             hf += 1.0
         originals[name] = hf
-        stored = hf
-        if name.endswith("attn_q.weight") and shape[0] % HEADS == 0:
-            stored = _llama_cpp_permute(hf, HEADS)
-        elif name.endswith("attn_k.weight") and shape[0] % KV_HEADS == 0:
-            stored = _llama_cpp_permute(hf, KV_HEADS)
-        qtype = types.get(name, Q.F32)
-        data = _encode(np.ascontiguousarray(stored), qtype)
-        w.add_tensor(name, data, raw_dtype=None if qtype in (Q.F32, Q.F16) else qtype)
-    for name, data in extra.items():
-        w.add_tensor(name, data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf(path, originals, **options)
     return originals
 
 
@@ -482,7 +522,7 @@ def test_random_blocks_equal_the_gguf_package_decoder(qtype: Q) -> None:
 # ============================================================================================
 
 
-def _llama3_rope_factors(
+def llama3_rope_factors(
     head_dim: int, theta: float, factor: float, low: float, high: float, ctx: int
 ) -> np.ndarray:
     """The ``rope_freqs.weight`` llama.cpp's converter writes for Llama 3.1+ models."""
@@ -503,7 +543,7 @@ def test_rope_freqs_tensor_becomes_llama3_rope_scaling(tmp_path: Path) -> None:
     """Llama 3.1+ GGUFs carry their RoPE scaling only as the per-frequency divisors in
     ``rope_freqs.weight``; the loader must recover the parameters (or refuse)."""
     theta = 10000.0  # what write_tiny_gguf declares
-    factors = _llama3_rope_factors(HEAD_DIM, theta, 32.0, 1.0, 4.0, 8192)
+    factors = llama3_rope_factors(HEAD_DIM, theta, 32.0, 1.0, 4.0, 8192)
     assert ((factors > 1.0) & (factors < 32.0)).sum() >= 2  # the blended band is covered
 
     def meta(w: gguf.GGUFWriter) -> None:
@@ -520,7 +560,7 @@ def test_rope_freqs_tensor_becomes_llama3_rope_scaling(tmp_path: Path) -> None:
     )
     assert "rope_freqs.weight" not in m.tensors
 
-    wrong = _llama3_rope_factors(HEAD_DIM, 500000.0, 32.0, 1.0, 4.0, 8192)  # not this theta
+    wrong = llama3_rope_factors(HEAD_DIM, 500000.0, 32.0, 1.0, 4.0, 8192)  # not this theta
     write_tiny_gguf(path, extra={"rope_freqs.weight": wrong}, more_metadata=meta)
     _expect_error(path, "rope_freqs")
 
@@ -625,7 +665,7 @@ SPM_TEXTS = [
 ]
 
 
-def _story_vocab(scores: str, with_bytes: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+def story_vocab(scores: str, with_bytes: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """(GGUF vocabulary written as llama.cpp's converter would, matching tokenizer.json).
 
     ``scores="hf"``: what convert_hf_to_gguf writes for a tokenizer.json-only Llama tokenizer
@@ -658,7 +698,7 @@ def _story_vocab(scores: str, with_bytes: bool = False) -> tuple[dict[str, Any],
     return gguf_vocab, spec
 
 
-def _spm_meta(w: gguf.GGUFWriter) -> None:
+def spm_meta(w: gguf.GGUFWriter) -> None:
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
     w.add_add_space_prefix(True)
@@ -666,13 +706,13 @@ def _spm_meta(w: gguf.GGUFWriter) -> None:
 
 @pytest.mark.parametrize("scores", ["hf", "spm"])
 def test_sentencepiece_vocab_matches_story_tokenizer_json(tmp_path: Path, scores: str) -> None:
-    gguf_vocab, spec = _story_vocab(scores)
+    gguf_vocab, spec = story_vocab(scores)
     reference = Tokenizer.from_str(json.dumps(spec))
     write_tiny_gguf(
         tmp_path / "spm.gguf",
         vocab=gguf_vocab,
         tokenizer_model="llama",
-        more_metadata=_spm_meta,
+        more_metadata=spm_meta,
     )
     m = load_gguf(tmp_path / "spm.gguf")
     assert m.add_bos_token and m.bos_token_id == 1 and m.eos_token_id == 2
@@ -689,13 +729,13 @@ def test_sentencepiece_vocab_matches_story_tokenizer_json(tmp_path: Path, scores
 
 
 def test_sentencepiece_byte_fallback(tmp_path: Path) -> None:
-    gguf_vocab, spec = _story_vocab("spm", with_bytes=True)
+    gguf_vocab, spec = story_vocab("spm", with_bytes=True)
     reference = Tokenizer.from_str(json.dumps(spec))
     write_tiny_gguf(
         tmp_path / "spm.gguf",
         vocab=gguf_vocab,
         tokenizer_model="llama",
-        more_metadata=_spm_meta,
+        more_metadata=spm_meta,
     )
     tok = load_gguf(tmp_path / "spm.gguf").tokenizer
     for text in [*SPM_TEXTS, "漢字とカタカナ 🎉🎉", "tab\there ümlaut"]:
@@ -755,6 +795,17 @@ def test_wrong_architecture(tmp_path: Path) -> None:
     _expect_error(path, "unsupported architecture", "gpt2")
 
 
+def test_unsupported_rope_scaling_type_is_refused_by_name(tmp_path: Path) -> None:
+    """Under the file's own architecture's keys: llama.cpp writes Qwen2.5's YaRN this way."""
+    path = tmp_path / "y.gguf"
+    write_tiny_gguf(
+        path,
+        arch="qwen2",
+        more_metadata=lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.YARN),
+    )
+    _expect_error(path, "RoPE scaling type 'yarn'")
+
+
 @pytest.mark.parametrize("qtype", [Q.IQ4_NL, Q.Q2_K], ids=lambda q: q.name)
 def test_unsupported_tensor_type(tmp_path: Path, qtype: Q) -> None:
     path = tmp_path / "iq.gguf"
@@ -776,8 +827,9 @@ def test_shape_mismatch(tmp_path: Path) -> None:
 
 def test_unknown_tensor_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "b.gguf"
-    write_tiny_gguf(path, extra={"blk.0.attn_q.bias": np.zeros(HIDDEN, np.float32)})
-    _expect_error(path, "blk.0.attn_q.bias")
+    # llama.cpp takes an output-projection bias in a llama file; hexin has no place for one
+    write_tiny_gguf(path, extra={"blk.0.attn_output.bias": np.zeros(HIDDEN, np.float32)})
+    _expect_error(path, "blk.0.attn_output.bias", "no place for")
 
 
 def test_copy_of_default_model_truncated(default_gguf: Path, tmp_path: Path) -> None:

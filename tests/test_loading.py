@@ -1,5 +1,6 @@
-"""Loading HF folders: the story model's shape, tied embeddings, shards, Mistral, and clear
-errors for every way a folder can be wrong."""
+"""Loading HF folders: the story model's shape, tied embeddings, shards, Mistral, RoPE
+settings in both config.json layouts, and clear errors for every way a folder can be wrong
+(settings hexin does not implement included)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from hexin.config import RopeScaling
 from hexin.errors import ModelFormatError, ModelNotFoundError
 from hexin.model import Llama
 from hexin.weights import load_model
@@ -171,3 +173,106 @@ def test_unknown_file_type_is_refused(tmp_path):
     path.write_bytes(b"\x00" * 64)
     with pytest.raises(ModelFormatError, match="unsupported model file"):
         load_model(path)
+
+
+# -- RoPE settings in both config.json layouts ----------------------------------------------
+
+#: Llama 3 scaling with a short original context, so that a 40-token prompt reaches the
+#: scaled frequencies, and a base only ``rope_parameters`` states
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+PROMPT = [int(i) for i in torch.randint(3, 2048, (40,), generator=torch.Generator().manual_seed(3))]
+
+
+def _edit_config(folder: Path, edit) -> Path:
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def _last_logits(folder: Path, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hexin's, transformers') last-token logits of ``ids`` on the folder, fp32."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    loaded = load_model(folder)
+    model = Llama(loaded.config, loaded.weights)
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0, -1]
+    return model.forward(torch.tensor([ids]), model.new_cache())[0], theirs
+
+
+def test_rope_parameters_of_transformers_5_are_read(tmp_path, story_dir):
+    """transformers 5 writes RoPE scaling and base only inside ``rope_parameters``; read as
+    before, the model ran unscaled with the default base, silently."""
+    folder = _random_hf_folder(tmp_path, story_dir, rope_parameters=dict(LLAMA3_ROPE))
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["rope_parameters"]["rope_type"] == "llama3"
+    assert saved.get("rope_scaling") is None and saved.get("rope_theta") is None
+    config = load_model(folder).config
+    assert config.rope_theta == 500000.0
+    assert config.rope_scaling == RopeScaling(8.0, 1.0, 4.0, 16)
+    ours, theirs = _last_logits(folder, PROMPT)
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+    plain = _edit_config(
+        shutil.copytree(folder, tmp_path / "plain"),
+        lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    )
+    unscaled, _ = _last_logits(plain, PROMPT)
+    assert (ours - unscaled).abs().max().item() > 1e-2  # the scaling matters at this length
+
+
+def test_rope_scaling_and_rope_theta_of_the_older_layout_still_work(tmp_path, story_dir):
+    folder = _random_hf_folder(tmp_path, story_dir, rope_parameters=dict(LLAMA3_ROPE))
+    new_layout = load_model(folder).config
+    scaling = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+
+    def older(cfg: dict) -> None:
+        del cfg["rope_parameters"]
+        cfg.update(rope_theta=500000.0, rope_scaling=scaling)
+
+    _edit_config(folder, older)
+    assert load_model(folder).config == new_layout
+    ours, theirs = _last_logits(folder, PROMPT)
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "RoPE type 'yarn'"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "RoPE type 'dynamic'"),
+        ({"rope_parameters": {"rope_type": "longrope"}}, "RoPE type 'longrope'"),
+        ({"rope_parameters": None, "rope_scaling": {"type": "linear"}}, "RoPE type 'linear'"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"use_sliding_window": True}, "use_sliding_window"),
+        ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding_attention"),
+    ],
+    ids=[
+        "yarn",
+        "dynamic",
+        "longrope",
+        "linear",
+        "partial",
+        "gelu",
+        "attn-bias",
+        "mlp-bias",
+        "sliding",
+        "layer-types",
+    ],
+)
+def test_settings_that_change_the_math_are_refused_by_name(tmp_path, story_dir, edit, named):
+    """Never run as if they were absent: one line naming the setting."""
+    folder = _edit_config(_random_hf_folder(tmp_path, story_dir), lambda c: c.update(edit))
+    with pytest.raises(ModelFormatError, match=named) as info:
+        load_model(folder)
+    assert "\n" not in str(info.value)

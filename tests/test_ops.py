@@ -101,6 +101,38 @@ def test_mlp_with_residual_exact_values():
     _close(out, torch.tensor([[1.3429964, 1.7290739]]).expand(4, 2))
 
 
+# -- per-head RMSNorm (Qwen3's q_norm / k_norm) -------------------------------------------
+
+
+def test_head_rms_norm_norms_each_head_on_its_own():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 4, 8, generator=g) * torch.arange(1, 5).view(4, 1)  # (B, T, H, D)
+    shared, per_head = torch.rand(8, generator=g), torch.rand(4, 8, generator=g)
+    for weight in (shared, per_head):
+        out = ops.head_rms_norm(x, weight, 1e-6)
+        expected = torch.empty_like(x)
+        for b, t, h in np.ndindex(2, 3, 4):
+            v = x[b, t, h].double()
+            w = weight if weight.dim() == 1 else weight[h]
+            expected[b, t, h] = (v / torch.sqrt((v * v).mean() + 1e-6) * w).float()
+        _close(out, expected)
+    # not the hidden-size statistic of the layer norms: heads of different scale differ
+    whole = ops.rms_norm(x.flatten(-2), shared.repeat(4), 1e-6).unflatten(-1, (4, 8))
+    assert not torch.allclose(ops.head_rms_norm(x, shared, 1e-6), whole, atol=1e-3)
+
+
+def test_head_rms_norm_matches_transformers_qwen3_q_norm():
+    qwen3 = pytest.importorskip("transformers.models.qwen3.modeling_qwen3")
+    g = torch.Generator().manual_seed(6)
+    norm = qwen3.Qwen3RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(16, generator=g) + 0.5)
+    q = torch.randn(2, 5, 4 * 16, generator=g).view(2, 5, 4, 16)  # (B, T, H, D)
+    with torch.no_grad():
+        expected = norm(q)
+    _close(ops.head_rms_norm(q, norm.weight.detach(), 1e-6), expected, rtol=1e-6, atol=1e-6)
+
+
 # -- embedding ---------------------------------------------------------------------------
 
 

@@ -1,4 +1,6 @@
-"""The Llama forward pass over a batch of sequences with a KV cache, built from ``ops``."""
+"""The Llama-family forward pass over a batch of sequences with a KV cache, built from
+``ops``: one pass for every family, what differs (a Q/K/V bias, q/k norms) read from the
+config."""
 
 from __future__ import annotations
 
@@ -28,11 +30,18 @@ class LayerWeights:
     mlp_norm: Tensor
     gate_up: Linear
     down: Linear
+    #: Qwen2's Q/K/V bias, fused like the projections, added after the (possibly quantized)
+    #: product so that the weights keep their fast kernels
+    qkv_bias: Tensor | None = None
+    #: Qwen3's q_norm and k_norm weights, one row per query head then per key head (H + K, D),
+    #: so that one call norms the heads that RoPE then rotates together
+    qk_norm: Tensor | None = None
 
 
 class Llama:
-    """A Llama decoder: embedding, N x (attention + SwiGLU MLP, each pre-normed with a
-    residual), final norm, LM head. Holds no per-sequence state: caches are passed in."""
+    """A Llama-family decoder: embedding, N x (attention + SwiGLU MLP, each pre-normed with a
+    residual), final norm, LM head; Qwen2's Q/K/V bias and Qwen3's q/k norms where the config
+    has them. Holds no per-sequence state: caches are passed in."""
 
     def __init__(
         self,
@@ -59,19 +68,26 @@ class Llama:
         self.norm = w["model.norm.weight"]
         self.lm_head = linear(["lm_head.weight"], head=True)
         self.layers = []
+        h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
             attn, mlp = p + "self_attn.", p + "mlp."
+            qkv = [attn + "q_proj", attn + "k_proj", attn + "v_proj"]
+            bias = torch.cat([w[name + ".bias"] for name in qkv]) if config.qkv_bias else None
+            qk_norm = None
+            if config.qk_norm:
+                q_norm, k_norm = w[attn + "q_norm.weight"], w[attn + "k_norm.weight"]
+                qk_norm = torch.cat([q_norm.expand(h, d), k_norm.expand(kv, d)])
             self.layers.append(
                 LayerWeights(
                     attn_norm=w[p + "input_layernorm.weight"],
-                    qkv=linear(
-                        [attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"]
-                    ),
+                    qkv=linear([name + ".weight" for name in qkv]),
                     wo=linear([attn + "o_proj.weight"]),
                     mlp_norm=w[p + "post_attention_layernorm.weight"],
                     gate_up=linear([mlp + "gate_proj.weight", mlp + "up_proj.weight"]),
                     down=linear([mlp + "down_proj.weight"]),
+                    qkv_bias=bias,
+                    qk_norm=qk_norm,
                 )
             )
         self.inv_freq = ops.rope_inv_freq(
@@ -85,6 +101,10 @@ class Llama:
 
     def _fuse_layers(self) -> None:
         if self.dtype != torch.float32 or self.kv_dtype != torch.bfloat16:
+            return
+        if self.config.qkv_bias or self.config.qk_norm:
+            # the native layer is Llama's as it stands; these layers run op by op, each
+            # projection still through the same block kernels (BlockLinear)
             return
         fused, builds = [], set()
         for ly in self.layers:
@@ -158,9 +178,12 @@ class Llama:
         mask: ops.AttentionMask | None = None
         for i, layer in enumerate(self.layers):
             n = ops.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-            qk, v = (
-                layer.qkv(n, prompt=wide).unflatten(-1, (h + 2 * kv, d)).split((h + kv, kv), dim=-2)
-            )
+            qkv = layer.qkv(n, prompt=wide)
+            if layer.qkv_bias is not None:
+                qkv = qkv + layer.qkv_bias
+            qk, v = qkv.unflatten(-1, (h + 2 * kv, d)).split((h + kv, kv), dim=-2)
+            if layer.qk_norm is not None:
+                qk = ops.head_rms_norm(qk, layer.qk_norm, cfg.rms_norm_eps)
             q, k = ops.rope(qk, cos, sin).split((h, kv), dim=-2)  # one rotation for both
             keys, values = cache.update(i, k, v)
             # decoding is memory-bound: attend in the cache's dtype (bf16 reads half the

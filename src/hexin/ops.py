@@ -1,4 +1,4 @@
-"""The operators of a Llama forward pass, one named function each.
+"""The operators of a Llama-family forward pass, one named function each.
 
 Every function works on plain tensors with optional leading batch dimensions, so the same
 code runs one sequence or a padded batch of many. Shapes use: B batch, T new tokens,
@@ -28,6 +28,18 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     x32 = x if x.dtype == torch.float32 else x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * (normed if normed.dtype == x.dtype else normed.to(x.dtype))
+
+
+def head_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm of each attention head on its own: x (..., heads, D) scaled by weight (D,), or
+    (heads, D) for a different weight per head.
+
+    Qwen3 norms queries and keys this way before RoPE (``q_norm``, ``k_norm``), which keeps
+    attention logits bounded however large the projections grow. The statistic is each
+    head's D values, not the hidden size as in the layer norms; the arithmetic is
+    ``rms_norm``'s over the last dimension, fp32 statistic included.
+    """
+    return rms_norm(x, weight, eps)
 
 
 def rope_inv_freq(

@@ -305,8 +305,8 @@ def details(state: State) -> dict[str, Any]:
     return {
         "parent_model": "",
         "format": state.model_format,
-        "family": "llama",
-        "families": ["llama"],
+        "family": cfg.architecture,
+        "families": [cfg.architecture],
         "parameter_size": f"{params / 1e6:.0f}M" if params < 1e9 else f"{params / 1e9:.1f}B",
         "quantization_level": engine.model.quant,
     }
@@ -338,16 +338,17 @@ class ShowBody(BaseModel):
 async def show(request: Request, body: ShowBody) -> dict[str, Any]:
     state: State = get_state(request)
     engine, _ = state.require()
+    arch = engine.model.config.architecture
     return {
         "modelfile": "",
         "parameters": "",
         "template": engine.tokenizer.chat_template or "",
         "details": details(state),
         "model_info": {
-            "general.architecture": "llama",
-            "llama.context_length": engine.context_limit,
+            "general.architecture": arch,
+            f"{arch}.context_length": engine.context_limit,
         },
-        "capabilities": ["completion"],
+        "capabilities": ["completion", "tools"],
     }
 
 

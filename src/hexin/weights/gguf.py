@@ -1,4 +1,5 @@
-"""Loading llama.cpp's GGUF files: metadata, tensors (kept quantized) and the tokenizer.
+"""Loading llama.cpp's GGUF files (``llama``, ``qwen2``, ``qwen3``): metadata, tensors (kept
+quantized) and the tokenizer.
 
 A GGUF file is one self-describing blob: a header of typed key/value metadata (hyper-parameters,
 the whole tokenizer vocabulary, the chat template), a table of tensor descriptors, then the
@@ -17,13 +18,16 @@ RoPE layout -- the one transform that is not just a rename
 Hugging Face Llama checkpoints apply rotary embeddings in the "rotate-half" layout: within each
 head of ``head_dim`` rows, row ``i`` is paired with row ``i + head_dim/2``. ggml's rope kernel
 for Llama instead pairs *adjacent* rows (``2i``, ``2i+1``). llama.cpp's converter bridges the two
-by permuting the rows of ``q_proj`` and ``k_proj`` when it writes the file: viewing one head's
-rows as ``(2, head_dim/2)``, it transposes them to ``(head_dim/2, 2)``. hexin's model uses the
-rotate-half layout, so :meth:`GGUFTensor.dequantize` undoes that permutation for the query
-(``num_heads`` heads) and key (``num_kv_heads`` heads) projections. Only rows move, and a
-quantization block never spans two rows, so the raw ``data`` stays exactly as stored and the
-same reordering can be applied to raw block rows with :func:`rope_unpermute_index`.
-``v_proj`` and every other tensor are untouched by the converter and need no such step.
+by permuting the rows of ``q_proj`` and ``k_proj`` (and of their biases, where a model has
+them) when it writes a ``llama`` file: viewing one head's rows as ``(2, head_dim/2)``, it
+transposes them to ``(head_dim/2, 2)``. hexin's model uses the rotate-half layout, so
+:meth:`GGUFTensor.dequantize` undoes that permutation for the query (``num_heads`` heads) and
+key (``num_kv_heads`` heads) projections. Only rows move, and a quantization block never spans
+two rows, so the raw ``data`` stays exactly as stored and the same reordering can be applied to
+raw block rows with :func:`rope_unpermute_index`. ``v_proj`` and every other tensor are
+untouched by the converter and need no such step. ``qwen2`` and ``qwen3`` files keep Hugging
+Face's rows as they are (llama.cpp runs those architectures with its rotate-half "NEOX" RoPE),
+so nothing is permuted back for them.
 
 Errors: every problem with a file -- missing, not GGUF, truncated, an architecture or tensor
 type hexin cannot run, a tensor missing or of the wrong shape -- raises
@@ -256,7 +260,8 @@ class GGUFTensor:
     #: float32/float16 arrays of ``shape`` for F32/F16, otherwise uint8 with the last dimension
     #: in bytes (``shape[:-1] + (row_bytes,)``). Rows of q/k are still in llama.cpp's RoPE order.
     data: np.ndarray
-    #: For q_proj/k_proj: the head count whose RoPE row permutation ``dequantize`` undoes.
+    #: For q_proj/k_proj (weights and biases) of a ``llama`` file: the head count whose RoPE
+    #: row permutation ``dequantize`` undoes.
     rope_heads: int | None = field(default=None, repr=False)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -508,6 +513,8 @@ _LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
@@ -518,6 +525,8 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+#: The layer tensors that may have a ``.bias`` beside their ``.weight`` (Qwen2's Q/K/V bias).
+_BIASED = frozenset({"attn_q", "attn_k", "attn_v"})
 #: Tensors llama.cpp may write that carry nothing the forward pass needs.
 #: (``attn_rot_embd`` is an old converter's precomputed rotary table.)
 _IGNORED_SUFFIXES = (".attn_rot_embd",)
@@ -527,11 +536,13 @@ def _hf_name(gguf_name: str) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] == "weight":
-        leaf = _LAYER_NAMES.get(parts[2])
-        if leaf is not None:
-            return f"model.layers.{int(parts[1])}.{leaf}.weight"
-    return None
+    if len(parts) != 4 or parts[0] != "blk" or not parts[1].isdigit():
+        return None
+    block, kind, suffix = parts[1:]
+    leaf = _LAYER_NAMES.get(kind)
+    if leaf is None or not (suffix == "weight" or (suffix == "bias" and kind in _BIASED)):
+        return None
+    return f"model.layers.{int(block)}.{leaf}.{suffix}"
 
 
 def _rope_scaling_from_freqs(
@@ -652,6 +663,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
         source=str(path),
         vocab_rows=rows or None,
         tie_word_embeddings="output.weight" not in infos,
+        qkv_bias="blk.0.attn_q.bias" in infos,
         bos_token_id=vocab.bos_token_id,
         eos_token_ids=vocab.eos_token_ids,
         rope_scaling_from_freqs=recover_rope_scaling,
@@ -668,10 +680,10 @@ def load_gguf(path: str | Path) -> GGUFModel:
                 unknown.append(gguf_name)
             continue
         qtype = qtype_of(info)
-        rope_heads = None
-        if hf_name.endswith("q_proj.weight"):
+        rope_heads = None  # rows the converter permuted: q and k of llama files only
+        if config.architecture == "llama" and ".self_attn.q_proj." in hf_name:
             rope_heads = config.num_heads
-        elif hf_name.endswith("k_proj.weight"):
+        elif config.architecture == "llama" and ".self_attn.k_proj." in hf_name:
             rope_heads = config.num_kv_heads
         tensors[hf_name] = GGUFTensor(
             name=hf_name,
@@ -685,7 +697,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
             f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         )
         raise ModelFormatError(
-            f"{path}: tensors hexin's Llama model has no place for: {shown} (biases or other "
+            f"{path}: tensors hexin's model has no place for: {shown} (biases or other "
             "extras it would silently drop)"
         )
 
@@ -704,8 +716,8 @@ def load_gguf(path: str | Path) -> GGUFModel:
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise ModelFormatError(
-            f"{path}: tensors beyond the {config.num_layers} layers the metadata declares: "
-            + ", ".join(_gguf_name_for(n) for n in extra[:5])
+            f"{path}: tensors the {config.num_layers}-layer {config.architecture!r} model its "
+            "metadata declares has no place for: " + ", ".join(_gguf_name_for(n) for n in extra[:5])
         )
 
     tokenizer = build_tokenizer(vocab, str(path))
@@ -730,5 +742,5 @@ def _gguf_name_for(hf_name: str) -> str:
     leaf = ".".join(parts[3:-1])
     for g, h in _LAYER_NAMES.items():
         if h == leaf:
-            return f"blk.{parts[2]}.{g}.weight"
+            return f"blk.{parts[2]}.{g}.{parts[-1]}"
     return hf_name
