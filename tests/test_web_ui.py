@@ -1403,3 +1403,26 @@ def test_the_ui_speaks_chinese_and_switches_to_english(browser: Browser, server:
     expect(pg.get_by_test_id("open-help")).to_have_text("Shortcuts")
     pg.context.close()
     assert not errors, f"uncaught errors in the page: {errors}"
+
+
+def test_a_dropped_text_file_is_attached_to_the_message(page: Page, server: WebServer) -> None:
+    pg = page
+    sid = server.new_session(max_tokens=4)
+    open_chat(pg, sid)
+    pg.evaluate(
+        """() => {
+            const data = new DataTransfer();
+            data.items.add(new File(["a,b\\n1,2\\n"], "table.csv", { type: "text/csv" }));
+            const form = document.querySelector("#composer");
+            const init = { dataTransfer: data, bubbles: true, cancelable: true };
+            form.dispatchEvent(new DragEvent("dragover", init));
+            form.dispatchEvent(new DragEvent("drop", init));
+        }"""
+    )
+    expect(pg.get_by_test_id("attachment")).to_have_text(re.compile("table.csv"))
+    pg.get_by_test_id("chat-input").fill("What is in this file?")
+    pg.get_by_test_id("chat-input").press("Enter")
+    wait_replies(pg, 1)
+    expect(pg.get_by_test_id("attachment")).to_have_count(0)
+    user = server.request("GET", f"/api/sessions/{sid}")["path"][0]
+    assert user["content"] == "table.csv:\n```\na,b\n1,2\n```\n\nWhat is in this file?"
