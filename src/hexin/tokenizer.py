@@ -52,7 +52,13 @@ class Tokenizer:
     # -- constructors -------------------------------------------------------------------
     @classmethod
     def from_hf_folder(cls, folder: Path, eos_token_ids: Sequence[int] = ()) -> Tokenizer:
-        """Load ``tokenizer.json`` plus the conventions in ``tokenizer_config.json``."""
+        """Load ``tokenizer.json`` plus the conventions in ``tokenizer_config.json``.
+
+        The chat template is ``chat_template.jinja`` when the folder has one (it wins over
+        ``tokenizer_config.json``'s, as in transformers). A reply ends at any of
+        ``eos_token_ids`` (config.json's), tokenizer_config's ``eos_token``,
+        generation_config.json's ``eos_token_id`` and the well-known end-of-turn specials.
+        """
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise ModelFormatError(f"{folder}: no tokenizer.json")
@@ -69,12 +75,17 @@ class Tokenizer:
         eos_id = _token_id(inner, cfg.get("eos_token"))
         if eos_id is not None:
             eos_ids.insert(0, eos_id)
+        eos_ids += _generation_eos_ids(folder)
+        eos_ids += end_of_turn_ids(inner)
         if "add_bos_token" in cfg:
             add_bos = bool(cfg["add_bos_token"])
         else:  # Llama 3 style: the tokenizer.json post-processor decides
             probe = inner.encode("a", add_special_tokens=True).ids
             add_bos = bos_id is not None and bool(probe) and probe[0] == bos_id
         template = cfg.get("chat_template")
+        jinja_path = folder / "chat_template.jinja"  # where transformers >= 4.47 saves it
+        if jinja_path.is_file():
+            template = jinja_path.read_text(encoding="utf-8")
         if isinstance(template, list):  # named templates: take the default one
             named = {t.get("name"): t.get("template") for t in template}
             template = named.get("default") or next(iter(named.values()), None)
@@ -199,14 +210,52 @@ class StreamDecoder:
         return full_text[len(prefix_text) :]
 
 
+#: Special tokens that end a chat turn in the families hexin runs (Qwen/ChatML, Gemma, Llama 3,
+#: Phi-3). A reply stops at any of them that the vocabulary holds as a special token, even
+#: when the model's files name only the document-level EOS (``<|endoftext|>``,
+#: ``<|end_of_text|>``, ``<eos>``), which a chat turn never emits.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|end|>")
+
+
+def end_of_turn_ids(inner: tokenizers.Tokenizer) -> list[int]:
+    """Ids of the well-known end-of-turn tokens that ``inner`` holds as special tokens."""
+    specials = {t.content: i for i, t in inner.get_added_tokens_decoder().items() if t.special}
+    return [specials[t] for t in END_OF_TURN_TOKENS if t in specials]
+
+
+def _generation_eos_ids(folder: Path) -> list[int]:
+    """``eos_token_id`` of ``generation_config.json`` (an id or a list of ids), which for
+    instruct models lists the end-of-turn tokens that config.json leaves out."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return []
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ModelFormatError(f"{path}: invalid JSON ({e})") from None
+    values = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ModelFormatError(f"{path}: eos_token_id should be a token id or a list of ids")
+    return values
+
+
 def _token_id(inner: tokenizers.Tokenizer, token: Any) -> int | None:
     if isinstance(token, dict):  # older configs store AddedToken dictionaries
         token = token.get("content")
     return inner.token_to_id(token) if isinstance(token, str) else None
 
 
-def _tojson(value: Any, indent: int | None = None, **_: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, indent=indent)
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    """transformers' ``tojson``: plain JSON, not HTML-escaped, with json.dumps' options."""
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _raise_template_error(message: str) -> None:
