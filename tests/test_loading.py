@@ -276,3 +276,44 @@ def test_settings_that_change_the_math_are_refused_by_name(tmp_path, story_dir, 
     with pytest.raises(ModelFormatError, match=named) as info:
         load_model(folder)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("layer_types", [None, ["sliding_attention", "full_attention"]])
+def test_qwen2_sliding_window_layers_match_transformers(tmp_path, story_dir, layer_types):
+    """Qwen2's ``use_sliding_window``: the layers from ``max_window_layers`` on (or those
+    ``layer_types`` names) see only the last ``sliding_window`` keys. A 30-token prompt
+    over a window of 8, then decode steps one token at a time through the cache."""
+    config = transformers.Qwen2Config(
+        vocab_size=2048,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
+        layer_types=layer_types,
+    )
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+    hf.save_pretrained(tmp_path / "qwen2")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(story_dir / name, tmp_path / "qwen2" / name)
+    loaded = load_model(tmp_path / "qwen2")
+    expected_types = tuple(layer_types or ["full_attention", "sliding_attention"])
+    assert loaded.config.sliding_window == 8 and loaded.config.layer_types == expected_types
+    model = Llama(loaded.config, loaded.weights)
+    ids = [
+        int(i) for i in torch.randint(3, 2048, (34,), generator=torch.Generator().manual_seed(3))
+    ]
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0]
+    cache = model.new_cache()
+    ours = [model.forward(torch.tensor([ids[:30]]), cache)[0]]
+    ours += [model.forward(torch.tensor([[t]]), cache)[0] for t in ids[30:33]]
+    assert (torch.stack(ours) - theirs[29:33]).abs().max().item() < 1e-4

@@ -512,3 +512,131 @@ def test_attention_batch_with_per_sequence_offsets_sees_only_its_own_keys(t):
             poked_v[b, off + i + 1 :] = 1e6
             poked = reference_ops.attention(q, keys, poked_v, offsets)
             torch.testing.assert_close(poked[b, i], out[b, i])
+
+
+# -- sliding-window attention ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("t", "offset", "window"), [(6, 0, 3), (1, 9, 4), (3, 5, 1), (4, 2, 8)])
+def test_causal_mask_with_a_window_sees_only_the_last_window_keys(t, offset, window):
+    """Query i (at position offset + i) sees keys offset + i - window < j <= offset + i: the
+    last ``window`` keys, itself included, as transformers' ``sliding_window_overlay``."""
+    mask = ops.causal_mask(t, offset + t + 2, offset, window=window)
+    for i in range(t):
+        pos = offset + i
+        seen = [j for j in range(offset + t + 2) if mask[i, j]]
+        assert seen == list(range(max(0, pos - window + 1), pos + 1))
+
+
+def test_causal_mask_window_matches_transformers_sliding_window_mask():
+    masking = pytest.importorskip("transformers.masking_utils")
+    causal = masking.and_masks(masking.causal_mask_function, masking.sliding_window_overlay(5))
+    t, offset = 4, 7
+    theirs = torch.tensor(
+        [
+            [
+                bool(causal(0, 0, torch.tensor(offset + i), torch.tensor(j)))
+                for j in range(offset + t)
+            ]
+            for i in range(t)
+        ]
+    )
+    assert torch.equal(ops.causal_mask(t, offset + t, offset, window=5), theirs)
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_fused_attention_with_a_window_equals_attention_over_the_window_alone(t):
+    """Per sequence (offsets 9 and 3, right-padded): the windowed mask gives what attention
+    over only the window's keys gives."""
+    window, offsets = 4, torch.tensor([9, 3])
+    g = torch.Generator().manual_seed(21)
+    length = ops.key_width(int(offsets.max()) + t)
+    q = torch.randn(2, t, 4, 8, generator=g)
+    keys, values = (
+        torch.randn(2, length, 2, 8, generator=g),
+        torch.randn(2, length, 2, 8, generator=g),
+    )
+    mask = ops.attention_mask(t, length, offsets, padded=True, device=q.device, window=window)
+    out = ops.fused_attention(q, keys, values, offsets, mask=mask)
+    for b, off in enumerate(offsets.tolist()):
+        for i in range(t):
+            lo, hi = max(0, off + i - window + 1), off + i + 1
+            alone = ops.fused_attention(
+                q[b, i : i + 1], keys[b, lo:hi], values[b, lo:hi], hi - lo - 1, padded=False
+            )
+            _close(out[b, i], alone[0], atol=1e-5)
+
+
+def test_attention_mask_leaves_out_a_window_that_hides_nothing():
+    assert ops.attention_mask(5, 5, 0, padded=False, device=torch.device("cpu"), window=8) == (
+        None,
+        True,
+    )
+    mask, causal = ops.attention_mask(5, 5, 0, padded=False, device=torch.device("cpu"), window=2)
+    assert not causal and torch.equal(mask, ops.causal_mask(5, 5, 0, window=2))
+
+
+# -- Gemma 2's operators -----------------------------------------------------------------
+
+
+def test_gelu_tanh_matches_its_formula_and_transformers():
+    x = torch.linspace(-6, 6, 101)
+    formula = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    _close(ops.gelu_tanh(x), formula)
+    activations = pytest.importorskip("transformers.activations")
+    _close(ops.gelu_tanh(x), activations.ACT2FN["gelu_pytorch_tanh"](x))
+    gate, up = torch.randn(2, 7, generator=torch.Generator().manual_seed(3))
+    _close(ops.geglu_tanh(gate, up), ops.gelu_tanh(gate) * up)
+
+
+def test_soft_cap_bounds_values_and_keeps_small_ones():
+    x = torch.tensor([-1e4, -50.0, -0.01, 0.0, 0.01, 50.0, 1e4])
+    out = ops.soft_cap(x, 30.0)
+    assert out.abs().max() <= 30.0
+    _close(out, 30.0 * torch.tanh(x / 30.0))
+    assert abs(out[4].item() - 0.01) < 1e-7 and out[3].item() == 0.0
+
+
+def test_embedding_scale_rounds_the_multiplier_to_the_embeddings_dtype():
+    x = torch.ones(3, dtype=torch.bfloat16)
+    expected = torch.tensor(64**0.5 * 1.1).to(torch.bfloat16)
+    assert torch.equal(ops.embedding_scale(x, 64**0.5 * 1.1), x * expected)
+    _close(ops.embedding_scale(torch.ones(2), 8.0), torch.full((2,), 8.0))
+
+
+def _naive_capped_attention(q, k, v, offset, scale, cap, window=None):
+    """Per query and head: scores q.k * scale, soft-capped, over the keys it may see."""
+    t, h, d = q.shape
+    group = h // k.shape[1]
+    out = torch.zeros(t, h, d, dtype=torch.float64)
+    for i in range(t):
+        pos = offset + i
+        lo = 0 if window is None else max(0, pos - window + 1)
+        for hi in range(h):
+            kk, vv = k[lo : pos + 1, hi // group].double(), v[lo : pos + 1, hi // group].double()
+            s = cap * torch.tanh((kk @ q[i, hi].double()) * scale / cap)
+            out[i, hi] = torch.softmax(s, 0) @ vv
+    return out.float().reshape(t, h * d)
+
+
+@pytest.mark.parametrize(("t", "offset", "window"), [(5, 0, None), (1, 9, None), (3, 6, 4)])
+def test_fused_attention_with_softcap_and_scale_matches_naive(t, offset, window):
+    g = torch.Generator().manual_seed(31)
+    q = torch.randn(t, 4, 8, generator=g) * 3
+    keys = torch.randn(offset + t, 2, 8, generator=g) * 3
+    values = torch.randn(offset + t, 2, 8, generator=g)
+    mask = ops.attention_mask(t, offset + t, offset, padded=False, device=q.device, window=window)
+    out = ops.fused_attention(q, keys, values, offset, mask=mask, scale=0.3, softcap=2.0)
+    _close(out, _naive_capped_attention(q, keys, values, offset, 0.3, 2.0, window), atol=1e-5)
+
+
+def test_capped_attention_gives_the_same_bits_alone_and_beside_padding():
+    """A decode query over its own 20 keys, alone and padded to 48 keys in a batch."""
+    g = torch.Generator().manual_seed(32)
+    q = torch.randn(2, 1, 4, 8, generator=g)
+    keys, values = torch.randn(2, 48, 2, 8, generator=g), torch.randn(2, 48, 2, 8, generator=g)
+    offsets = torch.tensor([19, 47])
+    mask = ops.attention_mask(1, 48, offsets, padded=True, device=q.device)
+    batched = ops.fused_attention(q, keys, values, offsets, mask=mask, softcap=5.0)
+    alone = ops.fused_attention(q[:1], keys[:1, :20], values[:1, :20], 19, softcap=5.0)
+    assert torch.equal(batched[0], alone[0])

@@ -1,7 +1,8 @@
 """ModelConfig: the shape of a Llama-family model, from config.json or GGUF metadata.
 
-Llama, Mistral, Qwen2/2.5 and Qwen3 share one forward pass; what tells them apart is data
-here (``qkv_bias``, ``qk_norm``), read from either source. Both sources are reduced to one
+Llama, Mistral, Qwen2/2.5, Qwen3 and Gemma 2 share one forward pass; what tells them apart
+is data here (``qkv_bias``, ``qk_norm``, ``sliding_window``, Gemma's norms, activation and
+soft-caps), read from either source. Both sources are reduced to one
 validated dataclass so that the model code never needs to know where its weights came from:
 :meth:`ModelConfig.from_hf` reads a ``config.json`` dictionary, :meth:`ModelConfig.from_gguf`
 the key/values of a GGUF header (parsed by :mod:`hexin.weights.gguf`). :func:`expected_shapes`
@@ -22,16 +23,24 @@ from typing import Any
 from hexin.errors import ModelFormatError
 
 #: HF ``architectures`` entries hexin runs, and the family each is (``ModelConfig.architecture``).
-#: Mistral differs from Llama only in its optional sliding-window attention, which hexin does
-#: not apply (see ``sliding_window``); Qwen2 adds a Q/K/V bias, Qwen3 a per-head q/k norm.
+#: Mistral differs from Llama only in its optional sliding-window attention (``sliding_window``);
+#: Qwen2 adds a Q/K/V bias (and may slide some layers), Qwen3 a per-head q/k norm; Gemma 2
+#: differs in the fields from ``hidden_act`` on.
 HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
 }
 #: GGUF ``general.architecture`` values hexin runs (llama.cpp's names; its key prefix too)
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2")
+#: gated MLP activations hexin implements (``ops.GATED_ACTIVATIONS``)
+HIDDEN_ACTS = ("silu", "gelu_tanh")
+#: transformers' names of those activations
+HF_ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+#: attention layer kinds hexin implements, as transformers names them (``layer_types``)
+LAYER_TYPES = ("full_attention", "sliding_attention")
 #: RoPE types hexin implements, as transformers names them (``rope_type``)
 ROPE_TYPES = ("default", "llama3")
 
@@ -65,9 +74,12 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
-    #: Mistral's sliding window, recorded but not applied: every model hexin ships runs
-    #: within its window, and full attention is exact there.
+    #: sliding-window attention: a query of a sliding layer sees only the last
+    #: ``sliding_window`` keys, itself included (``ops.causal_mask``); None: none slides
     sliding_window: int | None = None
+    #: each layer's kind as transformers names it (``full_attention``, ``sliding_attention``);
+    #: empty: every layer slides when ``sliding_window`` is set (Mistral)
+    layer_types: tuple[str, ...] = ()
     #: the family (``HF_ARCHITECTURES``' values), for display; the fields below carry
     #: everything in which the families' forward passes differ
     architecture: str = "llama"
@@ -75,6 +87,25 @@ class ModelConfig:
     qkv_bias: bool = False
     #: RMSNorm over each query and key head before RoPE (Qwen3's ``q_norm`` / ``k_norm``)
     qk_norm: bool = False
+    #: the gated MLP's activation (``ops.GATED_ACTIVATIONS``): ``silu`` (SwiGLU) or
+    #: ``gelu_tanh`` (Gemma)
+    hidden_act: str = "silu"
+    #: embeddings multiplied by this (Gemma: sqrt(hidden_size)); None: not scaled
+    embedding_multiplier: float | None = None
+    #: every RMSNorm weight is stored as an offset from this (Gemma: 1, the norm scales by
+    #: 1 + weight); the model adds it at load
+    norm_weight_offset: float = 0.0
+    #: Gemma 2's sandwich norms: the attention and MLP outputs normed again before their
+    #: residual adds (``post_attention_layernorm``, ``post_feedforward_layernorm``), the MLP's
+    #: input by ``pre_feedforward_layernorm``
+    post_norms: bool = False
+    #: attention scores times this (None: 1 / sqrt(head_dim); Gemma: query_pre_attn_scalar
+    #: ** -0.5)
+    attention_scale: float | None = None
+    #: soft-cap of the attention scores (``ops.soft_cap``; Gemma 2), None: none
+    attn_logit_softcap: float | None = None
+    #: soft-cap of the final logits (Gemma 2), None: none
+    final_logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         positive = {
@@ -97,6 +128,37 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ModelFormatError(f"config: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ModelFormatError(
+                f"config: hidden_act {self.hidden_act!r} is not supported (hexin: "
+                f"{', '.join(HIDDEN_ACTS)})"
+            )
+        if self.sliding_window is not None and (
+            not isinstance(self.sliding_window, int) or self.sliding_window <= 0
+        ):
+            raise ModelFormatError(
+                f"config: sliding_window must be a positive integer, got {self.sliding_window!r}"
+            )
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers:
+                raise ModelFormatError(
+                    f"config: layer_types has {len(self.layer_types)} entries for "
+                    f"{self.num_layers} layers"
+                )
+            kinds = set(self.layer_types) - set(LAYER_TYPES)
+            if kinds:
+                raise ModelFormatError(
+                    f"config: layer_types {sorted(kinds)} are not supported (hexin runs "
+                    f"{', '.join(LAYER_TYPES)})"
+                )
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer``, or None for full attention."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @property
     def group_size(self) -> int:
@@ -118,8 +180,10 @@ class ModelConfig:
             raise ModelFormatError(
                 f"unsupported architecture {arch!r}; hexin runs {', '.join(HF_ARCHITECTURES)}"
             )
-        _check_hf_settings(cfg)
+        _check_hf_settings(cfg, family)
         rope_theta, rope_scaling = _hf_rope(cfg)
+        sliding_window, layer_types = _hf_sliding_window(cfg, family)
+        gemma = family == "gemma2"
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
@@ -133,17 +197,31 @@ class ModelConfig:
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
                 intermediate_size=int(cfg["intermediate_size"]),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if family == "gemma2" else 1e-5)),
                 rope_theta=rope_theta,
                 rope_scaling=rope_scaling,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family == "gemma2")),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
-                sliding_window=cfg.get("sliding_window") if family == "mistral" else None,
+                sliding_window=sliding_window,
+                layer_types=layer_types,
                 architecture=family,
                 qkv_bias=family == "qwen2",
                 qk_norm=family == "qwen3",
+                hidden_act=HF_ACTS[cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")],
+                embedding_multiplier=hidden**0.5 if gemma else None,
+                norm_weight_offset=1.0 if gemma else 0.0,
+                post_norms=gemma,
+                attention_scale=(
+                    float(cfg.get("query_pre_attn_scalar", 256)) ** -0.5 if gemma else None
+                ),
+                attn_logit_softcap=_optional_float(cfg.get("attn_logit_softcapping"))
+                if gemma
+                else None,
+                final_logit_softcap=_optional_float(cfg.get("final_logit_softcapping"))
+                if gemma
+                else None,
             )
         except KeyError as e:
             raise ModelFormatError(f"config.json is missing {e.args[0]!r}") from None
@@ -167,7 +245,9 @@ class ModelConfig:
         ``source`` (the file) prefixes every error. What the metadata does not say comes from the
         loader: ``vocab_rows``, the token embedding's rows (else the token count), used when
         ``<arch>.vocab_size`` is absent; whether the file has no separate ``output.weight``; the
-        BOS/EOS ids of its vocabulary; whether it has Q/K/V biases (``attn_q.bias``: llama.cpp
+        BOS/EOS ids of its vocabulary; ``<arch>.attention.sliding_window``, when present,
+        slides every layer (a Mistral file; llama.cpp's converter may leave it out, and such
+        a file runs full attention); whether it has Q/K/V biases (``attn_q.bias``: llama.cpp
         requires them of qwen2 files and takes them in llama ones). Qwen3 always has q/k norms.
         llama.cpp stores Llama 3 RoPE scaling as a
         ``rope_freqs.weight`` tensor; when the file has one, ``rope_scaling_from_freqs`` recovers
@@ -209,6 +289,28 @@ class ModelConfig:
         layers = _meta_int(meta, f"{arch}.block_count", source)
         ffn = _meta_int(meta, f"{arch}.feed_forward_length", source)
         eps = _meta_float(meta, f"{arch}.attention.layer_norm_rms_epsilon", source, 1e-5)
+        window = meta.get(f"{arch}.attention.sliding_window")
+        gemma = arch == "gemma2"
+        gemma_options: dict[str, Any] = {}
+        if gemma:
+            # as llama.cpp runs gemma2 files: layers 0, 2, ... slide; norms stored as
+            # 1 + weight by the converter (so no offset here); the query scale is not in the
+            # file: 1 / sqrt(hidden / heads) for the 46-layer (27B) model, else
+            # 1 / sqrt(head_dim), which are the models' query_pre_attn_scalar
+            gemma_options = dict(
+                layer_types=tuple(
+                    "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
+                ),
+                hidden_act="gelu_tanh",
+                embedding_multiplier=hidden**0.5,
+                post_norms=True,
+                attention_scale=(hidden / heads if layers == 46 else head_dim) ** -0.5,
+                attn_logit_softcap=_meta_optional_float(meta, f"{arch}.attn_logit_softcapping"),
+                final_logit_softcap=_meta_optional_float(meta, f"{arch}.final_logit_softcapping"),
+            )
+        window = (
+            None if window is None else _meta_int(meta, f"{arch}.attention.sliding_window", source)
+        )
         try:
             return cls(
                 vocab_size=vocab_size,
@@ -228,6 +330,8 @@ class ModelConfig:
                 architecture=arch,
                 qkv_bias=qkv_bias,
                 qk_norm=arch == "qwen3",
+                sliding_window=window,
+                **gemma_options,
             )
         except ModelFormatError as e:
             raise ModelFormatError(f"{source}: {e}") from None
@@ -270,6 +374,11 @@ def expected_shapes(
                 p + "self_attn.k_proj.bias": (kv_out,),
                 p + "self_attn.v_proj.bias": (kv_out,),
             }
+        if c.post_norms:
+            shapes |= {
+                p + "pre_feedforward_layernorm.weight": (h,),
+                p + "post_feedforward_layernorm.weight": (h,),
+            }
         if c.qk_norm:
             shapes |= {
                 p + "self_attn.q_norm.weight": (c.head_dim,),
@@ -306,6 +415,11 @@ def _meta_int(meta: Mapping[str, Any], key: str, source: str, default: int | Non
     return int(value)
 
 
+def _meta_optional_float(meta: Mapping[str, Any], key: str) -> float | None:
+    value = meta.get(key)
+    return None if value is None else float(value)
+
+
 def _meta_float(meta: Mapping[str, Any], key: str, source: str, default: float) -> float:
     value = meta.get(key, default)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -313,26 +427,64 @@ def _meta_float(meta: Mapping[str, Any], key: str, source: str, default: float) 
     return float(value)
 
 
-def _check_hf_settings(cfg: Mapping[str, Any]) -> None:
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _hf_sliding_window(cfg: Mapping[str, Any], family: str) -> tuple[int | None, tuple[str, ...]]:
+    """(sliding_window, layer_types) as transformers reads them: Mistral slides every layer
+    by ``sliding_window`` (null: none); Qwen2 only with ``use_sliding_window``, the layers
+    ``layer_types`` names (by default those from ``max_window_layers`` on)."""
+    if family == "mistral":
+        window = cfg.get("sliding_window")
+        return (None if window is None else int(window)), ()
+    if family == "gemma2":  # every other layer slides, the first one first
+        window = cfg.get("sliding_window", 4096)
+        layers = int(cfg.get("num_hidden_layers", 0))
+        types = cfg.get("layer_types") or [
+            "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)
+        ]
+        return (None if window is None else int(window)), tuple(types)
+    if family != "qwen2":
+        return None, ()
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+    layers = int(cfg.get("num_hidden_layers", 0))
+    types = cfg.get("layer_types") or [
+        "sliding_attention"
+        if window is not None and i >= int(cfg.get("max_window_layers", 28))
+        else "full_attention"
+        for i in range(layers)
+    ]
+    return (None if window is None else int(window)), tuple(types)
+
+
+def _check_hf_settings(cfg: Mapping[str, Any], family: str) -> None:
     """Refuse config.json settings that change the math and that hexin's forward pass does
     not implement, each by its key (absent keys take transformers' defaults)."""
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise ModelFormatError(f"config.json: hidden_act {act!r} is not supported (hexin: silu)")
+    key = "hidden_activation" if family == "gemma2" else "hidden_act"
+    act = cfg.get(key) or ("gelu_pytorch_tanh" if family == "gemma2" else "silu")
+    expected = "gelu_pytorch_tanh" if family == "gemma2" else "silu"
+    if act != expected:
+        raise ModelFormatError(
+            f"config.json: {key} {act!r} is not supported for {family} (hexin: {expected})"
+        )
     # Qwen2's Q/K/V bias is its architecture's, not a setting; these put a bias on every
     # attention projection (the output one included) or on the MLP
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             raise ModelFormatError(f"config.json: {key} = true is not supported")
+    if family in ("qwen2", "gemma2"):  # their sliding layers are read by _hf_sliding_window
+        return
     if cfg.get("use_sliding_window"):
         raise ModelFormatError(
-            "config.json: use_sliding_window (sliding-window attention layers) is not supported"
+            f"config.json: use_sliding_window (sliding-window attention layers) is not "
+            f"supported for {family}"
         )
     kinds = set(cfg.get("layer_types") or ()) - {"full_attention"}
     if kinds:
         raise ModelFormatError(
-            f"config.json: layer_types {sorted(kinds)} are not supported (hexin runs "
-            "full_attention layers)"
+            f"config.json: layer_types {sorted(kinds)} are not supported for {family} (hexin "
+            "runs full_attention layers there)"
         )
 
 

@@ -1,6 +1,6 @@
 """The Llama-family forward pass over a batch of sequences with a KV cache, built from
-``ops``: one pass for every family, what differs (a Q/K/V bias, q/k norms) read from the
-config."""
+``ops``: one pass for every family, what differs (a Q/K/V bias, q/k norms, sliding
+windows, Gemma 2's norms, activation and soft-caps) read from the config."""
 
 from __future__ import annotations
 
@@ -36,6 +36,10 @@ class LayerWeights:
     #: Qwen3's q_norm and k_norm weights, one row per query head then per key head (H + K, D),
     #: so that one call norms the heads that RoPE then rotates together
     qk_norm: Tensor | None = None
+    #: Gemma 2's norms of the attention output and of the MLP output, before their residual
+    #: adds (``mlp_norm`` is then its pre_feedforward_layernorm)
+    post_attn_norm: Tensor | None = None
+    post_mlp_norm: Tensor | None = None
 
 
 class Llama:
@@ -63,6 +67,11 @@ class Llama:
         #: attention to read, within their perplexity guard); "none" keeps ``dtype``, exact
         self.kv_dtype = dtype if self.quant == "none" else torch.bfloat16
         w = _checked_weights(config, weights, dtype, self.device)
+        if config.norm_weight_offset:  # Gemma's norms scale by 1 + weight: add it once here
+            for name, t in w.items():
+                if name.endswith("norm.weight"):
+                    w[name] = (t.float() + config.norm_weight_offset).to(dtype)
+        self.mlp_act = ops.GATED_ACTIVATIONS[config.hidden_act]
         linear = _LinearFactory(w, quantized or {}, self.quant)
         self.embed = w["model.embed_tokens.weight"]
         self.norm = w["model.norm.weight"]
@@ -78,18 +87,27 @@ class Llama:
             if config.qk_norm:
                 q_norm, k_norm = w[attn + "q_norm.weight"], w[attn + "k_norm.weight"]
                 qk_norm = torch.cat([q_norm.expand(h, d), k_norm.expand(kv, d)])
+            post = config.post_norms
             self.layers.append(
                 LayerWeights(
                     attn_norm=w[p + "input_layernorm.weight"],
                     qkv=linear([name + ".weight" for name in qkv]),
                     wo=linear([attn + "o_proj.weight"]),
-                    mlp_norm=w[p + "post_attention_layernorm.weight"],
+                    mlp_norm=w[
+                        p
+                        + ("pre_feedforward_layernorm" if post else "post_attention_layernorm")
+                        + ".weight"
+                    ],
                     gate_up=linear([mlp + "gate_proj.weight", mlp + "up_proj.weight"]),
                     down=linear([mlp + "down_proj.weight"]),
                     qkv_bias=bias,
                     qk_norm=qk_norm,
+                    post_attn_norm=w[p + "post_attention_layernorm.weight"] if post else None,
+                    post_mlp_norm=w[p + "post_feedforward_layernorm.weight"] if post else None,
                 )
             )
+        #: each layer's sliding window (None: full attention)
+        self.windows = [config.window(i) for i in range(config.num_layers)]
         self.inv_freq = ops.rope_inv_freq(
             config.head_dim, config.rope_theta, config.rope_scaling
         ).to(self.device)
@@ -102,9 +120,20 @@ class Llama:
     def _fuse_layers(self) -> None:
         if self.dtype != torch.float32 or self.kv_dtype != torch.bfloat16:
             return
-        if self.config.qkv_bias or self.config.qk_norm:
-            # the native layer is Llama's as it stands; these layers run op by op, each
-            # projection still through the same block kernels (BlockLinear)
+        c = self.config
+        llama_layer = (
+            not (c.qkv_bias or c.qk_norm or c.post_norms)
+            and all(w is None for w in self.windows)
+            and c.hidden_act == "silu"
+            and c.embedding_multiplier is None
+            and c.norm_weight_offset == 0
+            and c.attention_scale is None
+            and c.attn_logit_softcap is None
+            and c.final_logit_softcap is None
+        )
+        if not llama_layer:
+            # the native layer is Llama's as it stands (full attention); other layers run
+            # op by op, each projection still through the same block kernels (BlockLinear)
             return
         fused, builds = [], set()
         for ly in self.layers:
@@ -175,7 +204,9 @@ class Llama:
         positions = offsets.unsqueeze(-1) + torch.arange(t, device=self.device)  # (B, T)
         cos, sin = ops.rope_cos_sin(positions, self.inv_freq)
         x = ops.embedding(tokens.to(self.device), self.embed)
-        mask: ops.AttentionMask | None = None
+        if cfg.embedding_multiplier is not None:
+            x = ops.embedding_scale(x, cfg.embedding_multiplier)
+        masks: dict[int | None, ops.AttentionMask] = {}  # per window, the same every layer
         for i, layer in enumerate(self.layers):
             n = ops.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
             qkv = layer.qkv(n, prompt=wide)
@@ -190,20 +221,44 @@ class Llama:
             # bytes); prompts are compute-bound, where fp32 is faster on CPUs without AMX
             adt = x.dtype if wide else keys.dtype
             q, keys, values = (_cast(a, adt) for a in (q, keys, values))
-            if mask is None:  # the same for every layer of the step
-                mask = ops.attention_mask(
-                    t, keys.shape[-3], offsets, padded=cache.padded, device=self.device
+            window = self.windows[i]
+            mask = masks.get(window)
+            if mask is None:
+                mask = masks[window] = ops.attention_mask(
+                    t,
+                    keys.shape[-3],
+                    offsets,
+                    padded=cache.padded,
+                    device=self.device,
+                    window=window,
                 )
-            attn = ops.fused_attention(q, keys, values, offsets, mask=mask)
-            x = x + layer.wo(_cast(attn, x.dtype), prompt=wide)
+            attn = ops.fused_attention(
+                q,
+                keys,
+                values,
+                offsets,
+                mask=mask,
+                scale=cfg.attention_scale,
+                softcap=cfg.attn_logit_softcap,
+            )
+            out = layer.wo(_cast(attn, x.dtype), prompt=wide)
+            if layer.post_attn_norm is not None:
+                out = ops.rms_norm(out, layer.post_attn_norm, cfg.rms_norm_eps)
+            x = x + out
             n = ops.rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
             gate, up = layer.gate_up(n, prompt=wide).chunk(2, -1)
-            x = x + layer.down(ops.swiglu(gate, up), prompt=wide)
+            out = layer.down(self.mlp_act(gate, up), prompt=wide)
+            if layer.post_mlp_norm is not None:
+                out = ops.rms_norm(out, layer.post_mlp_norm, cfg.rms_norm_eps)
+            x = x + out
         cache.advance(tokens)
         if not all_logits:
             x = x[:, -1]
         n = ops.rms_norm(x, self.norm, cfg.rms_norm_eps)
-        return self.lm_head.refine_top(n, self.lm_head(n, prompt=wide).float())
+        logits = self.lm_head.refine_top(n, self.lm_head(n, prompt=wide).float())
+        if cfg.final_logit_softcap is not None:
+            logits = ops.soft_cap(logits, cfg.final_logit_softcap)
+        return logits
 
     def _decode_fused(self, tokens: Tensor, cache: KVView) -> Tensor:
         """A decode step (T = 1) with each layer in one call of the native kernel, which

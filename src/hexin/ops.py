@@ -91,7 +91,12 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False) -> T
 
 
 def causal_mask(
-    num_queries: int, num_keys: int, offset: Tensor | int, device: torch.device | None = None
+    num_queries: int,
+    num_keys: int,
+    offset: Tensor | int,
+    device: torch.device | None = None,
+    *,
+    window: int | None = None,
 ) -> Tensor:
     """Boolean (…, T, L) mask, True where query i may see key j, i.e. j <= offset + i.
 
@@ -99,17 +104,53 @@ def causal_mask(
     tensor of per-sequence offsets shaped like the scores' leading dimensions (e.g. (B, 1)
     for (B, H, T, L) scores). In a right-padded batch the padding keys of a shorter
     sequence lie beyond its offset + i, so the same mask hides them.
+
+    ``window``: sliding-window attention (Mistral, Qwen2's sliding layers, Gemma's local
+    layers), each query sees only the last ``window`` keys, itself included:
+    offset + i - window < j <= offset + i, as transformers' ``sliding_window_overlay``.
+    Keys are a sequence's positions in order, so the window is a band of the causal mask.
     """
     q = torch.arange(num_queries, device=device).unsqueeze(-1)
     k = torch.arange(num_keys, device=device)
     if isinstance(offset, Tensor):
         offset = offset[..., None, None]
-    return k <= q + offset
+    pos = q + offset
+    mask = k <= pos
+    if window is not None:
+        mask = mask & (k > pos - window)
+    return mask
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """SwiGLU activation: silu(gate) * up."""
     return torch.nn.functional.silu(gate) * up
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU with the tanh approximation (transformers' ``gelu_pytorch_tanh``):
+    0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def geglu_tanh(gate: Tensor, up: Tensor) -> Tensor:
+    """Gemma's gated MLP activation: gelu_tanh(gate) * up (SwiGLU with GELU for SiLU)."""
+    return gelu_tanh(gate) * up
+
+
+#: the gated MLP activation of each ``ModelConfig.hidden_act``
+GATED_ACTIVATIONS = {"silu": swiglu, "gelu_tanh": geglu_tanh}
+
+
+def soft_cap(x: Tensor, cap: float) -> Tensor:
+    """Soft-capping (Gemma 2's attention and final logits): cap * tanh(x / cap), smooth,
+    near x for |x| much below ``cap`` and never beyond it."""
+    return torch.tanh(x / cap) * cap
+
+
+def embedding_scale(x: Tensor, multiplier: float) -> Tensor:
+    """Embeddings times ``multiplier`` (Gemma's sqrt(hidden)), the multiplier first rounded
+    to the embeddings' dtype as transformers does (``embed_scale.to(weight.dtype)``)."""
+    return x * torch.tensor(multiplier, dtype=torch.float32).to(x.dtype)
 
 
 def matmul_transb(
@@ -149,13 +190,25 @@ AttentionMask = tuple[Tensor | None, bool]
 
 
 def attention_mask(
-    t: int, length: int, offset: Tensor | int, *, padded: bool, device: torch.device
+    t: int,
+    length: int,
+    offset: Tensor | int,
+    *,
+    padded: bool,
+    device: torch.device,
+    window: int | None = None,
 ) -> AttentionMask:
     """The mask for ``t`` queries over ``length`` keys after ``offset`` cached tokens.
     Built only when needed: over unpadded keys (``padded=False``: exactly offset + T of
     them) one query token sees them all, and a whole prompt with nothing cached is the
     kernel's own causal case, which skips the masked half of the work. Every layer of a
-    step has the same one, so the model builds it once per step."""
+    step with the same ``window`` (see ``causal_mask``) has the same one, so the model
+    builds it once per step and window. A window of at least ``length`` keys hides
+    nothing and is left out."""
+    if window is not None and length > window:
+        if isinstance(offset, Tensor):
+            offset = offset.view(*offset.shape, 1)
+        return causal_mask(t, length, offset, device=device, window=window), False
     if not padded and t == length:  # a whole prompt, nothing cached: plain causal
         return None, t > 1
     if t > 1 or padded:
@@ -173,6 +226,8 @@ def fused_attention(
     *,
     padded: bool = True,
     mask: AttentionMask | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> Tensor:
     """Grouped-query causal self-attention through PyTorch's fused scaled-dot-product kernel.
 
@@ -180,6 +235,11 @@ def fused_attention(
     ``offset`` = cached tokens before the queries, per sequence; keys past a sequence's
     own (right padding) are hidden by the same causal mask (``attention_mask``, or
     ``mask`` when the caller built it already). Returns (…, T, H * D).
+
+    ``scale`` multiplies the scores (default 1 / sqrt(D); Gemma's query_pre_attn_scalar
+    ** -0.5). ``softcap`` soft-caps the scaled scores before the mask and softmax
+    (``soft_cap``, Gemma 2); the fused kernel has no such step, so those scores are
+    written out (``capped_attention``).
 
     The kernel never materialises the (T, L) score tensor and serves grouped-query heads
     without copies. The tests hold it equal (to float rounding) to a readable
@@ -190,6 +250,10 @@ def fused_attention(
     if mask is None:
         mask = attention_mask(t, k.shape[-3], offset, padded=padded, device=q.device)
     attn_mask, causal = mask
+    if softcap is not None:
+        if attn_mask is None and causal:
+            attn_mask = causal_mask(t, k.shape[-3], 0, device=q.device)
+        return capped_attention(q, k, v, attn_mask, scale=scale, softcap=softcap)
     out = torch.nn.functional.scaled_dot_product_attention(
         q.movedim(-3, -2),
         k.movedim(-3, -2),
@@ -197,5 +261,37 @@ def fused_attention(
         attn_mask=attn_mask,
         is_causal=causal,
         enable_gqa=True,
+        scale=scale,
     )
     return out.movedim(-3, -2).reshape(*lead, t, h * d)
+
+
+def capped_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    *,
+    scale: float | None,
+    softcap: float,
+) -> Tensor:
+    """Grouped-query attention with soft-capped scores, written out as transformers' eager
+    Gemma 2 attention: scores = soft_cap(q k^T * scale, softcap), masked, softmax in fp32.
+    q (…, T, H, D); k, v (…, L, K, D); ``mask`` a boolean (…, T, L) or (…, 1, T, L), True
+    where a query sees a key. Returns (…, T, H * D).
+
+    On a CPU the arithmetic runs in float64 and the result is rounded once: the sums over
+    keys of a written-out attention round differently for different key counts (a batch's
+    padding, a prompt in chunks), and float64 leaves those differences far below the
+    output's rounding, so a sequence gets the same bits alone or batched."""
+    *lead, t, h, d = q.shape
+    group = h // k.shape[-2]
+    acc = torch.float64 if q.device.type == "cpu" else torch.float32
+    qh = q.movedim(-3, -2).to(acc)
+    kh = k.movedim(-3, -2).to(acc).repeat_interleave(group, dim=-3)
+    vh = v.movedim(-3, -2).to(acc).repeat_interleave(group, dim=-3)
+    scores = soft_cap((qh @ kh.mT) * (d**-0.5 if scale is None else scale), softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return (probs @ vh).to(q.dtype).movedim(-3, -2).reshape(*lead, t, h * d)

@@ -525,6 +525,15 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+#: Where an architecture's layer names differ from Llama's: Gemma 2's sandwich norms (llama.cpp
+#: writes its ``pre_feedforward_layernorm`` as ``ffn_norm``)
+_ARCH_LAYER_NAMES = {
+    "gemma2": {
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+}
 #: The layer tensors that may have a ``.bias`` beside their ``.weight`` (Qwen2's Q/K/V bias).
 _BIASED = frozenset({"attn_q", "attn_k", "attn_v"})
 #: Tensors llama.cpp may write that carry nothing the forward pass needs.
@@ -532,14 +541,14 @@ _BIASED = frozenset({"attn_q", "attn_k", "attn_v"})
 _IGNORED_SUFFIXES = (".attn_rot_embd",)
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, arch: str = "llama") -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".")
     if len(parts) != 4 or parts[0] != "blk" or not parts[1].isdigit():
         return None
     block, kind, suffix = parts[1:]
-    leaf = _LAYER_NAMES.get(kind)
+    leaf = _ARCH_LAYER_NAMES.get(arch, {}).get(kind) or _LAYER_NAMES.get(kind)
     if leaf is None or not (suffix == "weight" or (suffix == "bias" and kind in _BIASED)):
         return None
     return f"model.layers.{int(block)}.{leaf}.{suffix}"
@@ -672,7 +681,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
     tensors: dict[str, GGUFTensor] = {}
     unknown: list[str] = []
     for gguf_name, info in infos.items():
-        hf_name = _hf_name(gguf_name)
+        hf_name = _hf_name(gguf_name, config.architecture)
         if hf_name is None:
             if gguf_name.endswith(tuple(s + ".weight" for s in _IGNORED_SUFFIXES)):
                 logger.debug("%s: ignoring tensor %s", path, gguf_name)
@@ -706,18 +715,21 @@ def load_gguf(path: str | Path) -> GGUFModel:
         tensor = tensors.get(name)
         if tensor is None:
             raise ModelFormatError(
-                f"{path}: required tensor {_gguf_name_for(name)!r} ({name}) is missing"
+                f"{path}: required tensor {_gguf_name_for(name, config.architecture)!r} ({name}) "
+                "is missing"
             )
         if tensor.shape != shape:
             raise ModelFormatError(
-                f"{path}: tensor {_gguf_name_for(name)!r} ({name}) has shape {tensor.shape}, "
+                f"{path}: tensor {_gguf_name_for(name, config.architecture)!r} ({name}) has shape "
+                f"{tensor.shape}, "
                 f"expected {shape} from the model's metadata"
             )
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise ModelFormatError(
             f"{path}: tensors the {config.num_layers}-layer {config.architecture!r} model its "
-            "metadata declares has no place for: " + ", ".join(_gguf_name_for(n) for n in extra[:5])
+            "metadata declares has no place for: "
+            + ", ".join(_gguf_name_for(n, config.architecture) for n in extra[:5])
         )
 
     tokenizer = build_tokenizer(vocab, str(path))
@@ -733,14 +745,14 @@ def load_gguf(path: str | Path) -> GGUFModel:
     )
 
 
-def _gguf_name_for(hf_name: str) -> str:
+def _gguf_name_for(hf_name: str, arch: str = "llama") -> str:
     """The GGUF spelling of a Hugging Face tensor name, for error messages."""
     for g, h in _GLOBAL_NAMES.items():
         if h == hf_name:
             return g
     parts = hf_name.split(".")
     leaf = ".".join(parts[3:-1])
-    for g, h in _LAYER_NAMES.items():
+    for g, h in (_LAYER_NAMES | _ARCH_LAYER_NAMES.get(arch, {})).items():
         if h == leaf:
             return f"blk.{parts[2]}.{g}.{parts[-1]}"
     return hf_name
