@@ -72,12 +72,12 @@ def test_repl_regen_versions_undo_sessions_and_quit(repl_run):
     # REPL errors are one line each and the loop carries on
     assert "error: nothing to roll back" in out.stderr
     assert "error: choose a version from 1 to 2" in out.stderr
-    # /undo removed the current version; the user message ends the path again and the
-    # first version stays in the tree
+    # /undo removed the current version; the first version takes its place on the path
     session = Store(db).load("repl-1")
-    assert [(m.role, m.content) for m in session.path()] == [("user", "Hello")]
+    assert [m.role for m in session.path()] == ["user", "assistant"]
+    assert session.path()[0].content == "Hello"
     assert len(session.messages) == 2
-    assert session.version(session.children(session.active_id)[0].id) == (1, 1)
+    assert session.version(session.active_id) == (1, 1)
 
 
 def test_repl_regen_honours_the_sampling_flags(repl_run):
