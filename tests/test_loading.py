@@ -36,21 +36,21 @@ def test_story_model_parameters_load_with_expected_shape(story_model):
     assert torch.equal(qkv[8 * 16 : 12 * 16], k_proj)
 
 
+#: a tiny model's shape: the story tokenizer's vocabulary, two small layers
+TINY = dict(
+    vocab_size=2048,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
 def _random_hf_folder(tmp_path: Path, story_dir: Path, arch: str = "llama", **overrides) -> Path:
     """A tiny random model saved by transformers, with the story model's tokenizer."""
-    kw = (
-        dict(
-            vocab_size=2048,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            tie_word_embeddings=False,
-        )
-        | overrides
-    )
+    kw = TINY | dict(tie_word_embeddings=False) | overrides
     if arch == "mistral":
         config = transformers.MistralConfig(sliding_window=4096, **kw)
         model = transformers.MistralForCausalLM(config)
@@ -284,13 +284,7 @@ def test_qwen2_sliding_window_layers_match_transformers(tmp_path, story_dir, lay
     ``layer_types`` names) see only the last ``sliding_window`` keys. A 30-token prompt
     over a window of 8, then decode steps one token at a time through the cache."""
     config = transformers.Qwen2Config(
-        vocab_size=2048,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
+        **TINY,
         use_sliding_window=True,
         sliding_window=8,
         max_window_layers=1,
