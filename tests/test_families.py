@@ -1,5 +1,6 @@
-"""Model families (Llama 3.x tied and untied, Qwen2, Qwen3, Mistral with a sliding window)
-against transformers, from HF folders and from GGUF files.
+"""Model families (Llama 3.x tied and untied, Qwen2, Qwen3, Mistral with a sliding window,
+Gemma 2, Phi-3 with its fused projections) against transformers, from HF folders and from
+GGUF files.
 
 Each family is a tiny random-weight model built with transformers' own config class, the
 family's structural options switched on: Llama 3 RoPE scaling (written by transformers 5 as
@@ -132,6 +133,13 @@ FAMILIES = {
         },
         fusable=False,
         q4_batch_bitwise=False,
+    ),
+    # Llama's layer with Q/K/V and gate/up stored fused (split at load); plain RoPE. The
+    # default pad id (32000) lies outside this vocabulary
+    "phi3": Family(
+        "Phi3Config",
+        "phi3",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "pad_token_id": None},
     ),
 }
 PROMPT = [int(i) for i in torch.randint(3, 2048, (40,), generator=torch.Generator().manual_seed(7))]

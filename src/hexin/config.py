@@ -25,16 +25,19 @@ from hexin.errors import ModelFormatError
 #: HF ``architectures`` entries hexin runs, and the family each is (``ModelConfig.architecture``).
 #: Mistral differs from Llama only in its optional sliding-window attention (``sliding_window``);
 #: Qwen2 adds a Q/K/V bias (and may slide some layers), Qwen3 a per-head q/k norm; Gemma 2
-#: differs in the fields from ``hidden_act`` on.
+#: differs in the fields from ``hidden_act`` on. Phi-3 is Llama's layer (a sliding window
+#: optional, as Mistral's) with Q/K/V and gate/up stored fused, split at load
+#: (:func:`split_fused_names`); its "longrope" RoPE scaling is not implemented (refused).
 HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Gemma2ForCausalLM": "gemma2",
+    "Phi3ForCausalLM": "phi3",
 }
 #: GGUF ``general.architecture`` values hexin runs (llama.cpp's names; its key prefix too)
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "phi3")
 #: gated MLP activations hexin implements (``ops.GATED_ACTIVATIONS``)
 HIDDEN_ACTS = ("silu", "gelu_tanh")
 #: transformers' names of those activations
@@ -387,6 +390,29 @@ def expected_shapes(
     return shapes
 
 
+def split_fused_names(config: ModelConfig, layer: int) -> dict[str, list[tuple[str, int]]]:
+    """Phi-3's fused tensors of layer ``layer`` and how they split by rows into the names
+    :func:`expected_shapes` lists: ``qkv_proj`` into q, k, v and ``gate_up_proj`` into gate,
+    up (gate first), each as (name, rows). Empty for the other families, whose files
+    have no place for such tensors."""
+    c = config
+    if c.architecture != "phi3":
+        return {}
+    p = f"model.layers.{layer}."
+    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    return {
+        p + "self_attn.qkv_proj.weight": [
+            (p + "self_attn.q_proj.weight", q_out),
+            (p + "self_attn.k_proj.weight", kv_out),
+            (p + "self_attn.v_proj.weight", kv_out),
+        ],
+        p + "mlp.gate_up_proj.weight": [
+            (p + "mlp.gate_proj.weight", c.intermediate_size),
+            (p + "mlp.up_proj.weight", c.intermediate_size),
+        ],
+    }
+
+
 def check_gguf_architecture(metadata: Mapping[str, Any], source: str) -> str:
     """The file's ``general.architecture``, refused unless it is a dense model of one of
     ``GGUF_ARCHITECTURES`` (``source`` names the file)."""
@@ -435,7 +461,7 @@ def _hf_sliding_window(cfg: Mapping[str, Any], family: str) -> tuple[int | None,
     """(sliding_window, layer_types) as transformers reads them: Mistral slides every layer
     by ``sliding_window`` (null: none); Qwen2 only with ``use_sliding_window``, the layers
     ``layer_types`` names (by default those from ``max_window_layers`` on)."""
-    if family == "mistral":
+    if family in ("mistral", "phi3"):
         window = cfg.get("sliding_window")
         return (None if window is None else int(window)), ()
     if family == "gemma2":  # every other layer slides, the first one first

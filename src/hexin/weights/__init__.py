@@ -61,11 +61,11 @@ def load_model(spec: str | Path | None = None, *, dtype: torch.dtype | None = No
         dtype = torch.float32
     path = resolve(spec)
     if path.is_dir():
-        from hexin.weights.safetensors import load_hf_weights, read_hf_config
+        from hexin.weights.safetensors import load_hf_weights, read_hf_config, split_fused
 
         config = read_hf_config(path)
         tokenizer = Tokenizer.from_hf_folder(path, eos_token_ids=config.eos_token_ids)
-        weights = load_hf_weights(path)
+        weights = split_fused(config, load_hf_weights(path))
         return LoadedModel(path.name, path, config, tokenizer, weights)
     if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
         from hexin.weights.gguf import load_gguf

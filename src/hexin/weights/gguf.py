@@ -51,7 +51,13 @@ import numpy as np
 import tokenizers
 import torch
 
-from hexin.config import ModelConfig, RopeScaling, check_gguf_architecture, expected_shapes
+from hexin.config import (
+    ModelConfig,
+    RopeScaling,
+    check_gguf_architecture,
+    expected_shapes,
+    split_fused_names,
+)
 from hexin.errors import ModelFormatError
 from hexin.weights.gguf_vocab import build_tokenizer, read_vocab
 
@@ -533,6 +539,8 @@ _ARCH_LAYER_NAMES = {
         "post_attention_norm": "post_attention_layernorm",
         "post_ffw_norm": "post_feedforward_layernorm",
     },
+    # Phi-3's fused projections (gate first in ``ffn_up``), split at load
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
 }
 #: The layer tensors that may have a ``.bias`` beside their ``.weight`` (Qwen2's Q/K/V bias).
 _BIASED = frozenset({"attn_q", "attn_k", "attn_v"})
@@ -650,6 +658,12 @@ def load_gguf(path: str | Path) -> GGUFModel:
         return qtype
 
     check_gguf_architecture(meta, str(path))  # before any tensor or vocabulary work
+    longrope = [n for n in ("rope_factors_long.weight", "rope_factors_short.weight") if n in infos]
+    if longrope:  # Phi-3's long-context models; run as plain RoPE they would give wrong text
+        raise ModelFormatError(
+            f"{path}: LongRoPE scaling ({', '.join(longrope)}) is not supported (hexin supports "
+            "plain RoPE and Llama 3 frequency scaling)"
+        )
 
     vocab = read_vocab(meta, str(path))
 
@@ -701,6 +715,11 @@ def load_gguf(path: str | Path) -> GGUFModel:
             data=_tensor_data(path, buf, info, qtype, data_start),
             rope_heads=rope_heads,
         )
+    for layer in range(config.num_layers):
+        for fused, parts in split_fused_names(config, layer).items():
+            tensor = tensors.pop(fused, None)
+            if tensor is not None:
+                tensors |= _split_rows(tensor, parts, path)
     if unknown:
         shown = ", ".join(unknown[:5]) + (
             f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
@@ -743,6 +762,28 @@ def load_gguf(path: str | Path) -> GGUFModel:
         chat_template=meta.get("tokenizer.chat_template"),
         metadata=_metadata_summary(meta),
     )
+
+
+def _split_rows(
+    tensor: GGUFTensor, parts: list[tuple[str, int]], path: Path
+) -> dict[str, GGUFTensor]:
+    """A fused 2-D tensor (Phi-3's ``attn_qkv``, ``ffn_up``) as consecutive row ranges under
+    ``parts``' names; quantized blocks lie within rows, so each part stays as stored."""
+    rows = sum(n for _, n in parts)
+    if len(tensor.shape) != 2 or tensor.shape[0] != rows:
+        raise ModelFormatError(
+            f"{path}: fused tensor {tensor.name} has shape {tensor.shape}, expected {rows} rows"
+        )
+    out, start = {}, 0
+    for name, n in parts:
+        out[name] = GGUFTensor(
+            name=name,
+            ggml_type=tensor.ggml_type,
+            shape=(n, tensor.shape[1]),
+            data=tensor.data[start : start + n],
+        )
+        start += n
+    return out
 
 
 def _gguf_name_for(hf_name: str, arch: str = "llama") -> str:

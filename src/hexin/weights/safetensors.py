@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from hexin.config import ModelConfig
+from hexin.config import ModelConfig, split_fused_names
 from hexin.errors import ModelFormatError
 
 
@@ -53,4 +53,22 @@ def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
                     tensors[name] = f.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise ModelFormatError(f"{path}: unreadable or truncated safetensors ({e})") from None
+    return tensors
+
+
+def split_fused(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` split by rows into the separate
+    projections hexin's model names (and fuses again itself); other tensors as they are."""
+    for layer in range(config.num_layers):
+        for fused, parts in split_fused_names(config, layer).items():
+            tensor = tensors.pop(fused, None)
+            if tensor is None:
+                continue
+            rows = sum(n for _, n in parts)
+            if tensor.ndim != 2 or tensor.shape[0] != rows:
+                raise ModelFormatError(
+                    f"tensor {fused} has shape {tuple(tensor.shape)}, expected {rows} rows"
+                )
+            for (name, _), part in zip(parts, tensor.split([n for _, n in parts]), strict=True):
+                tensors[name] = part.contiguous()
     return tensors
