@@ -31,6 +31,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_gguf import Hparams, llama3_rope_factors, spm_meta, story_vocab, write_gguf
+from test_loading import TINY
 from test_reference import hexin_last_logits, hf_greedy, hf_last_logits
 
 from hexin import native
@@ -58,18 +59,7 @@ LLAMA3_ROPE = {
 }
 QWEN_ROPE = {"rope_type": "default", "rope_theta": 1e6}
 #: the story tokenizer's size (the GGUF carries its vocabulary) and its BOS / EOS
-SHAPE = dict(
-    vocab_size=2048,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-6,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+SHAPE = TINY | dict(max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
 
 
 @dataclass(frozen=True)

@@ -385,19 +385,18 @@ class ChatService:
         return Message(id=new_id(), parent_id=parent_id, role="user", content=content)
 
     def _prompt(
-        self, session: Session, asked: Message, params: SamplingParams, reply_so_far: str = ""
+        self,
+        session: Session,
+        path: list[Message],
+        params: SamplingParams,
+        reply_so_far: str = "",
     ) -> Prompt:
-        """The prompt for a reply to ``asked`` (on the path, or the last of new
-        messages added after it): the context window over the path up to it."""
-        path: list[Message] = []
-        node: Message | None = asked
-        while node is not None:  # the path, through messages not yet stored too
-            path.append(node)
-            node = session.messages.get(node.parent_id or "")
+        """The prompt for a reply to the last of ``path`` (the conversation up to it):
+        the context window over it."""
         return build_prompt(
             self.tokenizer,
             session.system_prompt,
-            path[::-1],
+            path,
             tools=session.tools,
             max_tokens=params.max_tokens,
             limit=self.context_limit,
@@ -408,17 +407,11 @@ class ChatService:
         """Store ``added`` (a user message, or tool results: each the child of the one
         before) and start the reply to the last of them."""
         merged = self._params(session, params)
-        for m in added[:-1]:  # so that the path up from the last one runs through them
-            session.messages[m.id] = m
-        try:
-            # the window is checked before anything is saved: an oversize message
-            # changes nothing
-            prompt = self._prompt(session, added[-1], merged)
-        finally:
-            for m in added[:-1]:
-                del session.messages[m.id]
-        self._claim(session.id)
         first, last = added[0], added[-1]
+        before = session.path(first.parent_id) if first.parent_id else []
+        # the window is checked before anything is saved: an oversize message changes nothing
+        prompt = self._prompt(session, before + added, merged)
+        self._claim(session.id)
         try:
             # everything the engine could refuse is refused before anything is stored
             self.engine.check(prompt.ids)
@@ -448,7 +441,7 @@ class ChatService:
         continuing: Message | None = None,
     ) -> Reply:
         so_far = continuing.content if continuing is not None else ""
-        prompt = self._prompt(session, asked, params, so_far)
+        prompt = self._prompt(session, session.path(asked.id), params, so_far)
         self._claim(session.id)
         try:
             return self._submit(session, asked, params, prompt, continuing)
