@@ -1,12 +1,14 @@
 """Model families (Llama 3.x tied and untied, Qwen2, Qwen3, Mistral with a sliding window,
-Gemma 2, Phi-3 with its fused projections) against transformers, from HF folders and from
-GGUF files.
+Gemma 2, Gemma 3, Phi-3 with its fused projections, plain and with LongRoPE) against
+transformers, from HF folders and from GGUF files.
 
 Each family is a tiny random-weight model built with transformers' own config class, the
 family's structural options switched on: Llama 3 RoPE scaling (written by transformers 5 as
 ``rope_parameters``) with a short original context, so a 40-token prompt reaches the scaled
 frequencies; Qwen2's Q/K/V bias; Qwen3's q/k norms with a head_dim unlike hidden / heads;
-Mistral's sliding window of 16 keys, shorter than the prompt. It is saved as an HF folder
+Mistral's sliding window of 16 keys, shorter than the prompt; Gemma 3's q/k norms and its
+sliding layers' own RoPE base beside linearly scaled global ones; LongRoPE with an original
+context of 32, which the prompt passes. It is saved as an HF folder
 with the story model's tokenizer (so its GGUF carries that vocabulary, as llama.cpp's
 converter writes it), and checked for:
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +61,14 @@ LLAMA3_ROPE = {
     "original_max_position_embeddings": 64,
 }
 QWEN_ROPE = {"rope_type": "default", "rope_theta": 1e6}
+#: Phi-3's long-context RoPE, per frequency pair, over an original context of 32 (the
+#: model's 512 give transformers' attention factor sqrt(1 + ln 16 / ln 32) = 1.33)
+LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.4, 1.7, 2.0],
+    "long_factor": [1.0, 1.3, 2.1, 3.5, 6.0, 9.0, 14.0, 20.0],
+}
 #: the story tokenizer's size (the GGUF carries its vocabulary) and its BOS / EOS
 SHAPE = TINY | dict(max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
 
@@ -124,12 +135,42 @@ FAMILIES = {
         fusable=False,
         q4_batch_bitwise=False,
     ),
+    # Gemma 2's layer without the attention cap, with Qwen3's q/k norms (1 + weight, as
+    # Gemma's norms) and two RoPEs: the sliding layers' base 10000 unscaled, the global
+    # layers' base 1e6 slowed 8x (as Gemma 3 4B and up)
+    "gemma3": Family(
+        "Gemma3TextConfig",
+        "gemma3",
+        {
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            },
+            "head_dim": 16,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "query_pre_attn_scalar": 16,
+            "tie_word_embeddings": True,
+        },
+        fusable=False,
+    ),
     # Llama's layer with Q/K/V and gate/up stored fused (split at load); plain RoPE. The
     # default pad id (32000) lies outside this vocabulary
     "phi3": Family(
         "Phi3Config",
         "phi3",
         {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "pad_token_id": None},
+    ),
+    # the 128k models' LongRoPE: the 512-token context passes the original 32, so hexin
+    # takes the long factors, as transformers does for the 40-token prompt
+    "phi3-longrope": Family(
+        "Phi3Config",
+        "phi3",
+        {
+            "rope_parameters": LONGROPE,
+            "original_max_position_embeddings": 32,
+            "pad_token_id": None,
+        },
     ),
 }
 PROMPT = [int(i) for i in torch.randint(3, 2048, (40,), generator=torch.Generator().manual_seed(7))]
@@ -159,7 +200,7 @@ def built(request, tmp_path_factory, story_dir) -> Built:
         for name, p in hf.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif "embed" in name and config.model_type == "gemma2":
+            elif "embed" in name and config.model_type.startswith("gemma"):
                 # scaled by sqrt(hidden) = 8 and tied: at 0.2 each token's own embedding
                 # outweighs the layers and greedy repeats one token
                 p.normal_(0, 0.05)
@@ -181,15 +222,21 @@ def test_config_reads_the_family_options(built):
     assert c.sliding_window == options.get("sliding_window")
     if "query_pre_attn_scalar" in options:
         assert c.attention_scale == options["query_pre_attn_scalar"] ** -0.5
-        assert c.attn_logit_softcap == options["attn_logit_softcapping"]
-        assert c.final_logit_softcap == options["final_logit_softcapping"]
+        assert c.attn_logit_softcap == options.get("attn_logit_softcapping")
+        assert c.final_logit_softcap == options.get("final_logit_softcapping")
         assert c.layer_types == ("sliding_attention", "full_attention")
     assert c.qkv_bias == (c.architecture == "qwen2")
-    assert c.qk_norm == (c.architecture == "qwen3")
+    assert c.qk_norm == (c.architecture in ("qwen3", "gemma3"))
     assert c.tie_word_embeddings == options.get("tie_word_embeddings", False)
     assert c.head_dim == options.get("head_dim", 16)
-    assert c.rope_theta == options["rope_parameters"]["rope_theta"]
-    assert (c.rope_scaling is not None) == (c.architecture == "llama")
+    rope = options["rope_parameters"]
+    rope = rope.get("full_attention", rope)  # Gemma 3's: one per layer kind
+    assert c.rope_theta == rope["rope_theta"]
+    assert (c.rope_scaling is not None) == (rope["rope_type"] != "default")
+    if c.rope_scaling is not None:
+        assert c.rope_scaling.rope_type == rope["rope_type"]
+    if c.architecture == "gemma3":  # the sliding layer rotates with its own base, unscaled
+        assert [c.rope(i) for i in range(2)] == [(10000.0, None), (1e6, c.rope_scaling)]
 
 
 def test_a_last_token_logits_match_transformers(built):
@@ -257,11 +304,12 @@ def test_c_paged_engine_on_a_q4_gguf_gives_what_single_sequence_gives(built, tmp
 def write_family_gguf(built: Built, path: Path, qtype: Q = Q.F32) -> None:
     """The HF folder as llama.cpp's converter writes it: its tensor names (the ``gguf``
     package's map, the one the converter uses), 2-D tensors in ``qtype`` and norms and biases
-    in F32, the story vocabulary, Llama 3 scaling as the ``rope_freqs.weight`` divisors."""
+    in F32, the story vocabulary, Llama 3 scaling as the ``rope_freqs.weight`` divisors,
+    LongRoPE as ``rope_factors_short`` / ``_long`` tensors with its attention factor."""
     cfg = json.loads((built.folder / "config.json").read_text())
     arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[built.family.arch]
     names = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
-    gemma = built.family.arch == "gemma2"
+    gemma = built.family.arch in ("gemma2", "gemma3")
     tensors = {
         # llama.cpp's Gemma2Model writes norms as 1 + weight, what the norm scales by
         names.get_name(name, try_suffixes=(".weight", ".bias")): (
@@ -270,6 +318,7 @@ def write_family_gguf(built: Built, path: Path, qtype: Q = Q.F32) -> None:
         for name, t in load_file(built.folder / "model.safetensors").items()
     }
     rope = cfg["rope_parameters"]
+    rope = rope.get("full_attention", rope)  # Gemma 3's global layers' (the file's base)
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     extra = {}
     if rope["rope_type"] == "llama3":
@@ -281,6 +330,9 @@ def write_family_gguf(built: Built, path: Path, qtype: Q = Q.F32) -> None:
             rope["high_freq_factor"],
             rope["original_max_position_embeddings"],
         )
+    if rope["rope_type"] == "longrope":
+        for kind in ("short", "long"):
+            extra[f"rope_factors_{kind}.weight"] = torch.tensor(rope[f"{kind}_factor"]).numpy()
     hparams = Hparams(
         layers=cfg["num_hidden_layers"],
         hidden=cfg["hidden_size"],
@@ -298,9 +350,19 @@ def write_family_gguf(built: Built, path: Path, qtype: Q = Q.F32) -> None:
         spm_meta(w)
         if cfg.get("sliding_window") is not None:
             w.add_sliding_window(cfg["sliding_window"])
-        if gemma:
-            w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
-            w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if cfg.get(key) is not None:
+                getattr(w, f"add_{key}")(cfg[key])
+        if built.family.arch == "gemma3":  # the pattern of 6 llama.cpp assumes unless given
+            w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])
+        if rope["rope_type"] == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(rope["factor"])
+        if rope["rope_type"] == "longrope":  # as the converter computes it
+            original = rope["original_max_position_embeddings"]
+            factor = cfg["max_position_embeddings"] / original
+            w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(factor) / math.log(original)))
+            w.add_rope_scaling_orig_ctx_len(original)
 
     write_gguf(
         path,
@@ -323,7 +385,7 @@ def test_d_gguf_of_the_model_gives_the_folders_logits(built, tmp_path):
     assert loaded.config.qkv_bias == built.loaded.config.qkv_bias
     assert loaded.config.qk_norm == built.loaded.config.qk_norm
     assert loaded.config.head_dim == built.loaded.config.head_dim
-    for option in ("sliding_window", "attention_scale", "attn_logit_softcap"):
+    for option in ("sliding_window", "attention_scale", "attn_logit_softcap", "local_rope_theta"):
         assert getattr(loaded.config, option) == getattr(built.loaded.config, option)
     layers = range(loaded.config.num_layers)
     assert [loaded.config.window(i) for i in layers] == [
@@ -332,9 +394,27 @@ def test_d_gguf_of_the_model_gives_the_folders_logits(built, tmp_path):
     model = Llama(loaded.config, loaded.weights)
     # the converter writes Llama 3 scaling as per-frequency divisors and no original
     # context: hexin recovers parameters that give the same frequencies
-    torch.testing.assert_close(model.inv_freq, built.model.inv_freq, rtol=1e-6, atol=0)
+    for ours, theirs in zip(model.layer_rotary, built.model.layer_rotary, strict=True):
+        torch.testing.assert_close(ours.inv_freq, theirs.inv_freq, rtol=1e-6, atol=0)
+        assert ours.attention_factor == pytest.approx(theirs.attention_factor, rel=1e-6)
     ours = hexin_last_logits(model, PROMPT)
     assert (ours - hexin_last_logits(built.model, PROMPT)).abs().max().item() < 1e-5
+
+
+def test_longrope_within_the_original_context_takes_the_short_factors(built):
+    """A model run at a context within LongRoPE's original one rotates by the short factors,
+    as transformers does every sequence that stays within it; the long ones would be far."""
+    scaling = built.loaded.config.rope_scaling
+    if scaling is None or scaling.rope_type != "longrope":
+        pytest.skip("no LongRoPE in this family")
+    original = scaling.original_max_position_embeddings
+    prompt = PROMPT[:original]
+    short = Llama(built.loaded.config, built.loaded.weights, context=original)
+    theirs = hf_last_logits(built.hf, prompt)
+    assert (hexin_last_logits(short, prompt) - theirs).abs().max().item() < 1e-4
+    assert (hexin_last_logits(built.model, prompt) - theirs).abs().max().item() > 1e-2
+    with Engine(short, built.loaded.tokenizer) as engine:
+        assert engine.context_limit == original
 
 
 def _prompt_and_decode_logits(model: Llama, ids: list[int], prompt_len: int) -> torch.Tensor:

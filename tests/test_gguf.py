@@ -806,16 +806,13 @@ def test_unsupported_rope_scaling_type_is_refused_by_name(tmp_path: Path) -> Non
     _expect_error(path, "RoPE scaling type 'yarn'")
 
 
-def test_phi3_longrope_factors_are_refused_by_name(tmp_path: Path) -> None:
-    """llama.cpp writes Phi-3's LongRoPE as per-frequency factor tensors, short and long."""
+def test_phi3_longrope_needs_both_factor_tensors(tmp_path: Path) -> None:
+    """llama.cpp writes Phi-3's LongRoPE as per-frequency factor tensors, short and long
+    (tests/test_families.py runs such files); one without the other is refused."""
     path = tmp_path / "p.gguf"
     factors = np.ones(HEAD_DIM // 2, np.float32)
-    write_tiny_gguf(
-        path,
-        arch="phi3",
-        extra={"rope_factors_long.weight": factors, "rope_factors_short.weight": factors},
-    )
-    _expect_error(path, "LongRoPE", "rope_factors_long.weight")
+    write_tiny_gguf(path, arch="phi3", extra={"rope_factors_long.weight": factors})
+    _expect_error(path, "LongRoPE", "rope_factors_short.weight")
 
 
 @pytest.mark.parametrize("qtype", [Q.IQ4_NL, Q.Q2_K], ids=lambda q: q.name)

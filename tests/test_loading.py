@@ -248,8 +248,8 @@ def test_rope_scaling_and_rope_theta_of_the_older_layout_still_work(tmp_path, st
     [
         ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "RoPE type 'yarn'"),
         ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "RoPE type 'dynamic'"),
-        ({"rope_parameters": {"rope_type": "longrope"}}, "RoPE type 'longrope'"),
-        ({"rope_parameters": None, "rope_scaling": {"type": "linear"}}, "RoPE type 'linear'"),
+        ({"rope_parameters": {"rope_type": "longrope"}}, "longrope RoPE scaling needs"),
+        ({"rope_parameters": None, "rope_scaling": {"type": "linear"}}, "linear RoPE .* 'factor'"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"attention_bias": True}, "attention_bias"),

@@ -15,6 +15,7 @@ only), so that configs can be read and checked without importing either.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,19 +26,23 @@ from hexin.errors import ModelFormatError
 #: HF ``architectures`` entries hexin runs, and the family each is (``ModelConfig.architecture``).
 #: Mistral differs from Llama only in its optional sliding-window attention (``sliding_window``);
 #: Qwen2 adds a Q/K/V bias (and may slide some layers), Qwen3 a per-head q/k norm; Gemma 2
-#: differs in the fields from ``hidden_act`` on. Phi-3 is Llama's layer (a sliding window
+#: differs in the fields from ``hidden_act`` on, Gemma 3 adds Qwen3's q/k norms and a RoPE
+#: base of its own for the sliding layers. Phi-3 is Llama's layer (a sliding window
 #: optional, as Mistral's) with Q/K/V and gate/up stored fused, split at load
-#: (:func:`split_fused_names`); its "longrope" RoPE scaling is not implemented (refused).
+#: (:func:`split_fused_names`), and LongRoPE scaling in its long-context models.
 HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
     "Phi3ForCausalLM": "phi3",
 }
 #: GGUF ``general.architecture`` values hexin runs (llama.cpp's names; its key prefix too)
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "phi3")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+#: the Gemma families, which share embedding scale, norm offset, sandwich norms and GELU
+GEMMA = ("gemma2", "gemma3")
 #: gated MLP activations hexin implements (``ops.GATED_ACTIVATIONS``)
 HIDDEN_ACTS = ("silu", "gelu_tanh")
 #: transformers' names of those activations
@@ -45,18 +50,26 @@ HF_ACTS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 #: attention layer kinds hexin implements, as transformers names them (``layer_types``)
 LAYER_TYPES = ("full_attention", "sliding_attention")
 #: RoPE types hexin implements, as transformers names them (``rope_type``)
-ROPE_TYPES = ("default", "llama3")
+ROPE_TYPES = ("default", "llama3", "linear", "longrope")
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3 style frequency scaling ("rope_type": "llama3"); ``None`` on the config means
-    plain RoPE."""
+    """RoPE frequency scaling (``ops.rope_inv_freq``); ``None`` on the config means plain
+    RoPE. ``rope_type`` as transformers names it: "llama3" (Llama 3.1+: ``factor`` and the
+    two blend bounds), "linear" (every frequency slowed by ``factor``) or "longrope" (Phi-3's
+    per-frequency ``short_factor`` / ``long_factor``, cos and sin times ``attention_factor``)."""
 
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    #: the context the model was pre-trained at (LongRoPE: sequences past it take the long
+    #: factors)
+    original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,9 @@ class ModelConfig:
     attn_logit_softcap: float | None = None
     #: soft-cap of the final logits (Gemma 2), None: none
     final_logit_softcap: float | None = None
+    #: RoPE base of the sliding layers (Gemma 3's ``rope_local_base_freq``), which take no
+    #: scaling; None: they rotate as the full-attention layers do
+    local_rope_theta: float | None = None
 
     def __post_init__(self) -> None:
         positive = {
@@ -142,6 +158,14 @@ class ModelConfig:
             raise ModelFormatError(
                 f"config: sliding_window must be a positive integer, got {self.sliding_window!r}"
             )
+        scaling = self.rope_scaling
+        if scaling is not None and scaling.rope_type == "longrope":
+            for name in ("short_factor", "long_factor"):
+                if len(getattr(scaling, name)) != self.head_dim // 2:
+                    raise ModelFormatError(
+                        f"config: LongRoPE {name} has {len(getattr(scaling, name))} entries, "
+                        f"expected head_dim / 2 = {self.head_dim // 2}"
+                    )
         if self.layer_types:
             if len(self.layer_types) != self.num_layers:
                 raise ModelFormatError(
@@ -163,6 +187,12 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def rope(self, layer: int) -> tuple[float, RopeScaling | None]:
+        """(base, scaling) of layer ``layer``'s RoPE."""
+        if self.local_rope_theta is not None and self.window(layer) is not None:
+            return self.local_rope_theta, None
+        return self.rope_theta, self.rope_scaling
+
     @property
     def group_size(self) -> int:
         """How many consecutive query heads share one KV head."""
@@ -180,13 +210,16 @@ class ModelConfig:
         arch = archs[0] if archs else cfg.get("model_type", "?")
         family = HF_ARCHITECTURES.get(arch)
         if family is None:
+            hint = ""
+            if str(arch).endswith("ForConditionalGeneration"):  # e.g. Gemma 3 4B and up
+                hint = " (a multimodal checkpoint: its GGUF, which holds the text model, runs)"
             raise ModelFormatError(
-                f"unsupported architecture {arch!r}; hexin runs {', '.join(HF_ARCHITECTURES)}"
+                f"unsupported architecture {arch!r}{hint}; hexin runs {', '.join(HF_ARCHITECTURES)}"
             )
         _check_hf_settings(cfg, family)
-        rope_theta, rope_scaling = _hf_rope(cfg)
+        rope_theta, rope_scaling, local_rope_theta = _hf_rope(cfg, family)
         sliding_window, layer_types = _hf_sliding_window(cfg, family)
-        gemma = family == "gemma2"
+        gemma = family in GEMMA
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
@@ -200,18 +233,18 @@ class ModelConfig:
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
                 intermediate_size=int(cfg["intermediate_size"]),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if family == "gemma2" else 1e-5)),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if gemma else 1e-5)),
                 rope_theta=rope_theta,
                 rope_scaling=rope_scaling,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family == "gemma2")),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 sliding_window=sliding_window,
                 layer_types=layer_types,
                 architecture=family,
                 qkv_bias=family == "qwen2",
-                qk_norm=family == "qwen3",
+                qk_norm=family in ("qwen3", "gemma3"),
                 hidden_act=HF_ACTS[cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")],
                 embedding_multiplier=hidden**0.5 if gemma else None,
                 norm_weight_offset=1.0 if gemma else 0.0,
@@ -225,6 +258,7 @@ class ModelConfig:
                 final_logit_softcap=_optional_float(cfg.get("final_logit_softcapping"))
                 if gemma
                 else None,
+                local_rope_theta=local_rope_theta,
             )
         except KeyError as e:
             raise ModelFormatError(f"config.json is missing {e.args[0]!r}") from None
@@ -241,6 +275,7 @@ class ModelConfig:
         eos_token_ids: tuple[int, ...],
         qkv_bias: bool = False,
         rope_scaling_from_freqs: Callable[[float, int, int], RopeScaling | None] | None = None,
+        longrope_factors: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
     ) -> ModelConfig:
         """Build from the ``<arch>.*`` key/values of a GGUF header (``general.architecture``
         one of ``GGUF_ARCHITECTURES``; llama.cpp prefixes every hyper-parameter with it).
@@ -254,7 +289,9 @@ class ModelConfig:
         requires them of qwen2 files and takes them in llama ones). Qwen3 always has q/k norms.
         llama.cpp stores Llama 3 RoPE scaling as a
         ``rope_freqs.weight`` tensor; when the file has one, ``rope_scaling_from_freqs`` recovers
-        the scaling from it, given ``(rope_theta, head_dim, original_context_length)``.
+        the scaling from it, given ``(rope_theta, head_dim, original_context_length)``;
+        Phi-3's LongRoPE as two tensors, ``rope_factors_short`` and ``rope_factors_long``,
+        passed as ``longrope_factors`` (short, long). Linear scaling is metadata (Gemma 3).
         """
         arch = check_gguf_architecture(metadata, source)
         meta = metadata
@@ -277,15 +314,28 @@ class ModelConfig:
         theta = _meta_float(meta, f"{arch}.rope.freq_base", source, 10000.0)
 
         scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
-        if scaling_type not in ("none", "", None):
+        if scaling_type not in ("none", "", None, "linear"):
             raise ModelFormatError(
                 f"{source}: RoPE scaling type {scaling_type!r} is not supported (hexin supports "
-                "plain RoPE and Llama 3 frequency scaling)"
+                "plain RoPE, linear, Llama 3 and LongRoPE scaling)"
             )
         context = _meta_int(meta, f"{arch}.context_length", source, 2048)
+        original = _meta_int(meta, f"{arch}.rope.scaling.original_context_length", source, 8192)
         rope_scaling = None
-        if rope_scaling_from_freqs is not None:
-            original = _meta_int(meta, f"{arch}.rope.scaling.original_context_length", source, 8192)
+        if scaling_type == "linear":
+            factor = _meta_float(meta, f"{arch}.rope.scaling.factor", source, 1.0)
+            rope_scaling = RopeScaling(factor=factor, rope_type="linear") if factor != 1 else None
+        elif longrope_factors is not None:
+            attention = _meta_float(meta, f"{arch}.rope.scaling.attn_factor", source, 1.0)
+            rope_scaling = RopeScaling(
+                factor=context / original,
+                original_max_position_embeddings=original,
+                rope_type="longrope",
+                short_factor=longrope_factors[0],
+                long_factor=longrope_factors[1],
+                attention_factor=attention,
+            )
+        elif rope_scaling_from_freqs is not None:
             rope_scaling = rope_scaling_from_freqs(theta, head_dim, original)
 
         # read before the ``try`` below, whose messages get the ``source`` prefix added
@@ -293,23 +343,33 @@ class ModelConfig:
         ffn = _meta_int(meta, f"{arch}.feed_forward_length", source)
         eps = _meta_float(meta, f"{arch}.attention.layer_norm_rms_epsilon", source, 1e-5)
         window = meta.get(f"{arch}.attention.sliding_window")
-        gemma = arch == "gemma2"
         gemma_options: dict[str, Any] = {}
-        if gemma:
-            # as llama.cpp runs gemma2 files: layers 0, 2, ... slide; norms stored as
-            # 1 + weight by the converter (so no offset here); the query scale is not in the
-            # file: 1 / sqrt(hidden / heads) for the 46-layer (27B) model, else
-            # 1 / sqrt(head_dim), which are the models' query_pre_attn_scalar
+        if arch in GEMMA:
+            # as llama.cpp runs gemma2 and gemma3 files: layers slide by the pattern (Gemma
+            # 2: 0, 2, ...; Gemma 3: five in six) unless the file gives its own; norms stored
+            # as 1 + weight by the converter (so no offset here); the query scale is not in
+            # the file: 1 / sqrt(hidden / heads) for the 27B models (46 and 62 layers), else
+            # 1 / sqrt(head_dim), which are the models' query_pre_attn_scalar; Gemma 3's
+            # sliding layers rotate with base 10000 unless the file gives another
+            gemma3 = arch == "gemma3"
+            pattern = meta.get(f"{arch}.attention.sliding_window_pattern", 6 if gemma3 else 2)
+            if isinstance(pattern, numbers.Integral):
+                slides = [bool((i + 1) % int(pattern)) for i in range(layers)]
+            else:
+                slides = [bool(b) for b in pattern]
             gemma_options = dict(
                 layer_types=tuple(
-                    "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
+                    "sliding_attention" if slide else "full_attention" for slide in slides
                 ),
                 hidden_act="gelu_tanh",
                 embedding_multiplier=hidden**0.5,
                 post_norms=True,
-                attention_scale=(hidden / heads if layers == 46 else head_dim) ** -0.5,
+                attention_scale=(hidden / heads if layers in (46, 62) else head_dim) ** -0.5,
                 attn_logit_softcap=_meta_optional_float(meta, f"{arch}.attn_logit_softcapping"),
                 final_logit_softcap=_meta_optional_float(meta, f"{arch}.final_logit_softcapping"),
+                local_rope_theta=_meta_float(meta, f"{arch}.rope.freq_base_swa", source, 10000.0)
+                if gemma3
+                else None,
             )
         window = (
             None if window is None else _meta_int(meta, f"{arch}.attention.sliding_window", source)
@@ -332,7 +392,7 @@ class ModelConfig:
                 eos_token_ids=eos_token_ids,
                 architecture=arch,
                 qkv_bias=qkv_bias,
-                qk_norm=arch == "qwen3",
+                qk_norm=arch in ("qwen3", "gemma3"),
                 sliding_window=window,
                 **gemma_options,
             )
@@ -464,11 +524,13 @@ def _hf_sliding_window(cfg: Mapping[str, Any], family: str) -> tuple[int | None,
     if family in ("mistral", "phi3"):
         window = cfg.get("sliding_window")
         return (None if window is None else int(window)), ()
-    if family == "gemma2":  # every other layer slides, the first one first
+    if family in GEMMA:  # Gemma 2: every other layer slides, the first one first; Gemma 3:
+        # five in six (``sliding_window_pattern``), the sixth global
         window = cfg.get("sliding_window", 4096)
         layers = int(cfg.get("num_hidden_layers", 0))
+        pattern = int(cfg.get("sliding_window_pattern", 2 if family == "gemma2" else 6))
         types = cfg.get("layer_types") or [
-            "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)
+            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)
         ]
         return (None if window is None else int(window)), tuple(types)
     if family != "qwen2":
@@ -487,19 +549,21 @@ def _hf_sliding_window(cfg: Mapping[str, Any], family: str) -> tuple[int | None,
 def _check_hf_settings(cfg: Mapping[str, Any], family: str) -> None:
     """Refuse config.json settings that change the math and that hexin's forward pass does
     not implement, each by its key (absent keys take transformers' defaults)."""
-    key = "hidden_activation" if family == "gemma2" else "hidden_act"
-    act = cfg.get(key) or ("gelu_pytorch_tanh" if family == "gemma2" else "silu")
-    expected = "gelu_pytorch_tanh" if family == "gemma2" else "silu"
+    gemma = family in GEMMA
+    key = "hidden_activation" if gemma else "hidden_act"
+    act = cfg.get(key) or ("gelu_pytorch_tanh" if gemma else "silu")
+    expected = "gelu_pytorch_tanh" if gemma else "silu"
     if act != expected:
         raise ModelFormatError(
             f"config.json: {key} {act!r} is not supported for {family} (hexin: {expected})"
         )
     # Qwen2's Q/K/V bias is its architecture's, not a setting; these put a bias on every
     # attention projection (the output one included) or on the MLP
-    for key in ("attention_bias", "mlp_bias"):
+    # Gemma 3's embedding models attend both ways
+    for key in ("attention_bias", "mlp_bias", "use_bidirectional_attention"):
         if cfg.get(key):
             raise ModelFormatError(f"config.json: {key} = true is not supported")
-    if family in ("qwen2", "gemma2"):  # their sliding layers are read by _hf_sliding_window
+    if family == "qwen2" or gemma:  # their sliding layers are read by _hf_sliding_window
         return
     if cfg.get("use_sliding_window"):
         raise ModelFormatError(
@@ -514,20 +578,36 @@ def _check_hf_settings(cfg: Mapping[str, Any], family: str) -> None:
         )
 
 
-def _hf_rope(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, scaling) from either layout of config.json.
+def _hf_rope(cfg: Mapping[str, Any], family: str) -> tuple[float, RopeScaling | None, float | None]:
+    """(rope_theta, scaling, local_rope_theta) from either layout of config.json.
 
     transformers 5 writes one ``rope_parameters`` dict (``rope_type``, ``rope_theta`` and the
-    scaling keys); earlier versions a top-level ``rope_theta`` beside a ``rope_scaling`` dict.
+    scaling keys), or for Gemma 3 one per layer type; earlier versions a top-level
+    ``rope_theta`` beside a ``rope_scaling`` dict (and Gemma 3's ``rope_local_base_freq``).
     As transformers does, the dict wins and top-level keys fill in what it lacks. A RoPE type
     hexin does not implement is refused by name: run as plain RoPE it would give wrong text.
     """
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    local_theta = None
+    if family == "gemma3":
+        local = params.get("sliding_attention") if isinstance(params, Mapping) else None
+        if local is not None or "full_attention" in params:
+            params = params.get("full_attention") or {}
+            local = local or {}
+            if (local.get("rope_type") or "default") != "default":
+                raise ModelFormatError(
+                    f"config.json: RoPE type {local['rope_type']!r} on sliding layers is not "
+                    "supported"
+                )
+            local_theta = float(local.get("rope_theta") or 10000.0)
+        else:
+            local_theta = float(cfg.get("rope_local_base_freq") or 10000.0)
     if not isinstance(params, Mapping) or any(isinstance(v, Mapping) for v in params.values()):
         raise ModelFormatError(
             f"config.json: RoPE parameters per layer type ({params!r}) are not supported"
         )
     kind = params.get("rope_type", params.get("type")) or "default"
+    kind = "longrope" if kind == "su" else kind  # its first name, in early Phi-3 configs
     if kind not in ROPE_TYPES:
         raise ModelFormatError(
             f"config.json: RoPE type {kind!r} is not supported (hexin runs "
@@ -539,19 +619,42 @@ def _hf_rope(cfg: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
             f"config.json: partial_rotary_factor {partial!r} is not supported (RoPE over whole "
             "heads only)"
         )
-    theta = float(params.get("rope_theta") or cfg.get("rope_theta") or 10000.0)
+    default_theta = 1e6 if family == "gemma3" else 10000.0
+    theta = float(params.get("rope_theta") or cfg.get("rope_theta") or default_theta)
     if kind == "default":
-        return theta, None
+        return theta, None, local_theta
     try:
-        return theta, RopeScaling(
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(
-                params.get("original_max_position_embeddings")
-                or cfg.get("original_max_position_embeddings")
-                or cfg["max_position_embeddings"]
-            ),
+        original = int(
+            params.get("original_max_position_embeddings")
+            or cfg.get("original_max_position_embeddings")
+            or cfg["max_position_embeddings"]
         )
+        if kind == "linear":
+            scaling = RopeScaling(factor=float(params["factor"]), rope_type=kind)
+        elif kind == "longrope":
+            # as transformers: the factor is the context's growth unless given, and the
+            # attention factor follows from it unless given
+            factor = float(params.get("factor") or cfg["max_position_embeddings"] / original)
+            attention = params.get("attention_factor")
+            if attention is None:
+                attention = (
+                    math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+                )
+            scaling = RopeScaling(
+                factor=factor,
+                original_max_position_embeddings=original,
+                rope_type=kind,
+                short_factor=tuple(float(f) for f in params["short_factor"]),
+                long_factor=tuple(float(f) for f in params["long_factor"]),
+                attention_factor=float(attention),
+            )
+        else:
+            scaling = RopeScaling(
+                factor=float(params["factor"]),
+                low_freq_factor=float(params["low_freq_factor"]),
+                high_freq_factor=float(params["high_freq_factor"]),
+                original_max_position_embeddings=original,
+            )
     except KeyError as e:
         raise ModelFormatError(f"config.json: {kind} RoPE scaling needs {e.args[0]!r}") from None
+    return theta, scaling, local_theta

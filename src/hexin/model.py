@@ -1,6 +1,7 @@
 """The Llama-family forward pass over a batch of sequences with a KV cache, built from
 ``ops``: one pass for every family, what differs (a Q/K/V bias, q/k norms, sliding
-windows, Gemma 2's norms, activation and soft-caps) read from the config."""
+windows, Gemma's norms, activation and soft-caps, a RoPE per layer kind) read from the
+config."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor
 
 from hexin import cpu, native, ops
-from hexin.config import ModelConfig, expected_shapes
+from hexin.config import ModelConfig, RopeScaling, expected_shapes
 from hexin.errors import ModelFormatError, UnsupportedOption
 from hexin.kvcache import KVCache, KVView
 from hexin.options import DTYPE_CHOICES, QUANT_CHOICES, ModelOptions
@@ -42,6 +43,46 @@ class LayerWeights:
     post_mlp_norm: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class Rotary:
+    """One RoPE of the model, shared by the layers that rotate alike (Gemma 3 has two: its
+    sliding and its global layers')."""
+
+    inv_freq: Tensor
+    #: cos and sin times this (LongRoPE's)
+    attention_factor: float = 1.0
+
+    @classmethod
+    def build(
+        cls,
+        head_dim: int,
+        theta: float,
+        scaling: RopeScaling | None,
+        context: int,
+        device: torch.device,
+    ) -> Rotary:
+        """The RoPE for a model that runs sequences of up to ``context`` tokens.
+
+        LongRoPE has two sets of frequencies. transformers picks one at each forward call,
+        by the length the sequence reaches in it (the short factors up to the original
+        context, the long ones past it), so keys already cached keep the other set's
+        rotation, and a prompt's rotation would depend on how it is chunked and which
+        prefix is cached. hexin picks once, as llama.cpp does, by the context it serves:
+        the short factors when it is within the original context (then every sequence
+        rotates as transformers rotates it), the long ones past it (as transformers rotates
+        any prompt longer than the original context).
+        """
+        if scaling is None or scaling.rope_type != "longrope":
+            return cls(ops.rope_inv_freq(head_dim, theta, scaling).to(device))
+        long = context > scaling.original_max_position_embeddings
+        inv_freq = ops.rope_inv_freq(head_dim, theta, scaling, long=long)
+        return cls(inv_freq.to(device), scaling.attention_factor)
+
+    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin (..., D/2) at ``positions`` (any shape)."""
+        return ops.rope_cos_sin(positions, self.inv_freq, self.attention_factor)
+
+
 class Llama:
     """A Llama-family decoder: embedding, N x (attention + SwiGLU MLP, each pre-normed with a
     residual), final norm, LM head; Qwen2's Q/K/V bias and Qwen3's q/k norms where the config
@@ -56,11 +97,16 @@ class Llama:
         device: torch.device | str = "cpu",
         quant: str = ModelOptions.quant,
         quantized: Mapping[str, object] | None = None,
+        context: int | None = None,
     ) -> None:
         """``weights`` are the dense tensors under Hugging Face names; ``quantized`` a GGUF
         file's stored tensors (``LoadedModel.quantized``), used by ``quant="q4"``; ``quant``
-        is one of ``options.QUANT_CHOICES`` ("auto" picks by device and file)."""
+        is one of ``options.QUANT_CHOICES`` ("auto" picks by device and file); ``context``
+        the longest sequence it will run (default and most: the model's own)."""
         self.config = config
+        limit = config.max_position_embeddings
+        #: the longest sequence this model runs (an engine's context is at most this)
+        self.context = min(context or limit, limit)
         self.dtype, self.device = dtype, torch.device(device)
         self.quant = resolve_quant(quant, self.device, quantized or {})
         #: keys and values are stored in bf16 by the quantized modes (half the bytes for
@@ -108,9 +154,17 @@ class Llama:
             )
         #: each layer's sliding window (None: full attention)
         self.windows = [config.window(i) for i in range(config.num_layers)]
-        self.inv_freq = ops.rope_inv_freq(
-            config.head_dim, config.rope_theta, config.rope_scaling
-        ).to(self.device)
+        rotaries: dict[tuple[float, RopeScaling | None], Rotary] = {}
+        for i in range(config.num_layers):
+            rope = config.rope(i)
+            if rope not in rotaries:
+                rotaries[rope] = Rotary.build(config.head_dim, *rope, self.context, self.device)
+        #: each layer's RoPE; ``rotary`` the full-attention layers' (every layer's but Gemma 3's)
+        self.layer_rotary = [rotaries[config.rope(i)] for i in range(config.num_layers)]
+        self.rotary = rotaries.get((config.rope_theta, config.rope_scaling)) or Rotary.build(
+            config.head_dim, config.rope_theta, config.rope_scaling, self.context, self.device
+        )
+        self.inv_freq = self.rotary.inv_freq
         #: each layer as one call of hexin's own decode kernel, where every projection runs
         #: it (q4 weights, fp32 activations, bf16 cache on a CPU it was built for); else None
         self.fused: list[native.Layer] | None = None
@@ -130,6 +184,7 @@ class Llama:
             and c.attention_scale is None
             and c.attn_logit_softcap is None
             and c.final_logit_softcap is None
+            and c.local_rope_theta is None
         )
         if not llama_layer:
             # the native layer is Llama's as it stands (full attention); other layers run
@@ -154,6 +209,7 @@ class Llama:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         quant: str = ModelOptions.quant,
+        context: int | None = None,
     ) -> Llama:
         return cls(
             loaded.config,
@@ -162,6 +218,7 @@ class Llama:
             device=device,
             quant=quant,
             quantized=loaded.quantized,
+            context=context,
         )
 
     @property
@@ -173,7 +230,12 @@ class Llama:
         return sum(m.nbytes for m in mats)
 
     def new_cache(self, max_tokens: int | None = None) -> KVCache:
-        return KVCache(self.config, max_tokens=max_tokens, dtype=self.kv_dtype, device=self.device)
+        return KVCache(
+            self.config,
+            max_tokens=max_tokens or self.context,
+            dtype=self.kv_dtype,
+            device=self.device,
+        )
 
     @torch.inference_mode()
     def forward(
@@ -202,7 +264,7 @@ class Llama:
         offsets = cache.offsets  # (B,)
         cache.reserve(t)
         positions = offsets.unsqueeze(-1) + torch.arange(t, device=self.device)  # (B, T)
-        cos, sin = ops.rope_cos_sin(positions, self.inv_freq)
+        rotations: dict[int, tuple[Tensor, Tensor]] = {}  # cos, sin per RoPE (by id)
         x = ops.embedding(tokens.to(self.device), self.embed)
         if cfg.embedding_multiplier is not None:
             x = ops.embedding_scale(x, cfg.embedding_multiplier)
@@ -215,7 +277,11 @@ class Llama:
             qk, v = qkv.unflatten(-1, (h + 2 * kv, d)).split((h + kv, kv), dim=-2)
             if layer.qk_norm is not None:
                 qk = ops.head_rms_norm(qk, layer.qk_norm, cfg.rms_norm_eps)
-            q, k = ops.rope(qk, cos, sin).split((h, kv), dim=-2)  # one rotation for both
+            rotary = self.layer_rotary[i]
+            cos_sin = rotations.get(id(rotary))
+            if cos_sin is None:
+                cos_sin = rotations[id(rotary)] = rotary.cos_sin(positions)
+            q, k = ops.rope(qk, *cos_sin).split((h, kv), dim=-2)  # one rotation for both
             keys, values = cache.update(i, k, v)
             # decoding is memory-bound: attend in the cache's dtype (bf16 reads half the
             # bytes); prompts are compute-bound, where fp32 is faster on CPUs without AMX
@@ -267,7 +333,7 @@ class Llama:
         assert kernels is not None and fused is not None
         offsets = cache.offsets
         cache.reserve(1)
-        cos, sin = ops.rope_cos_sin(offsets, self.inv_freq)
+        cos, sin = self.rotary.cos_sin(offsets)
         step = native.DecodeStep(offsets, cos, sin, cache.slots())  # type: ignore[attr-defined]
         x = ops.embedding(tokens[:, 0], self.embed).float().contiguous()
         for i, layer in enumerate(fused):
@@ -320,7 +386,9 @@ def load_llama(
     target = resolve_device(options.device)
     torch_dtype = resolve_dtype(options.dtype, target)
     loaded = load_model(spec)
-    model = Llama.from_loaded(loaded, dtype=torch_dtype, device=target, quant=options.quant)
+    model = Llama.from_loaded(
+        loaded, dtype=torch_dtype, device=target, quant=options.quant, context=options.context
+    )
     return loaded, model
 
 

@@ -46,14 +46,28 @@ def rope_inv_freq(
     head_dim: int,
     theta: float,
     scaling: object | None = None,
+    *,
+    long: bool = False,
 ) -> Tensor:
-    """Inverse frequencies theta^(-2i/D) for the D/2 rotation pairs, with optional Llama 3
-    frequency scaling (long wavelengths slowed by ``factor``, short ones kept, a smooth
-    blend between)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """Inverse frequencies theta^(-2i/D) for the D/2 rotation pairs, scaled as ``scaling``
+    (a ``config.RopeScaling``) says by its ``rope_type``:
+
+    - "llama3": long wavelengths slowed by ``factor``, short ones kept, a smooth blend between;
+    - "linear": every frequency slowed by ``factor`` (Gemma 3's global layers);
+    - "longrope": each frequency divided by its own factor, ``short_factor`` for sequences
+      within the original context, ``long_factor`` (``long=True``) past it (Phi-3).
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
     if scaling is None:
         return inv_freq
+    kind = scaling.rope_type  # type: ignore[attr-defined]
     factor = scaling.factor  # type: ignore[attr-defined]
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "longrope":
+        factors = scaling.long_factor if long else scaling.short_factor  # type: ignore[attr-defined]
+        return 1.0 / (torch.tensor(factors, dtype=torch.float32) * theta**exponents)
     low, high = scaling.low_freq_factor, scaling.high_freq_factor  # type: ignore[attr-defined]
     old_ctx = scaling.original_max_position_embeddings  # type: ignore[attr-defined]
     wavelen = 2 * math.pi / inv_freq
@@ -64,10 +78,16 @@ def rope_inv_freq(
     return torch.where(medium, blended, scaled)
 
 
-def rope_cos_sin(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
-    """cos and sin of position * frequency, shape positions.shape + (D/2,)."""
+def rope_cos_sin(
+    positions: Tensor, inv_freq: Tensor, attention_factor: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """cos and sin of position * frequency, shape positions.shape + (D/2,), both times
+    ``attention_factor`` (LongRoPE's, which sharpens attention at long contexts)."""
     angles = positions.float().unsqueeze(-1) * inv_freq
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos, sin
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False) -> Tensor:

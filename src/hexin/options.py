@@ -29,6 +29,9 @@ class ModelOptions:
     device: str = "auto"
     dtype: str = "auto"
     quant: str = "auto"
+    #: the longest sequence the model will run (``--context``; LongRoPE picks its factors
+    #: by it); None: the model's own
+    context: int | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def model_options(args: argparse.Namespace) -> ModelOptions:
-    return ModelOptions(device=args.device, dtype=args.dtype, quant=args.quant)
+    return ModelOptions(
+        device=args.device,
+        dtype=args.dtype,
+        quant=args.quant,
+        context=getattr(args, "context", None),
+    )
 
 
 def parse_size(text: str) -> int:

@@ -55,7 +55,7 @@ class Engine:
     ) -> None:
         config = config or EngineConfig()
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        limit = model.config.max_position_embeddings
+        limit = model.context
         self.context_limit = min(config.context_limit or limit, limit)
         bs = config.block_size
         per_block = BlockPool.bytes_per_block(model.config, bs, model.kv_dtype)

@@ -46,7 +46,7 @@ class GraphedDecode:
         checks the bucketing without a GPU."""
         self.model, self.pool = model, pool
         self.capture = capture
-        self.max_blocks = -(-model.config.max_position_embeddings // pool.block_size)
+        self.max_blocks = -(-model.context // pool.block_size)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
 

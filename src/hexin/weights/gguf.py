@@ -1,4 +1,4 @@
-"""Loading llama.cpp's GGUF files (``llama``, ``qwen2``, ``qwen3``): metadata, tensors (kept
+"""Loading llama.cpp's GGUF files (``config.GGUF_ARCHITECTURES``): metadata, tensors (kept
 quantized) and the tokenizer.
 
 A GGUF file is one self-describing blob: a header of typed key/value metadata (hyper-parameters,
@@ -531,19 +531,26 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-#: Where an architecture's layer names differ from Llama's: Gemma 2's sandwich norms (llama.cpp
+_GEMMA_LAYER_NAMES = {
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+#: Where an architecture's layer names differ from Llama's: Gemma's sandwich norms (llama.cpp
 #: writes its ``pre_feedforward_layernorm`` as ``ffn_norm``)
 _ARCH_LAYER_NAMES = {
-    "gemma2": {
-        "ffn_norm": "pre_feedforward_layernorm",
-        "post_attention_norm": "post_attention_layernorm",
-        "post_ffw_norm": "post_feedforward_layernorm",
-    },
+    "gemma2": _GEMMA_LAYER_NAMES,
+    "gemma3": _GEMMA_LAYER_NAMES,
     # Phi-3's fused projections (gate first in ``ffn_up``), split at load
     "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
 }
 #: The layer tensors that may have a ``.bias`` beside their ``.weight`` (Qwen2's Q/K/V bias).
 _BIASED = frozenset({"attn_q", "attn_k", "attn_v"})
+#: RoPE scaling stored as tensors, read into the config: Llama 3's frequency divisors,
+#: Phi-3's LongRoPE factors
+_ROPE_TENSORS = frozenset(
+    {"rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight"}
+)
 #: Tensors llama.cpp may write that carry nothing the forward pass needs.
 #: (``attn_rot_embd`` is an old converter's precomputed rotary table.)
 _IGNORED_SUFFIXES = (".attn_rot_embd",)
@@ -658,21 +665,27 @@ def load_gguf(path: str | Path) -> GGUFModel:
         return qtype
 
     check_gguf_architecture(meta, str(path))  # before any tensor or vocabulary work
-    longrope = [n for n in ("rope_factors_long.weight", "rope_factors_short.weight") if n in infos]
-    if longrope:  # Phi-3's long-context models; run as plain RoPE they would give wrong text
-        raise ModelFormatError(
-            f"{path}: LongRoPE scaling ({', '.join(longrope)}) is not supported (hexin supports "
-            "plain RoPE and Llama 3 frequency scaling)"
-        )
-
     vocab = read_vocab(meta, str(path))
+
+    def rope_tensor(name: str) -> torch.Tensor:
+        info = infos[name]
+        qtype = qtype_of(info)
+        data = _tensor_data(path, buf, info, qtype, data_start)
+        return dequantize_raw(data, qtype, tuple(reversed(info.dims)))
+
+    longrope_factors = None  # Phi-3's long-context models
+    if "rope_factors_long.weight" in infos or "rope_factors_short.weight" in infos:
+        try:
+            longrope_factors = tuple(
+                tuple(rope_tensor(f"rope_factors_{kind}.weight").flatten().tolist())
+                for kind in ("short", "long")
+            )
+        except KeyError as e:
+            raise ModelFormatError(f"{path}: LongRoPE needs tensor {e.args[0]!r} too") from None
 
     recover_rope_scaling = None
     if "rope_freqs.weight" in infos:
-        info = infos["rope_freqs.weight"]
-        qtype = qtype_of(info)
-        data = _tensor_data(path, buf, info, qtype, data_start)
-        rope_freqs = dequantize_raw(data, qtype, tuple(reversed(info.dims)))
+        rope_freqs = rope_tensor("rope_freqs.weight")
 
         def recover_rope_scaling(theta: float, head_dim: int, original: int) -> RopeScaling | None:
             return _rope_scaling_from_freqs(rope_freqs, theta, head_dim, original, path)
@@ -690,6 +703,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
         bos_token_id=vocab.bos_token_id,
         eos_token_ids=vocab.eos_token_ids,
         rope_scaling_from_freqs=recover_rope_scaling,
+        longrope_factors=longrope_factors,  # type: ignore[arg-type]
     )
 
     tensors: dict[str, GGUFTensor] = {}
@@ -699,7 +713,7 @@ def load_gguf(path: str | Path) -> GGUFModel:
         if hf_name is None:
             if gguf_name.endswith(tuple(s + ".weight" for s in _IGNORED_SUFFIXES)):
                 logger.debug("%s: ignoring tensor %s", path, gguf_name)
-            elif gguf_name != "rope_freqs.weight":  # consumed by the config above
+            elif gguf_name not in _ROPE_TENSORS:  # consumed by the config above
                 unknown.append(gguf_name)
             continue
         qtype = qtype_of(info)
