@@ -37,7 +37,7 @@ FILE_MARKERS = {
     "test_cli.py": ("slow",),  # each test starts the hexin command (a second or more)
 }
 #: a test using any of these (directly or through another fixture) is slow
-SLOW_FIXTURES = {"default_gguf", "default_model"}
+SLOW_FIXTURES = {"default_gguf", "default_model", "real_template_dir"}
 #: single tests that took over a second and a half in a full run (nodeid prefixes)
 SLOW_TESTS = (
     "tests/test_hub.py::test_model_flag_fetches_on_first_use_then_runs_from_the_cache",

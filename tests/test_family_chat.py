@@ -1,16 +1,23 @@
 """Chat templates, stop tokens and GGUF byte-level BPE tokenizers of the model families
-(Qwen2/2.5, Qwen3, Llama 3.x, Gemma 2/3, Phi-3).
+(Qwen2/2.5, Qwen3, Llama 3.x, Gemma 2/3, Phi-3, Mistral).
 
 References, each independent of the code under test:
 
 * transformers' ``apply_chat_template`` (its own jinja environment), on the same template and
-  the same ``tokenizers`` object, for every template rendered here. The real templates of
-  the models are not shipped by any installed package, and this repository does not copy
-  them in; point ``HEXIN_CHAT_TEMPLATES`` at a folder of ``*.jinja`` files (the models'
-  ``chat_template`` strings) to check each of them too. The templates written here are
-  hexin's own, built from the jinja features those files use (whitespace control,
-  ``namespace``, ``loop``, slicing, ``raise_exception``, ``strftime_now``, ``tojson``
-  with its options, ``bos_token`` / ``eos_token``);
+  the same ``tokenizers`` object, for every template rendered here:
+
+  - the models' real templates (Qwen2.5, Qwen3, Gemma 2, Llama 3.1 / 3.2 / 3.3, Phi-3.5,
+    Mistral Nemo), fetched at test time from the llama-cpp-python sdist, which vendors
+    llama.cpp's byte copies of them (``real_templates``; the repository keeps no copy). A
+    failed fetch fails the test; ``HEXIN_CHAT_TEMPLATES`` naming a folder of ``*.jinja``
+    files checks those instead, without a download. Each is rendered in a folder set up as
+    the family's files set it up, and the token it writes after an assistant's turn must
+    end a reply. Gemma 3's is not among them: llama.cpp keeps none, and the packages found
+    that carry one (axolotl, unsloth) carry edited copies, so its own way (the system
+    message folded into the first user turn) is not checked against the real file;
+  - hexin's own templates, built from the jinja features those files use (whitespace
+    control, ``namespace``, ``loop``, slicing, ``raise_exception``, ``strftime_now``,
+    ``tojson`` with its options, ``bos_token`` / ``eos_token``);
 * ``tokenizers`` pipelines built from the pre-tokenizer regexes transformers itself defines
   for Qwen2 (``tokenization_qwen2.PRETOKENIZE_REGEX``) and Llama 3 (``TikTokenConverter``),
   for the GGUF vocabularies with ``tokenizer.ggml.pre`` = ``qwen2`` / ``llama-bpe``;
@@ -22,16 +29,18 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
 import pytest
+import real_templates
 from jinja2 import TemplateError
 from test_gguf import write_tiny_gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tool_specs import TOOLS
 
 from hexin.errors import ModelFormatError
 from hexin.output import Completion, OutputProcessor
@@ -142,12 +151,73 @@ FAMILY_SPECIALS = [
     "<|eot_id|>",
     "<|end|>",
     "<|endoftext|>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|eom_id|>",
+    "<s>",
+    "</s>",
+    "<|assistant|>",
 ]
 
 
-def _real_templates() -> list[Path]:
-    folder = os.environ.get("HEXIN_CHAT_TEMPLATES")
-    return sorted(Path(folder).glob("*.jinja")) if folder else []
+@dataclass(frozen=True)
+class Family:
+    """A family's real chat template (its file name in llama.cpp's models/templates) and how
+    its files set up the tokenizer: tokenizer_config.json's BOS / EOS, generation_config.json's
+    ``eos_token_id`` (as tokens), and the token the template writes after an assistant's
+    reply (None where not known)."""
+
+    template: str
+    bos: str | None
+    eos: str
+    generation_eos: tuple[str, ...]
+    turn_end: str | None
+
+
+_QWEN = {"bos": None, "eos": "<|im_end|>", "generation_eos": ("<|im_end|>", "<|endoftext|>")}
+_LLAMA3 = {
+    "bos": "<|begin_of_text|>",
+    "eos": "<|eot_id|>",
+    "generation_eos": ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"),
+    "turn_end": "<|eot_id|>",
+}
+REAL_FAMILIES = {
+    "qwen2.5": Family("Qwen-Qwen2.5-7B-Instruct.jinja", **_QWEN, turn_end="<|im_end|>"),
+    "qwen3": Family("Qwen-Qwen3-0.6B.jinja", **_QWEN, turn_end="<|im_end|>"),
+    "gemma2": Family(
+        "google-gemma-2-2b-it.jinja", "<bos>", "<eos>", ("<eos>", "<end_of_turn>"), "<end_of_turn>"
+    ),
+    "llama3.1": Family("meta-llama-Llama-3.1-8B-Instruct.jinja", **_LLAMA3),
+    "llama3.2": Family("meta-llama-Llama-3.2-3B-Instruct.jinja", **_LLAMA3),
+    "llama3.3": Family("meta-llama-Llama-3.3-70B-Instruct.jinja", **_LLAMA3),
+    "phi3.5": Family(
+        "microsoft-Phi-3.5-mini-instruct.jinja",
+        "<s>",
+        "<|endoftext|>",  # the document end; generation_config.json names <|end|>
+        ("<|end|>", "<|assistant|>", "<|endoftext|>"),
+        "<|end|>",
+    ),
+    "mistral-nemo": Family(
+        "mistralai-Mistral-Nemo-Instruct-2407.jinja", "<s>", "</s>", ("</s>",), "</s>"
+    ),
+}
+
+
+def _real_cases() -> dict[str, Family]:
+    """The families above; with ``HEXIN_CHAT_TEMPLATES`` set, each ``*.jinja`` file of that
+    folder instead (set up as its family where it is one of theirs, else as the test folders
+    are, with no known turn end)."""
+    if (folder := real_templates.override()) is None:
+        return REAL_FAMILIES
+    by_file = {f.template: (name, f) for name, f in REAL_FAMILIES.items()}
+    bos, eos = FOLDER_SPECIALS["bos_token"], FOLDER_SPECIALS["eos_token"]
+    return dict(
+        by_file.get(p.name, (p.stem, Family(p.name, bos, eos, (), None)))
+        for p in sorted(folder.glob("*.jinja"))
+    )
+
+
+REAL_CASES = _real_cases()
 
 
 def family_folder(tmp_path: Path, generation_eos: Any = None) -> Path:
@@ -166,39 +236,53 @@ def family_folder(tmp_path: Path, generation_eos: Any = None) -> Path:
     return folder
 
 
-def folder_with_template(tmp_path: Path, template: str) -> Path:
+def folder_with_template(tmp_path: Path, template: str, **config: Any) -> Path:
+    """``family_folder`` with ``template`` (and ``config``) in its tokenizer_config.json."""
     folder = family_folder(tmp_path)
     cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    cfg["chat_template"] = template
+    cfg.update(chat_template=template, **config)
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
     return folder
 
 
-def transformers_render(specials: dict[str, str], template: str, messages: list[dict]) -> str:
+def real_family_folder(tmp_path: Path, family: Family, template: str) -> Path:
+    """The family folder with ``template``, set up as ``family``'s files set it up."""
+    folder = folder_with_template(tmp_path, template, bos_token=family.bos, eos_token=family.eos)
+    inner = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    gen = {"eos_token_id": [inner.token_to_id(t) for t in family.generation_eos]}
+    (folder / "generation_config.json").write_text(json.dumps(gen), encoding="utf-8")
+    return folder
+
+
+def transformers_render(
+    specials: dict[str, str], template: str, messages: list[dict], tools: list | None = None
+) -> str:
     """transformers' rendering, with the BOS / EOS strings the model's files name."""
     tok = Tokenizer.from_file(str(STORY_DIR / "tokenizer.json"))
     ref = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
     return ref.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        messages, chat_template=template, tools=tools, tokenize=False, add_generation_prompt=True
     )
 
 
 def assert_renders_like_transformers(
-    tok: HexinTokenizer, template: str, specials: dict[str, str]
-) -> None:
-    """The two-turn conversation, with a system message where the template takes one."""
+    tok: HexinTokenizer, template: str, specials: dict[str, str], tools: list | None = None
+) -> str:
+    """The two-turn conversation, with a system message where the template takes one (and
+    ``tools``, if given); returns hexin's rendering."""
     assert tok.chat_template == template  # as loaded from the model's files
     messages = [SYSTEM, *TWO_TURNS]
     try:
-        expected = transformers_render(specials, template, messages)
+        expected = transformers_render(specials, template, messages, tools)
     except TemplateError:  # the template refuses a system message: both must refuse it
         with pytest.raises(ChatTemplateError):
-            tok.apply_chat_template(messages)
+            tok.apply_chat_template(messages, tools=tools)
         messages = list(TWO_TURNS)
-        expected = transformers_render(specials, template, messages)
-    got = tok.apply_chat_template(messages, add_generation_prompt=True)
+        expected = transformers_render(specials, template, messages, tools)
+    got = tok.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
     assert got.encode("utf-8") == expected.encode("utf-8")
     assert "3+3" in got  # the whole conversation is there
+    return got
 
 
 # ============================================================================================
@@ -323,15 +407,34 @@ def test_folder_saved_by_transformers_keeps_its_template_and_stops(tmp_path: Pat
     assert tok.token_to_id("<|eot_id|>") in tok.eos_token_ids
 
 
-@pytest.mark.parametrize(
-    "path", _real_templates() or [None], ids=lambda p: p.stem if p else "not-given"
-)
-def test_real_template_renders_like_transformers(tmp_path: Path, path: Path | None) -> None:
-    if path is None:
-        pytest.skip("HEXIN_CHAT_TEMPLATES names no folder of the models' *.jinja templates")
-    template = path.read_text(encoding="utf-8")
-    tok = HexinTokenizer.from_hf_folder(folder_with_template(tmp_path, template))
-    assert_renders_like_transformers(tok, template, FOLDER_SPECIALS)
+@pytest.fixture(scope="session")
+def real_template_dir() -> Path:
+    """The families' real templates: fetched once (see ``real_templates``), or the folder
+    ``HEXIN_CHAT_TEMPLATES`` names."""
+    return real_templates.template_folder(f.template for f in REAL_FAMILIES.values())
+
+
+@pytest.mark.parametrize("name", list(REAL_CASES))
+def test_real_template_renders_like_transformers(
+    tmp_path: Path, real_template_dir: Path, name: str
+) -> None:
+    """Rendered byte-identical to transformers (with the tools too, where the template takes
+    them), and the token that ends an assistant's turn in it stops a reply."""
+    family = REAL_CASES[name]
+    template = (real_template_dir / family.template).read_text(encoding="utf-8")
+    tok = HexinTokenizer.from_hf_folder(real_family_folder(tmp_path, family, template))
+    specials = {"bos_token": family.bos, "eos_token": family.eos}
+    specials = {k: v for k, v in specials.items() if v is not None}
+    got = assert_renders_like_transformers(tok, template, specials)
+    if "tools" in template:
+        with_tools = assert_renders_like_transformers(tok, template, specials, TOOLS)
+        assert "get_weather" in with_tools and "get_weather" not in got
+    if family.turn_end is not None:
+        reply = TWO_TURNS[1]["content"]
+        assert got.split(reply, 1)[1].startswith(family.turn_end)
+        stop = tok.token_to_id(family.turn_end)
+        assert stop in tok.eos_token_ids
+        assert stop in tok.encode(got)  # written in the prompt, it is that one special token
 
 
 # ============================================================================================
