@@ -81,7 +81,8 @@ class Family:
     #: llama.cpp's ``general.architecture``
     arch: str
     options: dict[str, Any] = field(default_factory=dict)
-    #: whether hexin's one-call native decode layer can run it (Llama's layer as it stands)
+    #: whether hexin's one-call native decode layer can run it (Llama's layer with Qwen's
+    #: bias and q/k norms and sliding windows; not Gemma's norms, caps and activation)
     fusable: bool = True
     #: whether the q4 engine test holds bitwise (Gemma 2's written-out soft-capped attention
     #: does not yet, see that test)
@@ -100,13 +101,11 @@ FAMILIES = {
         "Qwen2Config",
         "qwen2",
         {"rope_parameters": QWEN_ROPE, "tie_word_embeddings": True},
-        fusable=False,
     ),
     "qwen3": Family(
         "Qwen3Config",
         "qwen3",
         {"rope_parameters": QWEN_ROPE, "head_dim": 32},
-        fusable=False,
     ),
     # a window shorter than the prompt: every layer slides, so the prompt's last token
     # and every decode step see only the last 16 keys
@@ -114,7 +113,6 @@ FAMILIES = {
         "MistralConfig",
         "llama",
         {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "sliding_window": 16},
-        fusable=False,
         hf_arch="mistral",
     ),
     # sliding (16 keys) and global layers alternating; soft-caps low enough to bite on these
@@ -278,8 +276,8 @@ def test_c_paged_engine_gives_what_single_sequence_gives(built):
 
 
 def test_c_paged_engine_on_a_q4_gguf_gives_what_single_sequence_gives(built, tmp_path, request):
-    """In q4 mode (a Qwen layer op by op, its bias and norms beside the block kernels; a
-    Llama layer in one native call): the same tokens alone or batched. Distinct prompts: a
+    """In q4 mode (a Gemma layer op by op, its norms and caps beside the block kernels; the
+    other families' layers in one native call): the same tokens alone or batched. Distinct prompts: a
     prompt partly served from the prefix cache is not yet bitwise in the quantized modes
     (README, design notes).
 
@@ -463,7 +461,8 @@ def test_e_quantized_gguf_runs_through_the_fast_kernels_close_to_fp32(
     fast = (BlockLinear, Int4Linear) if mode == "q4" else (Int8Linear,)
     assert all(isinstance(m, fast) for ly in model.layers for m in (ly.qkv, ly.wo, ly.down))
     if mode == "q4" and native.kernels() is not None:
-        # one native call per layer for Llama's layer; the others run op by op
+        # one native call per layer for Llama's layer and what Qwen2, Qwen3, Mistral and
+        # Phi-3 add to it; Gemma's layers run op by op
         assert (model.fused is not None) == built.family.fusable
 
     ids = PROMPT + built.greedy

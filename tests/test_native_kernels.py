@@ -4,12 +4,16 @@ compiler. Every build this CPU can run is tested here, whatever the machine's de
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 
 import pytest
 import torch
 
 from hexin import cpu, native, quant
+from hexin.config import ModelConfig, RopeScaling, expected_shapes
+from hexin.engine.blocks import BlockPool, PagedBatch
+from hexin.model import Llama
 from tests.conftest import force_kernels
 
 #: (features, the build hexin picks); an x86 CPU without AVX2 gets PyTorch's kernels
@@ -153,8 +157,6 @@ def test_a_model_keeps_the_build_it_was_made_for(default_model, monkeypatch):
     model keeps that build when the selection changes later, and computes what it did."""
     if "avx2" not in cpu.features() or cpu.c_compiler() is None:
         pytest.skip("needs AVX2 and a C compiler")
-    from hexin.model import Llama
-
     force_kernels(monkeypatch, "avx2,fma,f16c", None)
     model = Llama.from_loaded(default_model, quant="q4")
     assert model.kernels is not None and model.kernels.isa == "avx2"
@@ -229,3 +231,174 @@ def test_tiled_weights_give_the_same_bits_on_vnni_and_on_amx(amx_kernels, bits):
             assert torch.equal(
                 amx_kernels.linear(tiles[native.TILES_AMX], x[-rows:], terms=terms), y[-rows:]
             )
+
+
+# -- a decode layer in one call (``hx_decode_layer``) against the op-by-op path -------------
+
+#: Llama's layer at a shape the AVX-512 build's register-blocked attention takes (head_dim
+#: 64, two query heads per kv head), H * D unlike the hidden size as in Qwen3
+LAYER = ModelConfig(
+    vocab_size=96,
+    hidden_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    intermediate_size=160,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=512,
+)
+LONGROPE = RopeScaling(
+    factor=1.0,
+    rope_type="longrope",
+    original_max_position_embeddings=32,
+    short_factor=tuple(1.0 + 0.1 * i for i in range(32)),
+    long_factor=tuple(1.0 + 0.6 * i for i in range(32)),
+    attention_factor=1.2,
+)
+#: what each family adds to Llama's layer: Qwen2's Q/K/V bias, Qwen3's q/k norms, Mistral's
+#: window on every layer, Qwen2's on some, all of those at once, and Phi-3's LongRoPE (its
+#: rotation comes precomputed, the factor in cos and sin). Windows of 6 keys: shorter than
+#: every sequence here and unaligned with the 4-token blocks of the cache
+FEATURES = {
+    "llama": {},
+    "qkv_bias": {"qkv_bias": True},
+    "qk_norm": {"qk_norm": True},
+    "window": {"sliding_window": 6},
+    "window_some_layers": {
+        "sliding_window": 6,
+        "layer_types": ("full_attention", "sliding_attention"),
+    },
+    "qwen_all": {"qkv_bias": True, "qk_norm": True, "sliding_window": 6},
+    "longrope": {"rope_scaling": LONGROPE},
+}
+#: Bound on ||fused - op by op|| / ||op by op|| over the decode steps' logits. The paths
+#: differ in rounding only: the op-by-op path attends in bf16 (queries and the attention
+#: output rounded to bf16, ``Llama.forward``) where the kernel keeps fp32, and its norms sum
+#: in another order, which can move an activation across an int8 rounding step. Measured
+#: 4.3e-3 to 5.5e-3 on every build, the same for Llama's layer as the kernel ran it before
+#: (the "llama" case) as for each feature; 4e-4 to 1e-3 with the op-by-op path made to
+#: attend in fp32, so bf16 attention is most of it. Bound 1.5e-2, about 3x. A feature left
+#: out changes the logits by 0.25 to 1.07 (each case's second check asks for 10x the bound).
+FUSED_VS_OPS = 1.5e-2
+
+
+@pytest.fixture(params=list(RUNS_ON))
+def own_build(request, monkeypatch):
+    """Each build of hexin's own kernels this CPU can run, as the one models get."""
+    need = RUNS_ON[request.param]
+    force_kernels(monkeypatch, None, None)
+    if need and need not in cpu.features():
+        pytest.skip(f"this CPU has no {need}")
+    if cpu.c_compiler() is None:
+        pytest.skip("no C compiler")
+    force_kernels(monkeypatch, None, request.param)
+    yield request.param
+    monkeypatch.undo()
+    cpu.features.cache_clear()
+    native.kernels.cache_clear()
+
+
+class StoredQ4:
+    """A Q4_0 tensor as a GGUF file hands it to the model (``GGUFTensor.int4_groups``)."""
+
+    is_int4 = True
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        self.groups = (q, scale, torch.zeros_like(scale))
+
+    def int4_groups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.groups
+
+
+def random_q4_model(config: ModelConfig, seed: int = 0) -> tuple[dict, dict]:
+    """Dense weights and the stored Q4_0 projections of a random model (the dense copy, which
+    prompts run, is what the blocks encode). Norm weights and biases far from 1 and 0, so
+    every part of the layer shows in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    dense, stored = {}, {}
+    for name, shape in expected_shapes(config, lm_head=True).items():
+        if name.endswith("proj.weight"):
+            n, k = shape
+            q = torch.randint(0, 16, shape, generator=g, dtype=torch.uint8)
+            scale = (0.01 + 0.02 * torch.rand(n, k // 32, generator=g)).half().float()
+            stored[name] = StoredQ4(q, scale)
+            dense[name] = ((q.float() - 8).view(n, -1, 32) * scale[..., None]).view(n, k)
+        elif name.endswith("norm.weight"):
+            dense[name] = 1 + 0.2 * torch.randn(shape, generator=g)
+        elif name.endswith("bias"):
+            dense[name] = 0.5 * torch.randn(shape, generator=g)
+        else:  # the embedding and the LM head
+            dense[name] = torch.randn(shape, generator=g) * (1.0 if "embed" in name else 0.1)
+    return dense, stored
+
+
+def paged_decode(model: Llama, *, fused: bool, steps: int = 6) -> torch.Tensor:
+    """Logits (steps, 2, V) of two sequences (prompts of 9 and 14 tokens) decoded together
+    in a paged cache of 4-token blocks, each sequence's blocks handed out in reverse, so
+    windows start mid-block and blocks are not in order; through the native layer
+    (``fused``) or op by op (the model without ``fused``, as other families ran)."""
+    g = torch.Generator().manual_seed(5)
+    lengths = [9, 14]
+    pool = BlockPool(model.config, 16, block_size=4, dtype=torch.bfloat16)
+    tables = [[pool.allocate() for _ in range(-(-(n + steps) // 4))][::-1] for n in lengths]
+    prompts = torch.randint(3, model.config.vocab_size, (2, max(lengths)), generator=g)
+    kept = model.fused
+    model.fused = model.fused if fused else None
+    try:
+        model.forward(prompts, PagedBatch.of(pool, tables, [0, 0], lengths))
+        out = []
+        for s in range(steps):
+            tokens = torch.randint(3, model.config.vocab_size, (2, 1), generator=g)
+            view = PagedBatch.of(pool, tables, [n + s for n in lengths], [1, 1])
+            out.append(model.forward(tokens, view))
+    finally:
+        model.fused = kept
+    return torch.stack(out)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_the_one_call_decode_layer_gives_what_the_op_by_op_path_gives(own_build, feature):
+    """Qwen2's bias, Qwen3's q/k norms, sliding windows and LongRoPE in the native layer, on
+    each build: its decode steps close to the op-by-op path's (see ``FUSED_VS_OPS``), and
+    far from that path without the feature, so the feature itself is what agrees."""
+    config = dataclasses.replace(LAYER, **FEATURES[feature])
+    dense, stored = random_q4_model(config)
+    model = Llama(config, dense, quant="q4", quantized=stored)
+    assert model.fused is not None and model.kernels is not None
+    assert model.kernels.isa == own_build
+    ops_path = paged_decode(model, fused=False)
+    error = _relative(paged_decode(model, fused=True), ops_path)
+    assert error < FUSED_VS_OPS, f"{own_build} {feature}: {error:.2e}"
+    if feature != "llama":
+        plain = Llama(LAYER, dense, quant="q4", quantized=stored)
+        assert _relative(paged_decode(plain, fused=False), ops_path) > 10 * FUSED_VS_OPS
+
+
+def test_layer_struct_refuses_a_tensor_the_kernel_would_misread():
+    """The kernel reads the bias and norms through raw pointers: a strided, half-precision
+    or misshapen one is refused rather than read wrong."""
+    config = dataclasses.replace(LAYER, qkv_bias=True, qk_norm=True)
+    norm = torch.ones(config.hidden_size)
+    g = torch.Generator().manual_seed(0)
+    weights = (random_q4(64, 128, g)[0],) * 4
+    width = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+    heads = (config.num_heads + config.num_kv_heads, config.head_dim)
+    good = native.layer_struct(
+        config, norm, norm, weights, qkv_bias=torch.zeros(width), qk_norm=torch.ones(heads)
+    )
+    assert good.qkv_bias and good.qk_norm and good.window == 0
+    plain = native.layer_struct(config, norm, norm, weights, window=6)
+    assert not plain.qkv_bias and not plain.qk_norm and plain.window == 6
+    for bad in (
+        {"qkv_bias": torch.zeros(2 * width)[::2]},
+        {"qkv_bias": torch.zeros(width, dtype=torch.bfloat16)},
+        {"qk_norm": torch.ones(heads[1], heads[0]).T},
+        {"qk_norm": torch.ones(heads[0] - 1, heads[1])},
+    ):
+        with pytest.raises(ValueError, match="native decode layer"):
+            native.layer_struct(config, norm, norm, weights, **bad)

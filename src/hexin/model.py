@@ -172,12 +172,17 @@ class Llama:
         self._fuse_layers()
 
     def _fuse_layers(self) -> None:
+        """Describe each layer to the native decode kernel where it can run the whole layer:
+        Llama's, with Qwen2's Q/K/V bias, Qwen3's q/k norms and sliding windows (Mistral,
+        Qwen2's sliding layers, Phi-3), which are what the most-run families add to it.
+        Gemma's parts (post norms, soft-caps, GeGLU, embedding scale, a RoPE of its own for
+        the sliding layers) are not in the kernel: such models run op by op, each
+        projection still through the same block kernels (BlockLinear)."""
         if self.dtype != torch.float32 or self.kv_dtype != torch.bfloat16:
             return
         c = self.config
-        llama_layer = (
-            not (c.qkv_bias or c.qk_norm or c.post_norms)
-            and all(w is None for w in self.windows)
+        kernel_layer = (
+            not c.post_norms
             and c.hidden_act == "silu"
             and c.embedding_multiplier is None
             and c.norm_weight_offset == 0
@@ -185,19 +190,29 @@ class Llama:
             and c.attn_logit_softcap is None
             and c.final_logit_softcap is None
             and c.local_rope_theta is None
+            # one rotation per step serves every layer (``_decode_fused``)
+            and all(r is self.rotary for r in self.layer_rotary)
         )
-        if not llama_layer:
-            # the native layer is Llama's as it stands (full attention); other layers run
-            # op by op, each projection still through the same block kernels (BlockLinear)
+        if not kernel_layer:
             return
         fused, builds = [], set()
-        for ly in self.layers:
+        for ly, window in zip(self.layers, self.windows, strict=True):
             mats = (ly.qkv, ly.wo, ly.gate_up, ly.down)
             if not all(isinstance(m, BlockLinear) for m in mats):
                 return
             weights = tuple(m.native for m in mats)  # type: ignore[attr-defined]
             builds |= {m.kernels for m in mats}  # type: ignore[attr-defined]
-            fused.append(native.layer_struct(self.config, ly.attn_norm, ly.mlp_norm, weights))
+            fused.append(
+                native.layer_struct(
+                    self.config,
+                    ly.attn_norm,
+                    ly.mlp_norm,
+                    weights,
+                    qkv_bias=ly.qkv_bias,
+                    qk_norm=ly.qk_norm,
+                    window=window,
+                )
+            )
         if len(builds) == 1:
             self.fused, self.kernels = fused, builds.pop()
 

@@ -122,6 +122,10 @@ class Layer(ctypes.Structure):
         ("wo", ctypes.POINTER(Weight)),
         ("gate_up", ctypes.POINTER(Weight)),
         ("down", ctypes.POINTER(Weight)),
+        # other families' parts, NULL / 0 where a layer has none (``layer_struct``)
+        ("qkv_bias", ctypes.c_void_p),
+        ("qk_norm", ctypes.c_void_p),
+        ("window", ctypes.c_int32),
     ]
 
 
@@ -365,9 +369,31 @@ def layer_struct(
     attn_norm: Tensor,
     mlp_norm: Tensor,
     projections: tuple[BlockWeight, BlockWeight, BlockWeight, BlockWeight],
+    *,
+    qkv_bias: Tensor | None = None,
+    qk_norm: Tensor | None = None,
+    window: int | None = None,
 ) -> Layer:
     """``hx_decode_layer``'s description of one layer: its shapes, fp32 norms and its
-    (qkv, o, gate_up, down) weights, which must outlive the struct."""
+    (qkv, o, gate_up, down) weights, which must outlive the struct; where the layer has
+    them, Qwen2's Q/K/V bias ((H + 2K) * D), Qwen3's q/k norm weights (H + K, D) and a
+    sliding window (``ModelConfig.window``). The kernel reads the tensors through raw
+    pointers, so they must be contiguous fp32 on the CPU (refused otherwise, rather than
+    read wrong)."""
+    h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
+    for name, t, shape in (
+        ("attn_norm", attn_norm, (config.hidden_size,)),
+        ("mlp_norm", mlp_norm, (config.hidden_size,)),
+        ("qkv_bias", qkv_bias, ((h + 2 * kv) * d,)),
+        ("qk_norm", qk_norm, (h + kv, d)),
+    ):
+        if t is not None and not (
+            t.dtype == torch.float32
+            and t.device.type == "cpu"
+            and t.is_contiguous()
+            and tuple(t.shape) == shape
+        ):
+            raise ValueError(f"the native decode layer needs {name} as contiguous fp32 {shape}")
     qkv, wo, gate_up, down = (ctypes.pointer(w.struct) for w in projections)
     return Layer(
         config.hidden_size,
@@ -382,6 +408,9 @@ def layer_struct(
         wo,
         gate_up,
         down,
+        0 if qkv_bias is None else qkv_bias.data_ptr(),
+        0 if qk_norm is None else qk_norm.data_ptr(),
+        window or 0,
     )
 
 

@@ -1171,6 +1171,11 @@ typedef struct {
     float eps;
     const float *attn_norm, *mlp_norm;
     const hx_weight *qkv, *wo, *gate_up, *down;
+    /* What other families add to Llama's layer; NULL or 0 where a layer has none, so a
+     * Llama layer runs exactly as before. */
+    const float *qkv_bias; /* ((heads + 2 kv_heads) head_dim): Qwen2's, added to the product */
+    const float *qk_norm;  /* (heads + kv_heads, head_dim): Qwen3's RMSNorm of each q, k head */
+    int32_t window;        /* > 0: sliding window, a query sees its last ``window`` keys */
 } hx_layer;
 
 typedef struct {
@@ -1182,6 +1187,7 @@ typedef struct {
     uint16_t *k, *v; /* this layer's bf16 cache: (blocks * block_size, kv_heads, head_dim) */
 } hx_step;
 
+/* x / rms(x) * w of n values into out, which may be x itself (the statistic comes first) */
 static void rms_norm_row(const float *x, const float *w, int n, float eps, float *out) {
     float acc[8] = {0};
     int i = 0;
@@ -1320,18 +1326,19 @@ static inline __m512 widen16_bf16(const uint16_t *src) {
 }
 
 /* Grouped-query attention of G query heads (q: G x D, D = 16 DV) over ``len`` cached keys
- * and values of one kv head, with every accumulator in a register: each key and value is
- * widened from bf16 once for all G heads. Scores go to ``scores`` (G x len), the output
- * to ``o`` (G x D). A head's sums run in the same order whatever else is in the step. */
+ * and values of one kv head, the row's tokens ``first`` to ``first + len - 1``, with every
+ * accumulator in a register: each key and value is widened from bf16 once for all G heads.
+ * Scores go to ``scores`` (G x len), the output to ``o`` (G x D). A head's sums run in the
+ * same order whatever else is in the step. */
 static inline __attribute__((always_inline)) void attend_heads(
-    const int DV, const int G, const hx_step *S, int KV, int r, int g, const float *q, int len,
-    float scale, float *scores, float *o) {
+    const int DV, const int G, const hx_step *S, int KV, int r, int g, const float *q,
+    int first, int len, float scale, float *scores, float *o) {
     const int D = 16 * DV;
     const int64_t *blocks = S->table + (size_t)r * S->table_width;
     const int bs = S->block_size;
     const size_t stride = (size_t)KV * D; /* elements from one slot to the next */
-    const uint16_t *last = S->k + ((size_t)slot_of(S, r, len - 1) * KV + g) * D;
-    int blk = 0, off = 0; /* the next key's block and offset in it, by counting */
+    const uint16_t *last = S->k + ((size_t)slot_of(S, r, first + len - 1) * KV + g) * D;
+    int blk = first / bs, off = first % bs; /* the next key's block and offset, by counting */
     for (int t = 0; t < len; t += 8) { /* scores of 8 keys at a time: one reduction */
         const uint16_t *keys[8];
         for (int i = 0; i < 8; i++) { /* past the end: the last key again, its score unused */
@@ -1366,7 +1373,7 @@ static inline __attribute__((always_inline)) void attend_heads(
     __m512 acc[G][DV];
     for (int h = 0; h < G; h++)
         for (int c = 0; c < DV; c++) acc[h][c] = _mm512_setzero_ps();
-    blk = off = 0;
+    blk = first / bs, off = first % bs;
     for (int t = 0; t < len; t++) {
         const uint16_t *v = S->v + ((size_t)blocks[blk] * bs + off) * stride + (size_t)g * D;
         if (++off == bs) off = 0, blk++;
@@ -1383,10 +1390,10 @@ static inline __attribute__((always_inline)) void attend_heads(
 
 /* attend_heads for up to 4 heads of 64 or 128 dimensions; 0 where it has no such case */
 static int attend_fast(int D, int G, const hx_step *S, int KV, int r, int g, const float *q,
-                       int len, float scale, float *scores, float *o) {
+                       int first, int len, float scale, float *scores, float *o) {
 #define HX_ATTEND(dv, gg)                                                                    \
     if (D == 16 * dv && G == gg) {                                                           \
-        attend_heads(dv, gg, S, KV, r, g, q, len, scale, scores, o);                         \
+        attend_heads(dv, gg, S, KV, r, g, q, first, len, scale, scores, o);                  \
         return 1;                                                                            \
     }
     HX_ATTEND(4, 1) HX_ATTEND(4, 2) HX_ATTEND(4, 3) HX_ATTEND(4, 4)
@@ -1398,7 +1405,9 @@ static int attend_fast(int D, int G, const hx_step *S, int KV, int r, int g, con
 
 /* One (row, kv head) task: the query heads sharing those keys and values (grouped-query
  * attention) read each cached key and value once. Each head's sums run in the same order
- * whatever else is in the step. */
+ * whatever else is in the step. A sliding window (``window``) starts the keys later: a
+ * query at position p sees p - window < t <= p, as ops.causal_mask(window=); keys before
+ * it stay in the cache, unread. */
 static void attention_task(void *ctx, int ith, int nth) {
     const attention_job *j = ctx;
     const hx_layer *L = j->L;
@@ -1418,25 +1427,28 @@ static void attention_task(void *ctx, int ith, int nth) {
         int r = task / KV, g = task % KV;
         const float *q = j->qkv + (size_t)r * width + g * group * D;
         float *o = j->out + (size_t)r * H * D + g * group * D;
-        int len = S->positions[r] + 1;
+        int len = S->positions[r] + 1, first = 0;
+        if (L->window > 0 && len > L->window) first = len - L->window, len = L->window;
 #if defined(HX_AVX512)
         int done = 1; /* heads in chunks of up to 4, each chunk's keys widened once */
         for (int h0 = 0; h0 < group && done; h0 += 4) {
             int G = group - h0 < 4 ? group - h0 : 4;
-            done = attend_fast(D, G, S, KV, r, g, q + h0 * D, len, scale, scores, o + h0 * D);
+            done = attend_fast(D, G, S, KV, r, g, q + h0 * D, first, len, scale, scores,
+                               o + h0 * D);
         }
         if (done) continue;
 #endif
         for (int t = 0; t < len; t += 8) { /* keys 8 at a time: one reduction for 8 dots */
             int n = len - t < 8 ? len - t : 8;
             const uint16_t *keys[8];
-            for (int i = 0; i < n; i++) keys[i] = S->k + ((size_t)slot_of(S, r, t + i) * KV + g) * D;
+            for (int i = 0; i < n; i++)
+                keys[i] = S->k + ((size_t)slot_of(S, r, first + t + i) * KV + g) * D;
             for (int h = 0; h < group; h++) dot8(q + h * D, keys, n, D, scale, scores + h * len + t);
         }
         for (int h = 0; h < group; h++) total[h] = softmax_numerators(scores + h * len, len);
         memset(acc, 0, sizeof(float) * group * D);
         for (int t = 0; t < len; t++) {
-            widen_bf16(S->v + ((size_t)slot_of(S, r, t) * KV + g) * D, kv, D);
+            widen_bf16(S->v + ((size_t)slot_of(S, r, first + t) * KV + g) * D, kv, D);
             for (int h = 0; h < group; h++) axpy(scores[h * len + t], kv, acc + h * D, D);
         }
         for (int i = 0; i < group * D; i++) o[i] = acc[i] / total[i / D];
@@ -1499,8 +1511,10 @@ static void rope_head(float *x, const float *cos, const float *sin, int D) {
 }
 
 /* One decoder layer for a decode step: x (rows, hidden) is the residual stream, updated in
- * place; this step's keys and values are written to the cache. Returns 0, or -1 when
- * memory ran out (x is then unchanged). */
+ * place; this step's keys and values are written to the cache. Qwen2's Q/K/V bias, Qwen3's
+ * q/k norms and a sliding window run where the layer has them (hx_layer), in the order the
+ * op-by-op path runs them (model.Llama.forward). Returns 0, or -1 when memory ran out (x is
+ * then unchanged). */
 int hx_decode_layer(const hx_layer *L, const hx_step *S, float *x) {
     int rows = S->rows, hidden = L->hidden, H = L->heads, KV = L->kv_heads, D = L->head_dim;
     int inter = L->intermediate, width = (H + 2 * KV) * D;
@@ -1516,10 +1530,16 @@ int hx_decode_layer(const hx_layer *L, const hx_step *S, float *x) {
         int max_len = 0;
         for (int r = 0; r < rows; r++)
             if (S->positions[r] + 1 > max_len) max_len = S->positions[r] + 1;
+        if (L->window > 0 && max_len > L->window) max_len = L->window; /* keys a row reads */
         rows_step(L, NORM, x, norm, &a_hidden, L->attn_norm);
         matmul(L->qkv, rows, &a_hidden, qkv, width, NULL);
         for (int r = 0; r < rows; r++) {
             float *row = qkv + (size_t)r * width;
+            if (L->qkv_bias) /* after the product, as the op-by-op path adds it */
+                for (int i = 0; i < width; i++) row[i] += L->qkv_bias[i];
+            if (L->qk_norm) /* each q and k head on its own, before RoPE */
+                for (int h = 0; h < H + KV; h++)
+                    rms_norm_row(row + h * D, L->qk_norm + h * D, D, L->eps, row + h * D);
             const float *c = S->cos + (size_t)r * (D / 2), *s = S->sin + (size_t)r * (D / 2);
             for (int h = 0; h < H + KV; h++) rope_head(row + h * D, c, s, D);
             int pos = S->positions[r];
