@@ -123,6 +123,22 @@ def test_a_prompt_longer_than_the_chunk_budget_is_split_across_steps(tiny_config
     assert seq.handle.completion.completion_tokens == 2 and seq.status is Status.FINISHED
 
 
+def test_a_prompt_token_a_chunk_leaves_alone_is_prefilled_not_decoded(tiny_config):
+    """A prompt of 9 in chunks of 8 leaves its last token alone: it goes to the prompt
+    kernels, as when the whole prompt runs at once (a quantized decode step's int4 weights
+    and bf16 keys give it other logits, a different first token on a near-tie)."""
+    sched = make(tiny_config, 16, prefill_chunk=8)
+    seq = make_seq(list(range(3, 12)), max_tokens=2)  # 9 prompt tokens
+    sched.add(seq)
+    steps = drive(sched)
+    assert [[(s.id, n) for s, n in st.prefill] for st in steps] == [
+        [(seq.id, 8)],
+        [(seq.id, 1)],
+        [],
+    ]
+    assert [st.decode for st in steps] == [[], [], [seq]]
+
+
 def test_the_budget_is_shared_and_decoding_goes_on_beside_a_long_prompt(tiny_config):
     sched = make(tiny_config, 32, prefill_chunk=8)
     a, b = make_seq([3] * 6, max_tokens=5), make_seq([4] * 6, max_tokens=5)

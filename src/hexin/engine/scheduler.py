@@ -72,7 +72,10 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not Status.RUNNING:
                 continue  # preempted while finding room for an earlier sequence
-            if seq.num_pending > 1:
+            # a prompt's last token too goes through the prompt kernels (``prompt=True``),
+            # as when the prompt runs whole: the decode step's (int4 weights, bf16 keys)
+            # would give it other logits when a chunk or a cached prefix leaves it alone
+            if seq.num_pending > 1 or seq.num_computed < len(seq.prompt_ids):
                 if budget > 0:
                     n = min(seq.num_pending, budget)
                     budget -= n
