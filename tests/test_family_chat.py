@@ -388,6 +388,41 @@ def test_template_from_gguf_metadata_renders_like_transformers(tmp_path: Path, n
     assert_renders_like_transformers(tok, template, specials)
 
 
+@pytest.mark.parametrize("add_bos", [True, False])
+@pytest.mark.parametrize("name", ["header", "chatml"])
+def test_gguf_chat_prompt_is_encoded_as_transformers_encodes_it(
+    tmp_path: Path, name: str, add_bos: bool
+) -> None:
+    """A rendered chat gets no BOS added, as transformers' ``apply_chat_template(tokenize=
+    True)``: one where the template writes it (Llama 3's ``{{ bos_token }}``), none where
+    it does not (ChatML, as SmolLM2's), whatever ``add_bos_token`` says. The reference is
+    transformers' own GGUF tokenizer of the same file."""
+    from test_gguf import _tiny_byte_level_vocab
+
+    template = FEATURE_TEMPLATES[name]
+    vocab = _tiny_byte_level_vocab()
+    bos = len(vocab["tokens"])
+    added = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    vocab["tokens"] += added
+    vocab["types"] += [3] * len(added)
+
+    def meta(w: gguf.GGUFWriter) -> None:
+        w.add_add_bos_token(add_bos)
+        w.add_chat_template(template)
+
+    write_tiny_gguf(tmp_path / "t.gguf", vocab=vocab | {"bos": bos, "eos": 2}, more_metadata=meta)
+    tok = load_model(tmp_path / "t.gguf").tokenizer
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="t.gguf")
+    messages = [SYSTEM, *TWO_TURNS]
+    expected = reference.apply_chat_template(
+        messages, tokenize=True, return_dict=False, add_generation_prompt=True
+    )
+    ids = tok.encode_chat(tok.apply_chat_template(messages))
+    assert ids == expected
+    assert ids.count(bos) == (1 if "bos_token" in template else 0)
+    assert ids[0] == bos or "bos_token" not in template
+
+
 def test_folder_saved_by_transformers_keeps_its_template_and_stops(tmp_path: Path) -> None:
     """transformers' ``save_pretrained`` writes the template to chat_template.jinja (not
     tokenizer_config.json); hexin reads it there and renders what transformers, loading the

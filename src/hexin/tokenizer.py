@@ -43,11 +43,14 @@ class Tokenizer:
         self.chat_template = chat_template
         self._template = None
         self.vocab_size = inner.get_vocab_size(with_added_tokens=True)
+        added = inner.get_added_tokens_decoder()
         # Skipped by id: the library's own skip misses special tokens stored "normalized"
         # (SentencePiece conversions), which would leak text like "<unk>" into replies.
-        self.special_ids = frozenset(
-            i for i, t in inner.get_added_tokens_decoder().items() if t.special
-        )
+        self.special_ids = frozenset(i for i, t in added.items() if t.special)
+        # Added tokens as written in text. ``id_to_token`` gives a "normalized" one in its
+        # normalized form ("▁<|start_story|>" behind a prepend-"▁" normalizer), which,
+        # written into a prompt, encodes as "▁" and the token.
+        self._added_text = {i: t.content for i, t in added.items()}
 
     # -- constructors -------------------------------------------------------------------
     @classmethod
@@ -110,6 +113,13 @@ class Tokenizer:
             ids.insert(0, bos)
         return ids
 
+    def encode_chat(self, prompt: str) -> list[int]:
+        """Token ids of a rendered chat template (``apply_chat_template``'s text), as
+        transformers' ``apply_chat_template(tokenize=True)`` gives them: nothing added, so
+        the prompt holds the specials the template writes, a BOS once if it writes one and
+        none if it does not."""
+        return self.encode(prompt, add_bos=False)
+
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
         if skip_special:
             ids = [i for i in ids if i not in self.special_ids]
@@ -123,13 +133,16 @@ class Tokenizer:
 
     @property
     def bos_token(self) -> str:
-        if self.bos_token_id is None:
-            return ""
-        return self.id_to_token(self.bos_token_id) or ""
+        """BOS as a template writes it (``bos_token``): text that encodes as the BOS id."""
+        return "" if self.bos_token_id is None else self._text_of(self.bos_token_id)
 
     @property
     def eos_token(self) -> str:
-        return (self.id_to_token(self.eos_token_ids[0]) or "") if self.eos_token_ids else ""
+        return self._text_of(self.eos_token_ids[0]) if self.eos_token_ids else ""
+
+    def _text_of(self, token_id: int) -> str:
+        """The token as written in text: an added token's content, else the vocabulary's."""
+        return self._added_text.get(token_id) or self.id_to_token(token_id) or ""
 
     # -- chat ---------------------------------------------------------------------------
     @property

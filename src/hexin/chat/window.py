@@ -58,7 +58,7 @@ def build_prompt(
     for dropped in range(len(turns)):
         kept = [m.chat_entry() for t in turns[dropped:] for m in t]
         text = hexin_tools.prompt(tokenizer, head + kept, tools) + reply_so_far
-        ids = tokenizer.encode(text)
+        ids = tokenizer.encode_chat(text)
         if len(ids) + max_tokens <= limit:
             return Prompt(ids, dropped, max_tokens)
     if len(ids) < limit:  # the last turn alone fits; shorten the reply rather than refuse

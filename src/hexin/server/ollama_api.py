@@ -165,14 +165,18 @@ def stats(c: Completion, started: float) -> dict[str, Any]:
     }
 
 
-def submit(state: State, prompt: str, body: Generation) -> RequestHandle:
+def submit(state: State, prompt: str, body: Generation, *, templated: bool) -> RequestHandle:
+    """Queue ``prompt``: a rendered chat template (``templated``) is encoded as transformers
+    encodes one, with no BOS but the one the template writes; raw text as plain text."""
     engine, _ = state.require()
     if body.model and body.model.removesuffix(":latest") != state.model_name:
         message = f"model '{body.model}' not found: this server runs '{state.model_name}'"
         raise OllamaError(404, message)
     try:
         params = body.options.params(state.config.max_tokens_default, body.format)
-        return engine.submit(engine.tokenizer.encode(prompt), params)
+        tok = engine.tokenizer
+        ids = tok.encode_chat(prompt) if templated else tok.encode(prompt)
+        return engine.submit(ids, params)
     except Exception as e:
         error = api_error_from(e)
         raise OllamaError(error.status, error.message) from None
@@ -271,7 +275,7 @@ async def chat(request: Request, body: ChatBody):
         prompt = tools.prompt(engine.tokenizer, messages, body.tool_specs())
     except Exception as e:
         raise OllamaError(400, str(e)) from None
-    handle = submit(state, prompt, body)
+    handle = submit(state, prompt, body, templated=True)
     reply = ChatReply(calling=bool(body.tools))
     return await answer(state, handle, body, reply.delta, reply.final)
 
@@ -284,11 +288,12 @@ async def generate(request: Request, body: GenerateBody):
     if not body.prompt:  # Ollama's way to load a model
         return loaded(state) | {"response": ""}
     prompt = body.prompt
-    if not body.raw and engine.tokenizer.chat_template:
+    templated = not body.raw and bool(engine.tokenizer.chat_template)
+    if templated:
         messages = [{"role": "system", "content": body.system}] if body.system else []
         messages.append({"role": "user", "content": body.prompt})
         prompt = engine.tokenizer.apply_chat_template(messages)
-    handle = submit(state, prompt, body)
+    handle = submit(state, prompt, body, templated=templated)
     return await answer(
         state,
         handle,

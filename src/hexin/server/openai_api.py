@@ -563,7 +563,7 @@ def chat_prompt(state: State, req: ChatRequest) -> str:
 async def chat_completions(request: Request, req: ChatRequest):
     state: State = get_state(request)
     engine, _ = state.require()
-    handles = submit(state, engine.tokenizer.encode(chat_prompt(state, req)), req)
+    handles = submit(state, engine.tokenizer.encode_chat(chat_prompt(state, req)), req)
     rid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     logprobs = Logprobs(state) if req.logprobs else None
     calling = bool(req.tool_specs())
