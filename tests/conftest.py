@@ -7,7 +7,11 @@ free of them:
 - ``slow``: needs the default SmolLM2 model (a download on first use, and seconds per
   test on a CPU), spawns a process, or took over a second in a full run;
 - ``server``: runs a real ``hexin serve``; ``browser``: drives Chromium as well;
-- ``gpu``: needs CUDA (skipped without it).
+- ``gpu``: needs CUDA (skipped without it);
+- ``postgres``: runs a real PostgreSQL server (``postgres_server``), which the store tests
+  use beside SQLite (``store_db``);
+- ``cluster``: runs a Ray Serve cluster of replicas (the ``cluster`` fixture of
+  tests/test_cluster.py); slow as well.
 
 ``python3 -m pytest -m "not slow and not server and not browser"`` is the quick run;
 plain ``python3 -m pytest`` runs everything.
@@ -15,6 +19,7 @@ plain ``python3 -m pytest`` runs everything.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,9 +40,12 @@ FILE_MARKERS = {
     "test_chat_persistence.py": ("slow",),  # real processes, killed and restarted
     "test_chat_cli.py": ("slow",),  # the REPL in a subprocess
     "test_cli.py": ("slow",),  # each test starts the hexin command (a second or more)
+    "test_store_concurrency.py": ("slow", "server"),  # two servers on one PostgreSQL
 }
 #: a test using any of these (directly or through another fixture) is slow
 SLOW_FIXTURES = {"default_gguf", "default_model", "real_template_dir"}
+#: a test using any of these runs a Ray cluster
+CLUSTER_FIXTURES = {"cluster"}
 #: single tests that took over a second and a half in a full run (nodeid prefixes)
 SLOW_TESTS = (
     "tests/test_hub.py::test_model_flag_fetches_on_first_use_then_runs_from_the_cache",
@@ -49,7 +57,30 @@ SLOW_TESTS = (
     "tests/test_chat_service.py::test_a_stalled_store_does_not_pause_other_sessions_streams",
     "tests/test_quant.py::test_int8_two_term_matmul_is_accurate_and_row_independent",
     "tests/test_loading.py::test_random_llama_folder_matches_transformers",
+    "tests/test_native_kernels.py::test_the_one_call_decode_layer_gives_what_the_op_by_op_path",
 )
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server for the whole run (``postgres_server.running_server``)."""
+    from postgres_server import running_server
+
+    with running_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """What ``--db`` takes, for each backend: a SQLite file, or a fresh PostgreSQL
+    database's URL. The store tests take this, so each runs on both."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "chat.db")
+        return
+    from postgres_server import fresh_database
+
+    with fresh_database(request.getfixturevalue("postgres_url")) as url:
+        yield url
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -60,8 +91,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             marks |= {"slow", "server"}
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             marks.add("slow")
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            marks |= {"slow", "cluster"}
         if item.nodeid.startswith(SLOW_TESTS):
             marks.add("slow")
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and callspec.params.get("store_db") == "postgresql"
+        if on_postgres or "postgres_url" in getattr(item, "fixturenames", ()):
+            marks.add("postgres")
         for mark in sorted(marks):
             item.add_marker(mark)
 

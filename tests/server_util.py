@@ -42,7 +42,7 @@ class Server:
         model: Path,
         home: Path,
         *,
-        db: Path | None = None,
+        db: Path | str | None = None,
         api_key: str | None = None,
         extra: tuple[str, ...] = (),
     ) -> None:

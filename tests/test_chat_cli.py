@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from hexin.chat import Store
+from hexin.chat import open_store
 
 
 def hexin(*args: str, home, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -35,7 +35,7 @@ def test_once_prints_a_reply_naming_paris(default_gguf, tmp_path):
     assert "Traceback" not in out.stdout + out.stderr
     match = re.search(r"\[session ([A-Za-z0-9_-]+)\]", out.stderr)
     assert match, out.stderr
-    session = Store(db).load(match.group(1))
+    session = open_store(db).load(match.group(1))
     assert [m.role for m in session.path()] == ["user", "assistant"]
     assert session.path()[1].content.strip() == out.stdout.strip()
 
@@ -73,7 +73,7 @@ def test_repl_regen_versions_undo_sessions_and_quit(repl_run):
     assert "error: nothing to roll back" in out.stderr
     assert "error: choose a version from 1 to 2" in out.stderr
     # /undo removed the current version; the first version takes its place on the path
-    session = Store(db).load("repl-1")
+    session = open_store(db).load("repl-1")
     assert [m.role for m in session.path()] == ["user", "assistant"]
     assert session.path()[0].content == "Hello"
     assert len(session.messages) == 2
@@ -106,4 +106,4 @@ def test_bad_session_id_is_one_clear_line(default_gguf, tmp_path):
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith("hexin: error: ") and "session id" in lines[0]
     assert "bad id!" in lines[0]
-    assert Store(db).list_sessions() == []
+    assert open_store(db).list_sessions() == []

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from hexin.chat import ChatError, ChatService, Store
+from hexin.chat import ChatError, ChatService, open_store
 from hexin.chat.store import SCHEMA_VERSION
 from hexin.engine import Engine
 from hexin.model import Llama
@@ -45,7 +45,7 @@ def story_service(story_chat, db) -> ChatService:
     model, tok = story_chat
     return ChatService(
         Engine(model, tok, EngineConfig(kv_memory=64 << 20)).start(),
-        Store(db),
+        open_store(db),
         model_name="story",
         default_params=SamplingParams(temperature=0, max_tokens=12),
     )
@@ -113,7 +113,7 @@ def test_session_continues_across_real_processes(default_gguf, tmp_path):
     assert second.returncode == 0, second.stderr
     assert second.stdout.strip()
 
-    store = Store(db)
+    store = open_store(db)
     session = store.load("abc")
     path = session.path()
     assert [m.role for m in path] == ["user", "assistant", "user", "assistant"]
@@ -130,7 +130,7 @@ def test_session_continues_across_real_processes(default_gguf, tmp_path):
 
 KILL_SCRIPT = """
 import sys, time
-from hexin.chat import ChatService, Store
+from hexin.chat import ChatService, open_store
 from hexin.engine import Engine
 from hexin.model import Llama
 from hexin.sampling import SamplingParams
@@ -147,7 +147,7 @@ def slow_forward(self, *args, **kw):  # a slow model: the reply is in flight for
     return forward(self, *args, **kw)
 Llama.forward = slow_forward
 engine = Engine(Llama(loaded.config, loaded.weights), tok).start()
-service = ChatService(engine, Store(sys.argv[2]),
+service = ChatService(engine, open_store(sys.argv[2]),
                       default_params=SamplingParams(temperature=0, max_tokens=400))
 service.create(session_id="victim")
 for delta in service.send("victim", "Tell me a very long story about a dragon."):
@@ -223,14 +223,14 @@ def test_kill_mid_reply_leaves_a_clean_database(story_chat, story_dir, tmp_path)
 
 def test_fresh_database_has_current_schema_version_and_wal(tmp_path):
     db = tmp_path / "sub" / "dir" / "chat.db"
-    store = Store(db)
+    store = open_store(db)
     store.close()
     assert db.is_file()
     assert query(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert query(db, "PRAGMA journal_mode") == [("wal",)]
     tables = {r[0] for r in query(db, "SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"sessions", "messages"} <= tables
-    Store(db).close()  # reopening an up-to-date database migrates nothing and works
+    open_store(db).close()  # reopening an up-to-date database migrates nothing and works
     assert query(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
 
 
@@ -238,7 +238,7 @@ def test_database_from_a_newer_hexin_is_refused_naming_both_versions(tmp_path):
     db = tmp_path / "chat.db"
     query(db, f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     with pytest.raises(ChatError) as err:
-        Store(db)
+        open_store(db)
     message = str(err.value)
     assert str(SCHEMA_VERSION + 1) in message and str(SCHEMA_VERSION) in message
     assert "newer" in message
@@ -249,12 +249,12 @@ def test_a_file_that_is_not_a_database_is_a_chat_error(tmp_path):
     db = tmp_path / "chat.db"
     db.write_bytes(b"this is not an sqlite database" * 100)
     with pytest.raises(ChatError, match="cannot open"):
-        Store(db)
+        open_store(db)
 
 
 def test_default_db_path_follows_hexin_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HEXIN_HOME", str(tmp_path))
-    store = Store()
+    store = open_store()
     try:
         assert store.path == tmp_path / "hexin.db"
         assert (tmp_path / "hexin.db").is_file()

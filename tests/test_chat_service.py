@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 
-from hexin.chat import ChatError, ChatService, Store
+from hexin.chat import ChatError, ChatService, open_store
 from hexin.chat.tree import Message, new_id
 from hexin.chat.window import build_prompt
 from hexin.engine import Engine, EngineBusy
@@ -71,15 +71,20 @@ def make_service(
     ).start()
     return ChatService(
         engine,
-        Store(db),
+        open_store(db),
         model_name="test-model",
         default_params=SamplingParams(temperature=temperature, max_tokens=max_tokens),
     )
 
 
 @pytest.fixture
-def svc(story_chat, tmp_path):
-    return make_service(story_chat, tmp_path / "chat.db")
+def svc(story_chat, store_db):
+    """A service on each store backend (conftest's ``store_db``): SQLite and PostgreSQL."""
+    service = make_service(story_chat, store_db)
+    yield service
+    service.engine.shutdown()
+    service.close()
+    service.store.close()
 
 
 def snapshot(service: ChatService) -> list[dict]:
@@ -174,6 +179,14 @@ def test_send_streams_deltas_that_join_into_the_saved_reply(svc):
     assert reply.usage == usage
     assert saved.title == "Tell me a story about a cat."
     assert saved.active_id == assistant.id
+
+
+def test_a_finished_replys_text_can_be_read_again(svc):
+    """The stream is read once; a second ``text()`` gives the same text, not a hang."""
+    svc.create(session_id="again")
+    reply = svc.send("again", "Once upon a time")
+    first = reply.text()
+    assert first and reply.text() == first == reply.wait().content
 
 
 def test_first_message_title_is_its_first_line_truncated_and_kept_afterwards(svc):
@@ -485,27 +498,71 @@ def test_second_turn_reuses_whole_context_and_regenerate_all_but_one_token(defau
 
 
 def test_evicted_cache_is_recomputed_with_the_same_reply(story_chat, tmp_path):
+    other = (
+        "The dog ran in the park with a big red ball and his friend Tom. They played all day"
+        " and when the sun went down they walked home, ate their dinner and went to sleep."
+    )
+    question = "What did the cat see?"
+
     def alternate(service):
         a = service.create(session_id="a")
         b = service.create(session_id="b")
-        service.send(a.id, "The cat sat on the mat.").text()
-        service.send(b.id, "The dog ran in the park with a big red ball and his friend Tom.").text()
-        second = service.send(a.id, "What did the cat see?")
-        return second.text(), second.usage
+        usages = []
+        for sid, message in ((a.id, "The cat sat on the mat."), (b.id, other), (a.id, question)):
+            reply = service.send(sid, message)
+            text = reply.text()  # one turn at a time
+            usages.append(reply.usage)
+        return text, usages
 
-    big_text, big_usage = alternate(make_service(story_chat, tmp_path / "big.db"))
-    per_block = BlockPool.bytes_per_block(story_chat[0].config)
-    tiny = make_service(story_chat, tmp_path / "tiny.db", kv_memory=8 * per_block)
-    tiny_text, tiny_usage = alternate(tiny)
-    # with room, the whole first turn is reused; in a pool of 7 blocks, session b's turn
-    # evicted a's blocks, which were recomputed
-    assert big_usage["cached_tokens"] > 16
+    big_text, (a1, b1, big_usage) = alternate(make_service(story_chat, tmp_path / "big.db"))
+    bs = EngineConfig().block_size
+
+    def blocks(u, pending=0):  # KV blocks of a turn (its last token is never run: pending=-1)
+        return -(-(u["prompt_tokens"] + u["completion_tokens"] + pending) // bs)
+
+    # a pool that holds any one turn, but not a's first turn and b's together: b's turn
+    # evicts a's idle blocks, which a's second turn recomputes
+    room = max(blocks(u) for u in (a1, b1, big_usage))
+    assert blocks(a1, -1) + blocks(b1, -1) > room
+    per_block = BlockPool.bytes_per_block(story_chat[0].config, bs)
+    # room + 1 blocks: the pool never hands out its null block
+    tiny = make_service(story_chat, tmp_path / "tiny.db", kv_memory=(room + 1) * per_block)
+    tiny_text, (_, _, tiny_usage) = alternate(tiny)
+    assert tiny.engine.pool.num_blocks == room + 1
+    # with room, the whole first turn is reused; in the small pool it was recomputed
+    assert big_usage["cached_tokens"] >= a1["prompt_tokens"]
     assert tiny_usage["cached_tokens"] < big_usage["cached_tokens"]
     assert tiny_text == big_text
     assert tiny_usage["prompt_tokens"] == big_usage["prompt_tokens"]
 
 
 # -- the sliding context window ------------------------------------------------------------------
+
+
+def test_chat_prompt_is_encoded_as_transformers_encodes_it_with_one_bos(
+    story_chat, story_dir, tmp_path
+):
+    """The template writes the BOS itself: the prompt holds it once, at the start, as
+    transformers' ``apply_chat_template(tokenize=True)`` gives on the same tokenizer.json
+    and template (it adds no special tokens to a rendered chat)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the reference")
+    _, tok = story_chat
+    system = "You tell short stories."
+    reference = transformers.PreTrainedTokenizerFast.from_pretrained(story_dir)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": FRANCE}]
+    kwargs = {"chat_template": CHATML, "add_generation_prompt": True}
+    expected_text = reference.apply_chat_template(messages, tokenize=False, **kwargs)
+    expected = reference.apply_chat_template(messages, tokenize=True, return_dict=False, **kwargs)
+    assert tok.apply_chat_template(messages) == expected_text
+    question = Message(new_id(), None, "user", FRANCE)
+    service = make_service(story_chat, tmp_path / "chat.db")
+    ids = build_prompt(tok, system, [question], max_tokens=16, limit=service.context_limit).ids
+    assert ids == expected
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    s = service.create(system_prompt=system)
+    reply = service.send(s.id, FRANCE, {"max_tokens": 1})
+    reply.text()
+    assert reply.usage["prompt_tokens"] == len(expected)
 
 
 def test_long_conversation_slides_the_window_instead_of_failing(svc):
@@ -534,7 +591,8 @@ def test_message_that_nearly_fills_the_window_gets_a_shorter_reply(story_chat, s
     limit = svc.context_limit
 
     def size(n):
-        return len(tok.encode(tok.apply_chat_template([{"role": "user", "content": "dog " * n}])))
+        prompt = tok.apply_chat_template([{"role": "user", "content": "dog " * n}])
+        return len(tok.encode_chat(prompt))
 
     n = 1
     while size(n + 1) < limit - 2:
@@ -761,10 +819,10 @@ def test_import_of_garbage_is_a_chat_error_and_changes_nothing(svc, garbage):
 
 CYCLE_SCRIPT = """
 import json, resource, sys, types
-from hexin.chat import ChatError, ChatService, Store
+from hexin.chat import ChatError, ChatService, open_store
 
 stub = types.SimpleNamespace(tokenizer=None, context_limit=64)  # no model needed to import
-service = ChatService(stub, Store(sys.argv[1]))
+service = ChatService(stub, open_store(sys.argv[1]))
 # a tree walked forever must fail fast (MemoryError), not eat the machine
 vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), resource.RLIM_INFINITY))
@@ -923,7 +981,7 @@ def test_a_message_the_engine_refuses_stores_nothing(story_chat, tmp_path):
     """A full queue refuses the turn before its message is written."""
     model, tok = story_chat
     engine = Engine(model, tok, EngineConfig(max_waiting=1))  # not started: nothing leaves
-    service = ChatService(engine, Store(tmp_path / "chat.db"), default_params=SamplingParams())
+    service = ChatService(engine, open_store(tmp_path / "chat.db"), default_params=SamplingParams())
     try:
         a, b = service.create(), service.create()
         service.send(a.id, "Once upon a time")  # fills the queue

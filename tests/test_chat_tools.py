@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 from tool_specs import TOOLS
 
-from hexin.chat import ChatError, ChatService, Store
+from hexin.chat import ChatError, ChatService, open_store
 from hexin.engine import Engine
 from hexin.model import Llama
 from hexin.options import EngineConfig
@@ -29,7 +29,7 @@ def engine(default_model):
 @pytest.fixture
 def svc(engine, tmp_path):
     params = SamplingParams(temperature=0.0, max_tokens=60)
-    return ChatService(engine, Store(tmp_path / "chat.db"), default_params=params)
+    return ChatService(engine, open_store(tmp_path / "chat.db"), default_params=params)
 
 
 def called(svc: ChatService, sid: str, **choice) -> dict:
@@ -62,7 +62,7 @@ def test_a_required_call_is_parsed_stored_answered_and_survives_a_restart(svc, t
     assert path[1].meta["tool_calls"] == [call]
 
     # a new store on the same file (a restart) holds the same tree and tools
-    again = Store(tmp_path / "chat.db").load(s.id)
+    again = open_store(tmp_path / "chat.db").load(s.id)
     assert again.tools == TOOLS and again.to_dict() == session.to_dict()
     # an export imports back whole, tool messages and tools included
     copy = svc.import_(svc.export(s.id), keep_id=False)

@@ -75,7 +75,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     """Terminal chat: a REPL, or one message with ``--once``."""
     from hexin.chat.repl import run_once, run_repl
     from hexin.chat.service import ChatService
-    from hexin.chat.store import Store
+    from hexin.chat.store import open_store
     from hexin.chat.tree import check_id
     from hexin.engine import Engine
     from hexin.model import load_llama
@@ -85,7 +85,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     changes = _sampling_changes(args)
     if args.session is not None:
         check_id(args.session)
-    store = Store(args.db)
+    store = open_store(args.db)
 
     def build() -> tuple[Any, Engine]:
         loaded, model = load_llama(args.model, model_options(args))
@@ -205,6 +205,12 @@ def _resolve_hub_model(args: argparse.Namespace) -> None:
         args.model = str(hub.resolve(spec))
 
 
+DB_HELP = (
+    "chat store: a SQLite file, or postgresql://user@host/db shared by replicas "
+    "(default: $HEXIN_DB, else a SQLite file in the per-user data folder)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hexin", description="A from-scratch Llama inference engine and chat product."
@@ -220,7 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="chat in the terminal (sessions kept in SQLite)")
     add_model_args(chat)
-    chat.add_argument("--db", default=None, help="chat database (default: per-user data folder)")
+    chat.add_argument(
+        "--db",
+        default=None,
+        help=DB_HELP,
+    )
     chat.add_argument("--session", "-s", default=None, help="session id to continue or create")
     chat.add_argument("--once", default=None, metavar="TEXT", help="send one message and exit")
     chat.add_argument("--system", default=None, help="system prompt of a new session")
@@ -232,7 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--db", default=None, help="chat database (default: per-user data folder)")
+    serve.add_argument(
+        "--db",
+        default=None,
+        help=DB_HELP,
+    )
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     add_engine_args(serve, serving=True)
     serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN")

@@ -1,7 +1,7 @@
 """Conversations: sessions with message trees, the context window, persistence."""
 
 from hexin.chat.service import ChatService, Reply
-from hexin.chat.store import Store
+from hexin.chat.store import Store, open_store
 from hexin.chat.tree import ChatError, Message, Session, SessionBusy, SessionNotFound
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "SessionBusy",
     "SessionNotFound",
     "Store",
+    "open_store",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -88,6 +89,7 @@ class Reply:
         self.dropped_turns = dropped_turns
         #: the model was told of tools: its text may hold calls (``tools.CallStream``)
         self.calls_tools = calls_tools
+        self._text: str | None = None
 
     @property
     def message_id(self) -> str:
@@ -122,8 +124,11 @@ class Reply:
         return self.outcome.message
 
     def text(self) -> str:
-        """Run to the end and return the whole reply."""
-        return "".join(self)
+        """Run to the end and return the whole reply (again on a later call: the stream
+        is read once)."""
+        if self._text is None:
+            self._text = "".join(self)
+        return self._text
 
     @property
     def usage(self) -> dict[str, Any]:
@@ -217,38 +222,38 @@ class ChatService:
         return self.update(session_id, title=title)
 
     def delete(self, session_id: str) -> None:
-        self._check_idle(session_id)
-        if not self.store.delete_session(session_id):
-            raise SessionNotFound(f"unknown session {session_id!r}")
+        with self._holding(session_id):
+            if not self.store.delete_session(session_id):
+                raise SessionNotFound(f"unknown session {session_id!r}")
 
     # -- turns --------------------------------------------------------------------------
     def send(self, session_id: str, content: str, params: dict[str, Any] | None = None) -> Reply:
         """Add a user message after the active one and start the reply to it."""
-        session = self.get(session_id)
-        return self._ask(session, [self._user(session.active_id, content)], params)
+        with self._turn(session_id) as session:
+            return self._ask(session, [self._user(session.active_id, content)], params)
 
     def edit(
         self, session_id: str, message_id: str, content: str, params: dict[str, Any] | None = None
     ) -> Reply:
         """A new version of an earlier user message: a branch from its parent, answered;
         the old branch stays reachable through ``switch``."""
-        session = self.get(session_id)
-        old = session.message(message_id)
-        if old.role != "user":
-            raise ChatError("only user messages can be edited; regenerate a reply instead")
-        return self._ask(session, [self._user(old.parent_id, content)], params)
+        with self._turn(session_id) as session:
+            old = session.message(message_id)
+            if old.role != "user":
+                raise ChatError("only user messages can be edited; regenerate a reply instead")
+            return self._ask(session, [self._user(old.parent_id, content)], params)
 
     def regenerate(self, session_id: str, params: dict[str, Any] | None = None) -> Reply:
         """A new version of the last reply (or a first reply to a trailing user message
         or tool result)."""
-        session = self.get(session_id)
-        if session.active_id is None:
-            raise ChatError("nothing to regenerate: the conversation is empty")
-        last = session.message(session.active_id)
-        asked = session.message(last.parent_id) if last.role == "assistant" else last
-        if asked.role == "assistant":
-            raise ChatError("nothing to regenerate")
-        return self._reply(session, asked, self._params(session, params))
+        with self._turn(session_id) as session:
+            if session.active_id is None:
+                raise ChatError("nothing to regenerate: the conversation is empty")
+            last = session.message(session.active_id)
+            asked = session.message(last.parent_id) if last.role == "assistant" else last
+            if asked.role == "assistant":
+                raise ChatError("nothing to regenerate")
+            return self._reply(session, asked, self._params(session, params))
 
     def tool_results(
         self,
@@ -259,68 +264,68 @@ class ChatService:
         """Answer the active reply's tool calls: ``results`` holds one
         ``{"tool_call_id", "content"}`` per call. They are stored as tool messages after
         the reply, and the model replies to them."""
-        session = self.get(session_id)
-        last = session.message(session.active_id) if session.active_id else None
-        calls = (last.meta.get("tool_calls") or []) if last and last.role == "assistant" else []
-        if not calls:
-            raise ChatError("no tool calls to answer: the last message is no reply with calls")
-        ids = [c["id"] for c in calls]
-        if not isinstance(results, list) or not all(
-            isinstance(r, dict)
-            and isinstance(r.get("tool_call_id"), str)
-            and isinstance(r.get("content"), str)
-            for r in results
-        ):
-            raise ChatError('results: a list of {"tool_call_id", "content"} strings')
-        if sorted(r["tool_call_id"] for r in results) != sorted(ids):
-            raise ChatError(f"results: answer each call exactly once: {', '.join(ids)}")
-        name = {c["id"]: c["function"]["name"] for c in calls}
-        added, parent = [], last
-        for r in sorted(results, key=lambda r: ids.index(r["tool_call_id"])):
-            meta = {"tool_call_id": r["tool_call_id"], "name": name[r["tool_call_id"]]}
-            message = Message(new_id(), parent.id, "tool", r["content"], meta=meta)
-            added.append(message)
-            parent = message
-        return self._ask(session, added, params)
+        with self._turn(session_id) as session:
+            last = session.message(session.active_id) if session.active_id else None
+            calls = (last.meta.get("tool_calls") or []) if last and last.role == "assistant" else []
+            if not calls:
+                raise ChatError("no tool calls to answer: the last message is no reply with calls")
+            ids = [c["id"] for c in calls]
+            if not isinstance(results, list) or not all(
+                isinstance(r, dict)
+                and isinstance(r.get("tool_call_id"), str)
+                and isinstance(r.get("content"), str)
+                for r in results
+            ):
+                raise ChatError('results: a list of {"tool_call_id", "content"} strings')
+            if sorted(r["tool_call_id"] for r in results) != sorted(ids):
+                raise ChatError(f"results: answer each call exactly once: {', '.join(ids)}")
+            name = {c["id"]: c["function"]["name"] for c in calls}
+            added, parent = [], last
+            for r in sorted(results, key=lambda r: ids.index(r["tool_call_id"])):
+                meta = {"tool_call_id": r["tool_call_id"], "name": name[r["tool_call_id"]]}
+                message = Message(new_id(), parent.id, "tool", r["content"], meta=meta)
+                added.append(message)
+                parent = message
+            return self._ask(session, added, params)
 
     def continue_(self, session_id: str, params: dict[str, Any] | None = None) -> Reply:
         """Go on with the last reply (one cut at its token limit, or stopped): the model
         continues its text, which is added to the same message (no new version)."""
-        session = self.get(session_id)
-        last = session.message(session.active_id) if session.active_id else None
-        if last is None or last.role != "assistant" or last.meta.get("tool_calls"):
-            raise ChatError("nothing to continue: the last message is no reply")
-        asked = session.message(last.parent_id or "")
-        return self._reply(session, asked, self._params(session, params), continuing=last)
+        with self._turn(session_id) as session:
+            last = session.message(session.active_id) if session.active_id else None
+            if last is None or last.role != "assistant" or last.meta.get("tool_calls"):
+                raise ChatError("nothing to continue: the last message is no reply")
+            asked = session.message(last.parent_id or "")
+            return self._reply(session, asked, self._params(session, params), continuing=last)
 
     def rollback(self, session_id: str) -> Session:
         """Remove the last message of the active path with everything below it: the
         last reply, or, called again, the user message before it. Its other versions
         stay: the path then continues down the newest of them (so a rolled-back
         regeneration shows the version before it), else it ends at the parent."""
-        session = self.get(session_id)
-        self._check_idle(session_id)
-        if session.active_id is None:
-            raise ChatError("nothing to roll back: the conversation is empty")
-        last = session.message(session.active_id)
-        removed = session.subtree(last.id)
-        others = [m for m in session.siblings(last.id) if m.id != last.id]
-        for mid in removed:
-            del session.messages[mid]
-        session.active_id = session.latest_leaf(others[-1].id) if others else last.parent_id
-        session.updated_at = now()
-        self.store.delete_messages(session_id, removed, active_id=session.active_id)
-        return session
+        with self._holding(session_id):
+            session = self.get(session_id)
+            if session.active_id is None:
+                raise ChatError("nothing to roll back: the conversation is empty")
+            last = session.message(session.active_id)
+            removed = session.subtree(last.id)
+            others = [m for m in session.siblings(last.id) if m.id != last.id]
+            for mid in removed:
+                del session.messages[mid]
+            session.active_id = session.latest_leaf(others[-1].id) if others else last.parent_id
+            session.updated_at = now()
+            self.store.delete_messages(session_id, removed, active_id=session.active_id)
+            return session
 
     def switch(self, session_id: str, message_id: str) -> Session:
         """Make a message (a version, a branch) part of the active path; the path
         continues down its newest replies."""
-        session = self.get(session_id)
-        self._check_idle(session_id)
-        session.active_id = session.latest_leaf(session.message(message_id).id)
-        session.updated_at = now()
-        self.store.save_session(session)
-        return session
+        with self._holding(session_id):
+            session = self.get(session_id)
+            session.active_id = session.latest_leaf(session.message(message_id).id)
+            session.updated_at = now()
+            self.store.save_session(session)
+            return session
 
     def switch_version(self, session_id: str, message_id: str, step: int) -> Session:
         """Move ``step`` versions (e.g. -1, +1) from a message among its siblings."""
@@ -345,20 +350,55 @@ class ChatService:
         return session
 
     # -- internals ----------------------------------------------------------------------
-    def _check_idle(self, session_id: str) -> None:
+    def _claim(self, session_id: str) -> None:
+        """Mark a session busy, before anything is read for or saved by the change: here
+        (one reply or change per session in this process) and in the store (one across
+        every process that shares it: a replica elsewhere may hold it)."""
         outcome = self._active.get(session_id)
         if outcome is not None and outcome.handle is not None and outcome.handle.cancelled:
             outcome.saved.wait(10)  # a stopped reply is saved within a step
-        if session_id in self._active:
-            raise SessionBusy(f"session {session_id!r} is busy with a reply; stop it first")
-
-    def _claim(self, session_id: str) -> None:
-        """Mark a session busy, atomically, before anything is saved for the new turn."""
-        self._check_idle(session_id)
         with self._lock:
             if session_id in self._active:
                 raise SessionBusy(f"session {session_id!r} is busy with a reply; stop it first")
             self._active[session_id] = None
+        try:
+            held = self.store.try_lock(session_id)
+        except BaseException:
+            self._active.pop(session_id, None)
+            raise
+        if not held:
+            self._active.pop(session_id, None)
+            raise SessionBusy(
+                f"session {session_id!r} is busy with a reply on another replica; stop it first"
+            )
+
+    def _release(self, session_id: str) -> None:
+        """Free a session ``_claim`` took (its reply saved, or no reply started)."""
+        try:
+            self.store.unlock(session_id)
+        finally:
+            self._active.pop(session_id, None)
+
+    @contextmanager
+    def _holding(self, session_id: str) -> Iterator[None]:
+        """The session claimed for a change that starts no reply (rollback, switch, delete)."""
+        self._claim(session_id)
+        try:
+            yield
+        finally:
+            self._release(session_id)
+
+    @contextmanager
+    def _turn(self, session_id: str) -> Iterator[Session]:
+        """The session claimed and loaded as stored now, for a new reply. The block either
+        starts the reply, which then holds the claim until it is saved, or raises, and the
+        claim is given back."""
+        self._claim(session_id)
+        try:
+            yield self.get(session_id)
+        except BaseException:
+            self._release(session_id)
+            raise
 
     @staticmethod
     def _params(session: Session, changes: dict[str, Any] | None) -> SamplingParams:
@@ -411,26 +451,21 @@ class ChatService:
         before = session.path(first.parent_id) if first.parent_id else []
         # the window is checked before anything is saved: an oversize message changes nothing
         prompt = self._prompt(session, before + added, merged)
-        self._claim(session.id)
+        # everything the engine could refuse is refused before anything is stored
+        self.engine.check(prompt.ids)
+        title = None
+        if not session.title and first.role == "user":
+            title = first.content.strip().splitlines()[0][:MAX_TITLE]
+        self.store.add_message(session.id, *added, title=title)
+        for m in added:
+            session.messages[m.id] = m
+        session.active_id, session.updated_at = last.id, last.created_at
+        session.title = session.title or title or ""
         try:
-            # everything the engine could refuse is refused before anything is stored
-            self.engine.check(prompt.ids)
-            title = None
-            if not session.title and first.role == "user":
-                title = first.content.strip().splitlines()[0][:MAX_TITLE]
-            self.store.add_message(session.id, *added, title=title)
-            for m in added:
-                session.messages[m.id] = m
-            session.active_id, session.updated_at = last.id, last.created_at
-            session.title = session.title or title or ""
-            try:
-                return self._submit(session, last, merged, prompt)
-            except BaseException:  # refused after all (e.g. the queue filled meanwhile)
-                ids = [m.id for m in added]
-                self.store.delete_messages(session.id, ids, active_id=first.parent_id)
-                raise
-        except BaseException:
-            self._active.pop(session.id, None)
+            return self._submit(session, last, merged, prompt)
+        except BaseException:  # refused after all (e.g. the queue filled meanwhile)
+            ids = [m.id for m in added]
+            self.store.delete_messages(session.id, ids, active_id=first.parent_id)
             raise
 
     def _reply(
@@ -442,12 +477,7 @@ class ChatService:
     ) -> Reply:
         so_far = continuing.content if continuing is not None else ""
         prompt = self._prompt(session, session.path(asked.id), params, so_far)
-        self._claim(session.id)
-        try:
-            return self._submit(session, asked, params, prompt, continuing)
-        except BaseException:
-            self._active.pop(session.id, None)
-            raise
+        return self._submit(session, asked, params, prompt, continuing)
 
     def _submit(
         self,
@@ -529,5 +559,5 @@ class ChatService:
         except Exception as e:
             outcome.error = e
         finally:
-            self._active.pop(session.id, None)
+            self._release(session.id)
             outcome.saved.set()

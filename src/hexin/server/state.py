@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from hexin.chat.service import ChatService
-from hexin.chat.store import StorageError, StorageFull, Store
+from hexin.chat.store import StorageError, StorageFull, open_store
 from hexin.chat.tree import SessionBusy, SessionNotFound
 from hexin.engine import Engine, EngineBusy
 from hexin.errors import HexinError
@@ -134,7 +134,7 @@ class State:
         try:
             loaded, model = load_llama(self.config.model, self.config.model_options)
             engine = Engine(model, loaded.tokenizer, self.config.engine).start()
-            self.service = ChatService(engine, Store(self.config.db), model_name=loaded.name)
+            self.service = ChatService(engine, open_store(self.config.db), model_name=loaded.name)
             self.engine, self.model_name = engine, loaded.name
             self.model_format = "gguf" if loaded.path.is_file() else "safetensors"
             self.ready.set()

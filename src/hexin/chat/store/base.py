@@ -1,22 +1,26 @@
-"""SQLite persistence of sessions and their message trees.
+"""The chat store's interface and what its backends share: the schema, its migrations and
+every statement.
 
-Every change is its own committed transaction, in WAL mode, so a process killed at any
-moment leaves a database that opens cleanly with everything but the reply in flight. The
-schema carries its version in ``PRAGMA user_version``; ``MIGRATIONS[i]`` upgrades a
-database from version i to i + 1.
+A store keeps sessions and their message trees. Every change is one committed transaction,
+so a process killed at any moment leaves a store that opens cleanly with everything but the
+reply in flight. The schema carries its version (``MIGRATIONS[i]`` upgrades a store from
+version i to i + 1); both backends run the same migrations and the same statements, written
+once here with ``?`` placeholders:
+
+* :class:`~hexin.chat.store.sqlite.SqliteStore`, one file, the embedded default;
+* :class:`~hexin.chat.store.postgres.PostgresStore`, one database that many replicas share.
+
+Session locks (:meth:`Store.try_lock`) say that one process is producing a session's reply;
+they work across processes where the backend can (PostgreSQL's advisory locks).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import sqlite3
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any, TypeVar
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, TypeVar
 
 from hexin.chat.tree import ChatError, Message, Session, SessionNotFound, new_id, now
 from hexin.errors import HexinError
@@ -34,8 +38,8 @@ MIGRATIONS: list[str] = [
         system_prompt TEXT,
         params TEXT NOT NULL DEFAULT '{}',
         active_id TEXT,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
     );
     CREATE TABLE messages (
         id TEXT PRIMARY KEY,
@@ -45,7 +49,7 @@ MIGRATIONS: list[str] = [
         content TEXT NOT NULL,
         status TEXT NOT NULL DEFAULT 'complete',
         meta TEXT NOT NULL DEFAULT '{}',
-        created_at REAL NOT NULL
+        created_at DOUBLE PRECISION NOT NULL
     );
     CREATE INDEX messages_by_session ON messages(session_id, created_at);
     CREATE INDEX sessions_by_update ON sessions(updated_at DESC);
@@ -63,7 +67,7 @@ MIGRATIONS: list[str] = [
         content TEXT NOT NULL,
         status TEXT NOT NULL DEFAULT 'complete',
         meta TEXT NOT NULL DEFAULT '{}',
-        created_at REAL NOT NULL
+        created_at DOUBLE PRECISION NOT NULL
     );
     INSERT INTO messages_v2 SELECT id, session_id, parent_id, role, content, status, meta,
         created_at FROM messages ORDER BY created_at;
@@ -75,117 +79,76 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def default_db_path() -> Path:
-    """$HEXIN_HOME/hexin.db, else the XDG data folder."""
-    if home := os.environ.get("HEXIN_HOME"):
-        return Path(home) / "hexin.db"
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "hexin" / "hexin.db"
-
-
 class StorageError(HexinError):
-    """The chat database could not be written (locked too long, an I/O error): the change
-    was not made; trying again later may work."""
+    """The chat store could not be written (locked too long, an I/O error, a lost
+    connection): the change was not made; trying again later may work."""
 
 
 class StorageFull(StorageError):
-    """The disk holding the chat database is full: the change was not written."""
+    """The disk holding the chat store is full: the change was not written."""
 
 
-#: room kept beside the database for deletes when the disk fills: in WAL mode even a
-#: delete must write pages before it frees any; as large as the biggest request body
-RESERVE_BYTES = 4 << 20
+class Cursor(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
 
 
-class Store:
-    """Sessions in one SQLite file, safe to share between threads (one lock).
+class Connection(Protocol):
+    """What the shared statements need of a backend's connection in a transaction."""
 
-    A file of ``reserve_bytes`` beside the database holds space back: when the disk is
-    full, writes fail with ``StorageFull``, but a delete gives the reserve up and runs, so
-    a user can always free space by deleting sessions."""
+    def execute(self, sql: str, params: Sequence[Any] = ...) -> Cursor: ...
 
-    def __init__(self, path: str | Path | None = None, *, reserve_bytes: int = RESERVE_BYTES):
-        self.path = Path(path) if path is not None else default_db_path()
-        self._reserve = None
-        if str(self.path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._reserve = (self.path.with_name(self.path.name + "-reserve"), reserve_bytes)
-        try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._lock = threading.RLock()
-            self._migrate()
-        except sqlite3.DatabaseError as e:
-            raise ChatError(f"cannot open the chat database {self.path}: {e}") from None
-        self._keep_reserve()
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any: ...
 
-    def _keep_reserve(self) -> None:
-        """Make sure the reserve file exists at full size, if the disk has room for it."""
-        if self._reserve is None:
-            return
-        path, size = self._reserve
-        try:
-            if not path.is_file() or path.stat().st_size < size:
-                with path.open("wb") as f:
-                    f.write(bytes(size))
-                    f.flush()
-                    os.fsync(f.fileno())
-        except OSError:  # no room yet: try again after the next delete
-            path.unlink(missing_ok=True)
+
+class Store(ABC):
+    """Sessions and their message trees, safe to share between threads; each backend
+    supplies transactions, reads and session locks."""
+
+    #: where the store is, for messages (a file path, or a URL without its password)
+    location: str
+
+    @abstractmethod
+    def _tx(self) -> AbstractContextManager[Connection]:
+        """One write transaction: committed when the block ends, rolled back (nothing
+        changed) on an error, which is raised as ``StorageError`` / ``StorageFull``."""
+
+    @abstractmethod
+    def _read(self) -> AbstractContextManager[Connection]:
+        """A consistent snapshot to read from (one session's row and its messages agree)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def try_lock(self, session_id: str) -> bool:
+        """Take the session's lock for this process, without waiting: False when another
+        process holds it. The backend's default: one process uses the store, so the
+        service's own bookkeeping is the lock."""
+        return True
+
+    def unlock(self, session_id: str) -> None:
+        """Give back a lock ``try_lock`` took."""
+        return None
 
     def _freeing(self, write: Callable[[], T]) -> T:
-        """Run a write that frees space (a delete); if the disk is full, give up the
-        reserve and run it again, then let SQLite hand the space back."""
-        try:
-            return write()
-        except StorageFull:
-            if self._reserve is None or not self._reserve[0].is_file():
-                raise
-            self._reserve[0].unlink()
-        result = write()
-        with self._lock, contextlib.suppress(sqlite3.Error):
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._keep_reserve()
-        return result
+        """Run a write that frees space (a delete); a backend may make room for it first."""
+        return write()
 
-    def close(self) -> None:
-        self._db.close()
-
-    def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+    def _migrate_from(self, db: Connection, version: int, describe: str) -> int:
+        """Run the migrations after ``version`` in ``db``'s transaction; the new version."""
         if version > SCHEMA_VERSION:
             raise ChatError(
-                f"{self.path} has schema version {version}, newer than this hexin "
+                f"{describe} has schema version {version}, newer than this hexin "
                 f"({SCHEMA_VERSION}); upgrade hexin"
             )
         for target in range(version, SCHEMA_VERSION):
-            with self._tx():
-                for statement in MIGRATIONS[target].split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version={target + 1}")
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One transaction; a full disk is reported as ``StorageFull``, nothing written."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException as e:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                if not isinstance(e, sqlite3.OperationalError):
-                    raise
-                if e.sqlite_errorcode == sqlite3.SQLITE_FULL:
-                    raise StorageFull(
-                        f"storage full: the chat database {self.path} could not be written; "
-                        "delete sessions to free space"
-                    ) from None
-                raise StorageError(f"storage error: {e}; nothing was changed") from None
+            for statement in MIGRATIONS[target].split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        return SCHEMA_VERSION
 
     # -- writes -------------------------------------------------------------------------
     def save_session(self, s: Session) -> None:
@@ -203,7 +166,8 @@ class Store:
             m = ms[-1]
             db.execute(
                 """UPDATE sessions SET active_id=?, updated_at=?,
-                       title=CASE WHEN title='' AND ? IS NOT NULL THEN ? ELSE title END
+                       title=CASE WHEN title='' AND CAST(? AS TEXT) IS NOT NULL
+                                  THEN ? ELSE title END
                    WHERE id=?""",
                 (m.id, m.created_at, title, title, session_id),
             )
@@ -283,20 +247,20 @@ class Store:
 
     # -- reads --------------------------------------------------------------------------
     def exists(self, session_id: str) -> bool:
-        with self._lock:
-            row = self._db.execute("SELECT 1 FROM sessions WHERE id=?", (session_id,))
+        with self._read() as db:
+            row = db.execute("SELECT 1 FROM sessions WHERE id=?", (session_id,))
             return row.fetchone() is not None
 
     def load(self, session_id: str) -> Session:
-        with self._lock:
-            row = self._db.execute(
+        with self._read() as db:
+            row = db.execute(
                 """SELECT id, title, model, system_prompt, params, active_id, created_at,
                        updated_at, tools FROM sessions WHERE id=?""",
                 (session_id,),
             ).fetchone()
             if row is None:
                 raise SessionNotFound(f"unknown session {session_id!r}")
-            rows = self._db.execute(
+            rows = db.execute(
                 """SELECT id, parent_id, role, content, status, meta, created_at
                    FROM messages WHERE session_id=? ORDER BY created_at""",
                 (session_id,),
@@ -338,17 +302,19 @@ class Store:
         if query:
             pattern = "%" + query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             pattern += "%"
-            sql += """ WHERE s.title LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM messages m
-                       WHERE m.session_id = s.id AND m.content LIKE ? ESCAPE '\\')"""
+            # lower() on both sides: SQLite's LIKE ignores ASCII case only, PostgreSQL's none
+            sql += """ WHERE lower(s.title) LIKE lower(?) ESCAPE '\\' OR EXISTS (SELECT 1
+                       FROM messages m WHERE m.session_id = s.id
+                       AND lower(m.content) LIKE lower(?) ESCAPE '\\')"""
             args = (pattern, pattern)
         sql += " ORDER BY s.updated_at DESC"
-        with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
+        with self._read() as db:
+            rows = db.execute(sql, args).fetchall()
         keys = ("id", "title", "model", "created_at", "updated_at", "message_count")
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
 
-def _upsert_session(db: sqlite3.Connection, s: Session) -> None:
+def _upsert_session(db: Connection, s: Session) -> None:
     db.execute(
         """INSERT INTO sessions (id, title, model, system_prompt, params, active_id,
                created_at, updated_at, tools) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -370,7 +336,7 @@ def _upsert_session(db: sqlite3.Connection, s: Session) -> None:
     )
 
 
-def _any_message_exists(db: sqlite3.Connection, ids: list[str]) -> bool:
+def _any_message_exists(db: Connection, ids: list[str]) -> bool:
     for i in range(0, len(ids), 500):  # SQLite's older builds allow 999 parameters
         chunk = ids[i : i + 500]
         marks = ",".join("?" * len(chunk))
