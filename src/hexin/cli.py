@@ -1,4 +1,4 @@
-"""The ``hexin`` command line: story | chat | serve | bench | models | info | pull.
+"""The ``hexin`` command line: story | chat | serve | cluster | bench | models | info | pull.
 
 Errors the user can act on are printed as one line; a traceback is shown only with
 HEXIN_DEBUG=1.
@@ -13,10 +13,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hexin.bench import add_bench_parser
+from hexin.cluster import add_cluster_args
 from hexin.errors import HexinError
 from hexin.options import (
+    DB_HELP,
     add_engine_args,
     add_model_args,
+    add_server_args,
     engine_config,
     model_options,
 )
@@ -115,15 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from hexin.server.app import ServerConfig, create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config = ServerConfig(
-        model=args.model,
-        model_options=model_options(args),
-        engine=engine_config(args),
-        db=args.db,
-        api_key=args.api_key or os.environ.get("HEXIN_API_KEY"),
-        cors=args.cors,
-        max_tokens_default=args.max_tokens_default,
-    )
+    config = ServerConfig.from_args(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         print(f"hexin: warning: serving on {args.host} without --api-key", file=sys.stderr)
     logs.install()  # no secret (an ?api_key= in a logged path) in the logs
@@ -135,6 +130,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_config=logs.uvicorn_log_config(),
     )
     return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    """``hexin serve``'s API from N engine replicas on Ray Serve (``hexin.cluster``)."""
+    from hexin import cluster
+
+    return cluster.run(args)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -205,12 +207,6 @@ def _resolve_hub_model(args: argparse.Namespace) -> None:
         args.model = str(hub.resolve(spec))
 
 
-DB_HELP = (
-    "chat store: a SQLite file, or postgresql://user@host/db shared by replicas "
-    "(default: $HEXIN_DB, else a SQLite file in the per-user data folder)"
-)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hexin", description="A from-scratch Llama inference engine and chat product."
@@ -226,11 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="chat in the terminal (sessions kept in SQLite)")
     add_model_args(chat)
-    chat.add_argument(
-        "--db",
-        default=None,
-        help=DB_HELP,
-    )
+    chat.add_argument("--db", default=None, help=DB_HELP)
     chat.add_argument("--session", "-s", default=None, help="session id to continue or create")
     chat.add_argument("--once", default=None, metavar="TEXT", help="send one message and exit")
     chat.add_argument("--system", default=None, help="system prompt of a new session")
@@ -239,18 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     serve = sub.add_parser("serve", help="HTTP server: web UI, chat WebSocket, REST, OpenAI API")
-    add_model_args(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: local)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument(
-        "--db",
-        default=None,
-        help=DB_HELP,
-    )
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    add_engine_args(serve, serving=True)
-    serve.add_argument("--cors", action="append", default=[], metavar="ORIGIN")
+    add_server_args(serve, host_help="interface to bind (default: local)")
     serve.set_defaults(func=cmd_serve)
+
+    cluster = sub.add_parser(
+        "cluster", help="the server's API from N engine replicas on Ray Serve, sharing --db"
+    )
+    add_cluster_args(cluster)
+    cluster.set_defaults(func=cmd_cluster)
 
     add_bench_parser(sub)
 

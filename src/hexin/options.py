@@ -109,6 +109,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+DB_HELP = (
+    "chat store: a SQLite file, or postgresql://user@host/db shared by replicas "
+    "(default: $HEXIN_DB, else a SQLite file in the per-user data folder)"
+)
+
+
+def add_server_args(p: argparse.ArgumentParser, *, host_help: str) -> None:
+    """What ``hexin serve`` and ``hexin cluster`` share: the model, where to listen, the
+    chat store, the API key, the engine's sizes and CORS origins."""
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help=host_help)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--db", default=None, help=DB_HELP)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    add_engine_args(p, serving=True)
+    p.add_argument("--cors", action="append", default=[], metavar="ORIGIN")
+
+
 def add_engine_args(p: argparse.ArgumentParser, *, serving: bool) -> None:
     """``--context`` always; the pool and batch sizes and the default reply cap
     (``serving``) for the server."""

@@ -3,8 +3,10 @@ service, and the one table that turns hexin's errors into HTTP and WebSocket ans
 
 from __future__ import annotations
 
+import argparse
 import hmac
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -13,11 +15,17 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from hexin.chat.service import ChatService
-from hexin.chat.store import StorageError, StorageFull, open_store
+from hexin.chat.store import DB_ENV, StorageError, StorageFull, open_store
 from hexin.chat.tree import SessionBusy, SessionNotFound
 from hexin.engine import Engine, EngineBusy
 from hexin.errors import HexinError
-from hexin.options import MAX_TOKENS_DEFAULT, EngineConfig, ModelOptions
+from hexin.options import (
+    MAX_TOKENS_DEFAULT,
+    EngineConfig,
+    ModelOptions,
+    engine_config,
+    model_options,
+)
 from hexin.output import ContextOverflow
 from hexin.sampling import InvalidParams
 from hexin.server.metrics import Metrics
@@ -39,6 +47,21 @@ class ServerConfig:
     cors: list[str] = field(default_factory=list)
     #: the cap on an OpenAI chat completion that names no max_tokens
     max_tokens_default: int = MAX_TOKENS_DEFAULT
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerConfig:
+        """From ``options.add_server_args``' options (``hexin serve``, ``hexin cluster``);
+        the store and the API key fall back to $HEXIN_DB and $HEXIN_API_KEY here, so a
+        cluster's replicas on other machines get what the command line saw."""
+        return cls(
+            model=args.model,
+            model_options=model_options(args),
+            engine=engine_config(args),
+            db=args.db or os.environ.get(DB_ENV),
+            api_key=args.api_key or os.environ.get("HEXIN_API_KEY"),
+            cors=args.cors,
+            max_tokens_default=args.max_tokens_default,
+        )
 
 
 @dataclass(frozen=True)
