@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,17 +110,7 @@ class Server:
     def stop(self, sig: int = signal.SIGINT) -> int:
         """Graceful stop (uvicorn handles SIGINT and SIGTERM); SIGKILL only as a last resort."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return 0
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-                raise AssertionError(f"server ignored signal {sig}:\n{self.log()}") from None
-        return proc.returncode
+        return 0 if proc is None else end_process(proc, sig, self.log, "server")
 
     def restart(self) -> Server:
         self.stop()
@@ -178,6 +169,26 @@ class Server:
             close_timeout=5,
             max_size=None,
         )
+
+
+def end_process(
+    proc: subprocess.Popen,
+    sig: int,
+    log: Callable[[], str],
+    what: str,
+    timeout: float = STOP_TIMEOUT_S,
+) -> int:
+    """Send ``sig`` and wait up to ``timeout`` for the exit code; a process that ignores it
+    is killed and the test fails with its log."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+            raise AssertionError(f"{what} ignored signal {sig}:\n{log()}") from None
+    return proc.returncode
 
 
 def key_subprotocols(key: str) -> list[str]:

@@ -108,35 +108,26 @@ def drive(sched: Scheduler, max_steps: int = 500) -> list[Step]:
     return steps
 
 
-def test_a_prompt_longer_than_the_chunk_budget_is_split_across_steps(tiny_config):
+@pytest.mark.parametrize(
+    ("prompt_len", "chunks"), [(20, [8, 8, 4]), (9, [8, 1])], ids=["split", "last-alone"]
+)
+def test_a_prompt_is_prefilled_in_chunks_of_the_budget_then_decoded(
+    tiny_config, prompt_len, chunks
+):
+    """A prompt longer than the chunk budget is split across steps. A token a chunk leaves
+    alone (9 in chunks of 8) still goes to the prompt kernels, as when the whole prompt
+    runs at once (a quantized decode step's int4 weights and bf16 keys give it other
+    logits, a different first token on a near-tie)."""
     sched = make(tiny_config, 16, prefill_chunk=8)
-    seq = make_seq(list(range(3, 23)), max_tokens=2)  # 20 prompt tokens
+    seq = make_seq(list(range(3, 3 + prompt_len)), max_tokens=2)
     sched.add(seq)
     steps = drive(sched)
     assert [[(s.id, n) for s, n in st.prefill] for st in steps] == [
-        [(seq.id, 8)],
-        [(seq.id, 8)],
-        [(seq.id, 4)],
+        *([(seq.id, n)] for n in chunks),
         [],
     ]
-    assert [st.decode for st in steps] == [[], [], [], [seq]]
+    assert [st.decode for st in steps] == [*([] for _ in chunks), [seq]]
     assert seq.handle.completion.completion_tokens == 2 and seq.status is Status.FINISHED
-
-
-def test_a_prompt_token_a_chunk_leaves_alone_is_prefilled_not_decoded(tiny_config):
-    """A prompt of 9 in chunks of 8 leaves its last token alone: it goes to the prompt
-    kernels, as when the whole prompt runs at once (a quantized decode step's int4 weights
-    and bf16 keys give it other logits, a different first token on a near-tie)."""
-    sched = make(tiny_config, 16, prefill_chunk=8)
-    seq = make_seq(list(range(3, 12)), max_tokens=2)  # 9 prompt tokens
-    sched.add(seq)
-    steps = drive(sched)
-    assert [[(s.id, n) for s, n in st.prefill] for st in steps] == [
-        [(seq.id, 8)],
-        [(seq.id, 1)],
-        [],
-    ]
-    assert [st.decode for st in steps] == [[], [], [seq]]
 
 
 def test_the_budget_is_shared_and_decoding_goes_on_beside_a_long_prompt(tiny_config):
