@@ -32,13 +32,15 @@ from typing import Any
 import gguf
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_gguf import Hparams, llama3_rope_factors, spm_meta, story_vocab, write_gguf
 from test_loading import TINY
 from test_reference import hexin_last_logits, hf_greedy, hf_last_logits
 
 from hexin import native
+from hexin.config import ModelConfig
 from hexin.engine import Engine
+from hexin.errors import ModelFormatError
 from hexin.generate import TextStream
 from hexin.model import Llama
 from hexin.options import EngineConfig
@@ -466,3 +468,97 @@ def test_e_quantized_gguf_runs_through_the_fast_kernels_close_to_fp32(
     assert _divergence(fp32, rounded)[0] < format_kl
     kl, changed = _divergence(rounded, got)
     assert kl < KERNEL_KL and changed <= KERNEL_TOP1_CHANGED, (kl, changed)
+
+
+# Gemma 3 4B and up: multimodal folders (``Gemma3ForConditionalGeneration``), whose text
+# model hexin runs
+
+
+def _randomize(hf: torch.nn.Module) -> None:
+    """As ``built`` does for the Gemma families: far from transformers' tiny init."""
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif "embed_tokens" in name:
+                p.normal_(0, 0.05)
+            else:
+                p.normal_(0, 0.2)
+
+
+def test_gemma3_multimodal_folder_runs_its_text_model(tmp_path, story_dir):
+    """The gemma3 family's text model inside a tiny vision model (SigLIP, one layer, a
+    28-pixel image of 2 x 2 patches): hexin reads ``text_config``, takes the language
+    model's tensors under their prefix, skips the vision ones and ties the head, giving
+    transformers' text-only logits and greedy tokens."""
+    text = transformers.Gemma3TextConfig(**SHAPE, **FAMILIES["gemma3"].options)
+    vision = transformers.SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    config = transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4
+    )
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    _randomize(hf)
+    folder = tmp_path / "gemma3-mm"
+    hf.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(story_dir / name, folder / name)
+    assert any(k.startswith("vision_tower.") for k in load_file(folder / "model.safetensors"))
+
+    loaded = load_model(folder)
+    assert loaded.config.architecture == "gemma3"
+    assert loaded.config.layer_types == ("sliding_attention", "full_attention")
+    assert loaded.config.sliding_window == 16 < len(PROMPT)
+    assert all(k.startswith(("model.layers.", "model.embed", "model.norm")) for k in loaded.weights)
+    model = Llama(loaded.config, loaded.weights)
+    ours = hexin_last_logits(model, PROMPT)
+    assert (ours - hf_last_logits(hf, PROMPT)).abs().max().item() < 1e-4
+    greedy = hf_greedy(hf, PROMPT, loaded.tokenizer.eos_token_ids, n=16)
+    assert len(greedy) == 16, "the random model stopped early: pick another seed"
+    params = SamplingParams(temperature=0, max_tokens=16)
+    assert TextStream(model, loaded.tokenizer, PROMPT, params).run().token_ids == greedy
+
+    # the names transformers 4.5x saved, everything under ``model.``: the same tensors
+    stored = load_file(folder / "model.safetensors")
+    renamed = {
+        f"model.{k}".replace("model.language_model.model.", "model.language_model."): v
+        for k, v in stored.items()
+    }
+    save_file(renamed, str(folder / "model.safetensors"))
+    again = load_model(folder).weights
+    assert sorted(again) == sorted(loaded.weights)
+    assert all(torch.equal(again[k], loaded.weights[k]) for k in again)
+
+
+#: the text_config of Gemma 3 4B's config.json, all it states
+GEMMA3_4B_TEXT = {
+    "hidden_size": 2560,
+    "intermediate_size": 10240,
+    "model_type": "gemma3_text",
+    "num_hidden_layers": 34,
+    "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+    "sliding_window": 1024,
+}
+
+
+@pytest.mark.parametrize("text_config", [{}, GEMMA3_4B_TEXT], ids=["empty", "4b"])
+def test_gemma3_text_config_takes_transformers_defaults_for_missing_keys(text_config):
+    raw = {"architectures": ["Gemma3ForConditionalGeneration"], "text_config": text_config}
+    theirs = transformers.Gemma3Config(text_config=dict(text_config)).text_config.to_dict()
+    expected = ModelConfig.from_hf(theirs | {"architectures": ["Gemma3ForCausalLM"]})
+    assert ModelConfig.from_hf(raw) == expected
+    # the top level's EOS ids (the 4B's, beside the end-of-turn token) are the model's
+    assert ModelConfig.from_hf(raw | {"eos_token_id": [1, 106]}).eos_token_ids == (1, 106)
+
+
+def test_other_multimodal_architectures_are_refused_by_name():
+    raw = {"architectures": ["LlavaForConditionalGeneration"], "text_config": {}}
+    with pytest.raises(ModelFormatError, match=r"'LlavaForConditionalGeneration' .*multimodal"):
+        ModelConfig.from_hf(raw)

@@ -39,6 +39,37 @@ HF_ARCHITECTURES = {
     "Gemma3ForCausalLM": "gemma3",
     "Phi3ForCausalLM": "phi3",
 }
+#: ``transformers.Gemma3TextConfig``'s defaults (5.24; the two RoPE bases as its
+#: ``default_theta``, the pattern as its ``sliding_window_pattern`` argument): a multimodal
+#: Gemma 3 folder's ``text_config`` states little beyond the sizes (the 4B's: hidden and MLP
+#: width, layers, window, RoPE scaling), transformers filling in the rest from these
+GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262_208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "tie_word_embeddings": True,
+    "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 6,
+    "final_logit_softcapping": None,
+    "attn_logit_softcapping": None,
+}
+#: multimodal HF architectures whose text model hexin runs (text only): the text-only
+#: architecture that model is, and the defaults of the settings its ``text_config`` omits.
+#: The loader drops the vision tensors and strips the language model's name prefix
+#: (``hexin.weights.safetensors.text_model_name``)
+HF_MULTIMODAL = {"Gemma3ForConditionalGeneration": ("Gemma3ForCausalLM", GEMMA3_TEXT_DEFAULTS)}
 #: GGUF ``general.architecture`` values hexin runs (llama.cpp's names; its key prefix too)
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 #: the Gemma families, which share embedding scale, norm offset, sandwich norms and GELU
@@ -208,13 +239,17 @@ class ModelConfig:
         """
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else cfg.get("model_type", "?")
+        if arch in HF_MULTIMODAL:
+            cfg = _hf_text_config(cfg, arch)
+            arch = cfg["architectures"][0]
         family = HF_ARCHITECTURES.get(arch)
         if family is None:
             hint = ""
-            if str(arch).endswith("ForConditionalGeneration"):  # e.g. Gemma 3 4B and up
-                hint = " (a multimodal checkpoint: its GGUF, which holds the text model, runs)"
+            if str(arch).endswith("ForConditionalGeneration"):  # e.g. Llava, Mistral 3
+                hint = " (a multimodal checkpoint: a GGUF of its text model may run)"
             raise ModelFormatError(
-                f"unsupported architecture {arch!r}{hint}; hexin runs {', '.join(HF_ARCHITECTURES)}"
+                f"unsupported architecture {arch!r}{hint}; hexin runs "
+                f"{', '.join([*HF_ARCHITECTURES, *HF_MULTIMODAL])}"
             )
         _check_hf_settings(cfg, family)
         rope_theta, rope_scaling, local_rope_theta = _hf_rope(cfg, family)
@@ -511,6 +546,20 @@ def _meta_float(meta: Mapping[str, Any], key: str, source: str, default: float) 
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ModelFormatError(f"{source}: metadata {key!r} should be a number, got {value!r}")
     return float(value)
+
+
+def _hf_text_config(cfg: Mapping[str, Any], arch: str) -> dict[str, Any]:
+    """The text model's settings of a multimodal config.json (``HF_MULTIMODAL``), flat as
+    its text-only architecture's: ``text_config`` over transformers' defaults for the keys
+    it omits (as transformers builds it), then the top level's token ids and tie, which
+    are the whole model's (Gemma 3 4B states its EOS ids only there; transformers ties the
+    head by the top level's flag)."""
+    causal, defaults = HF_MULTIMODAL[arch]
+    text = cfg.get("text_config") or {}
+    if not isinstance(text, Mapping):
+        raise ModelFormatError(f"config.json: text_config must be an object, got {text!r}")
+    top = ("bos_token_id", "eos_token_id", "tie_word_embeddings")
+    return {**defaults, **text, **{k: cfg[k] for k in top if k in cfg}, "architectures": [causal]}
 
 
 def _optional_float(value: Any) -> float | None:

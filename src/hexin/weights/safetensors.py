@@ -43,14 +43,49 @@ def weight_files(folder: Path) -> list[Path]:
     raise ModelFormatError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
+#: name prefixes of a multimodal folder's language model (Gemma 3 4B and up), as
+#: transformers has written them (``language_model.model.``, also what 5.x saves; 4.5x's
+#: ``model.language_model.``), and the text-only model's names for them
+_TEXT_MODEL_PREFIXES = {
+    "language_model.model.": "model.",
+    "language_model.lm_head.": "lm_head.",
+    "model.language_model.": "model.",
+}
+#: the image side of such a folder: the vision tower and its projection into the text model
+_IMAGE_PREFIXES = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
+
+
+def text_model_name(name: str) -> str | None:
+    """The name hexin's text-only model gives a stored tensor, None to skip it.
+
+    A multimodal checkpoint (``config.HF_MULTIMODAL``) keeps its language model under a
+    prefix beside an image encoder hexin does not run: the prefix is stripped, so the
+    tensors read as the text-only model's, and the image tensors are skipped unread (the
+    27B's vision tower is some 400M parameters). Other folders' names pass unchanged."""
+    if name.startswith(_IMAGE_PREFIXES):
+        return None
+    for prefix, ours in _TEXT_MODEL_PREFIXES.items():
+        if name.startswith(prefix):
+            return ours + name[len(prefix) :]
+    return name
+
+
 def load_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of the folder by their HF names, as stored (dtype unchanged)."""
+    """All tensors of the folder by hexin's (text-only) HF names (:func:`text_model_name`),
+    as stored (dtype unchanged)."""
     tensors: dict[str, torch.Tensor] = {}
     for path in weight_files(folder):
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    tensors[name] = f.get_tensor(name)
+                    ours = text_model_name(name)
+                    if ours is not None:
+                        tensors[ours] = f.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise ModelFormatError(f"{path}: unreadable or truncated safetensors ({e})") from None
     return tensors
