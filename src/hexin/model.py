@@ -159,12 +159,8 @@ class Llama:
             rope = config.rope(i)
             if rope not in rotaries:
                 rotaries[rope] = Rotary.build(config.head_dim, *rope, self.context, self.device)
-        #: each layer's RoPE; ``rotary`` the full-attention layers' (every layer's but Gemma 3's)
+        #: each layer's RoPE (one for every layer but Gemma 3's)
         self.layer_rotary = [rotaries[config.rope(i)] for i in range(config.num_layers)]
-        self.rotary = rotaries.get((config.rope_theta, config.rope_scaling)) or Rotary.build(
-            config.head_dim, config.rope_theta, config.rope_scaling, self.context, self.device
-        )
-        self.inv_freq = self.rotary.inv_freq
         #: each layer as one call of hexin's own decode kernel, where every projection runs
         #: it (q4 weights, fp32 activations, bf16 cache on a CPU it was built for); else None
         self.fused: list[native.Layer] | None = None
@@ -189,9 +185,8 @@ class Llama:
             and c.attention_scale is None
             and c.attn_logit_softcap is None
             and c.final_logit_softcap is None
-            and c.local_rope_theta is None
             # one rotation per step serves every layer (``_decode_fused``)
-            and all(r is self.rotary for r in self.layer_rotary)
+            and len({id(r) for r in self.layer_rotary}) == 1
         )
         if not kernel_layer:
             return
@@ -348,7 +343,7 @@ class Llama:
         assert kernels is not None and fused is not None
         offsets = cache.offsets
         cache.reserve(1)
-        cos, sin = self.rotary.cos_sin(offsets)
+        cos, sin = self.layer_rotary[0].cos_sin(offsets)  # one RoPE, as _fuse_layers asks
         step = native.DecodeStep(offsets, cos, sin, cache.slots())  # type: ignore[attr-defined]
         x = ops.embedding(tokens[:, 0], self.embed).float().contiguous()
         for i, layer in enumerate(fused):

@@ -51,6 +51,12 @@ def path_key(path: str) -> str | None:
     return m.group(1) if m else None
 
 
+def has_key(scope: dict) -> bool:
+    """Whether an ASGI request already carries an affinity key (``SESSION_HEADER``)."""
+    name = SESSION_HEADER.encode()
+    return any(k.lower() == name for k, _ in scope.get("headers", ()))
+
+
 def header_safe(key: str) -> str:
     """``key`` as a header value: itself when short printable ASCII, else a digest."""
     if len(key) <= 128 and key.isascii() and key.isprintable():
@@ -131,7 +137,7 @@ class AffinityMiddleware:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] not in ("http", "websocket") or self._has_key(scope):
+        if scope["type"] not in ("http", "websocket") or has_key(scope):
             return await self.app(scope, receive, send)
         key = path_key(scope.get("path", ""))
         generation = scope.get("path", "").rstrip("/") in GENERATION_PATHS
@@ -142,11 +148,6 @@ class AffinityMiddleware:
             header = (SESSION_HEADER.encode(), header_safe(key).encode())
             scope["headers"] = [*scope.get("headers", ()), header]
         return await self.app(scope, receive, send)
-
-    @staticmethod
-    def _has_key(scope: dict) -> bool:
-        name = SESSION_HEADER.encode()
-        return any(k.lower() == name for k, _ in scope.get("headers", ()))
 
     @staticmethod
     async def _read_body(receive: Any) -> tuple[Any, str | None]:

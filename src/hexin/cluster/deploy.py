@@ -41,7 +41,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 from starlette.responses import JSONResponse, PlainTextResponse
 
-from hexin.cluster.affinity import SESSION_HEADER, rendezvous_rank
+from hexin.cluster.affinity import has_key, rendezvous_rank
 from hexin.cluster.ops import merge_metrics
 from hexin.server.state import ServerConfig
 
@@ -254,8 +254,7 @@ class ReplicaApp:
         on any replica and prefills the conversation again."""
         if self.warned or not scope.get("path", "").startswith("/c/"):
             return
-        name = SESSION_HEADER.encode()
-        if not any(k.lower() == name for k, _ in scope.get("headers", ())):
+        if not has_key(scope):
             self.warned = True
             log.warning(
                 "no session affinity: Ray Serve's proxy does not run "
