@@ -20,7 +20,7 @@ import time
 import pytest
 import torch
 
-from hexin.chat import ChatError, ChatService, open_store
+from hexin.chat import ChatError, ChatService, SessionExists, open_store
 from hexin.chat.tree import Message, new_id
 from hexin.chat.window import build_prompt
 from hexin.engine import Engine, EngineBusy
@@ -124,9 +124,32 @@ def test_create_rename_delete_and_list_newest_first(svc):
 
 def test_create_with_an_existing_id_is_refused(svc):
     svc.create(session_id="dup", title="original")
-    with pytest.raises(ChatError, match="already exists"):
+    with pytest.raises(SessionExists, match="already exists"):
         svc.create(session_id="dup", title="other")
     assert svc.get("dup").title == "original"
+
+
+def test_racing_creators_of_one_id_one_wins_and_the_rest_are_told(svc):
+    """The id is claimed by the insert itself: a creator that checked first and wrote
+    after would overwrite the winner's session (its title, its first message)."""
+    start, outcomes = threading.Barrier(8), []
+
+    def create(i: int) -> None:
+        start.wait()
+        try:
+            svc.create(session_id="raced", title=f"creator {i}")
+            outcomes.append(f"creator {i}")
+        except SessionExists:
+            outcomes.append("exists")
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [o for o in outcomes if o != "exists"]
+    assert len(outcomes) == 8 and len(winners) == 1, outcomes
+    assert svc.get("raced").title == winners[0]
 
 
 def test_search_matches_titles_and_message_text_case_insensitively(svc):
@@ -819,7 +842,7 @@ def test_import_of_garbage_is_a_chat_error_and_changes_nothing(svc, garbage):
 
 CYCLE_SCRIPT = """
 import json, resource, sys, types
-from hexin.chat import ChatError, ChatService, open_store
+from hexin.chat import ChatError, ChatService, SessionExists, open_store
 
 stub = types.SimpleNamespace(tokenizer=None, context_limit=64)  # no model needed to import
 service = ChatService(stub, open_store(sys.argv[1]))

@@ -48,8 +48,10 @@ def test_create_read_update_delete(http):
     assert created["messages"] == [] and created["path"] == [] and created["active_id"] is None
     assert "SmolLM2" in created["model"]
 
-    # creating it again is refused; a generated id otherwise
-    assert http.post("/api/sessions", json={"id": "crud-1"}).status_code == 400
+    # creating it again is refused as a conflict; a generated id otherwise
+    again = http.post("/api/sessions", json={"id": "crud-1"})
+    assert again.status_code == 409 and again.json()["error"]["code"] == "session_exists"
+    assert "already exists" in again.json()["error"]["message"]
     anon = http.post("/api/sessions", json={})
     assert anon.status_code == 201 and len(anon.json()["id"]) >= 8
 

@@ -41,7 +41,9 @@ from hexin.chat import Session, open_store
 
 SESSIONS = [f"shared-{i}" for i in range(4)]
 CLIENTS_PER_SERVER = 3
-HAMMER_S = 20.0
+#: the clients hammer for at least HAMMER_S, and on until MIN_COMMITS requests committed
+#: (a loaded machine needs longer), but never past HAMMER_MAX_S
+HAMMER_S, MIN_COMMITS, HAMMER_MAX_S = 20.0, 10, 150.0
 REPLY = {"temperature": 0.8, "max_tokens": 6}
 
 
@@ -86,11 +88,26 @@ class Ledger:
         with self.lock:
             self.statuses[what] = self.statuses.get(what, 0) + 1
 
+    def hammering(self, began: float) -> bool:
+        elapsed = time.monotonic() - began
+        with self.lock:
+            commits = sum(len(c) for c in self.committed.values())
+        return elapsed < HAMMER_S or (commits < MIN_COMMITS and elapsed < HAMMER_MAX_S)
 
-def _client(server: Server, name: str, ledger: Ledger, until: float, seed: int) -> None:
+
+def _client(server: Server, name: str, ledger: Ledger, began: float, seed: int) -> None:
+    """One client's requests; anything that breaks it is recorded, never lost with its
+    thread."""
+    try:
+        _requests(server, name, ledger, began, seed)
+    except Exception as e:
+        ledger.unexpected.append(f"client {name}: {e!r}")
+
+
+def _requests(server: Server, name: str, ledger: Ledger, began: float, seed: int) -> None:
     rng, texts = random.Random(seed), itertools.count()
     with server.http(timeout=60) as http:
-        while time.monotonic() < until:
+        while ledger.hammering(began):
             sid = rng.choice(SESSIONS)
             op = rng.choices(["send", "regenerate", "edit", "delete"], [5, 2, 2, 1])[0]
             text = f"{name} says {next(texts)}: tell me a short story."
@@ -138,7 +155,8 @@ def _client(server: Server, name: str, ledger: Ledger, until: float, seed: int) 
 
 def _create(http: httpx.Client, sid: str) -> None:
     r = http.post("/api/sessions", json={"id": sid})
-    assert r.status_code in (201, 409), r.text  # 409: another client created it first
+    if r.status_code != 201:  # another client created it first
+        assert r.status_code == 409 and r.json()["error"]["code"] == "session_exists", r.text
 
 
 def test_two_servers_on_one_database_lose_and_duplicate_nothing(servers, database):
@@ -146,23 +164,25 @@ def test_two_servers_on_one_database_lose_and_duplicate_nothing(servers, databas
         for sid in SESSIONS:
             _create(http, sid)
     ledger = Ledger()
-    until = time.monotonic() + HAMMER_S
+    began = time.monotonic()
     threads = [
-        threading.Thread(target=_client, args=(server, f"c{i}{j}", ledger, until, 10 * i + j))
+        threading.Thread(target=_client, args=(server, f"c{i}{j}", ledger, began, 10 * i + j))
         for i, server in enumerate(servers)
         for j in range(CLIENTS_PER_SERVER)
     ]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(HAMMER_S + 120)
+        t.join(HAMMER_MAX_S + 120)
     assert not any(t.is_alive() for t in threads), "a client hung"
     assert not ledger.unexpected, ledger.unexpected
     assert not [s for s in ledger.statuses if s.split()[1].startswith("5")], ledger.statuses
     # the races happened, and each loser was told the session is busy
     assert sum(n for s, n in ledger.statuses.items() if s.endswith(" 409")) > 0, ledger.statuses
     assert all("busy" in m for m in ledger.busy_messages), ledger.busy_messages
-    assert sum(n for s, n in ledger.statuses.items() if s.endswith(" 200")) >= 10, ledger.statuses
+    assert sum(n for s, n in ledger.statuses.items() if s.endswith(" 200")) >= MIN_COMMITS, (
+        ledger.statuses
+    )
 
     store = open_store(database)
     try:

@@ -2,7 +2,7 @@
 
 from hexin.chat.service import ChatService, Reply
 from hexin.chat.store import Store, open_store
-from hexin.chat.tree import ChatError, Message, Session, SessionBusy, SessionNotFound
+from hexin.chat.tree import ChatError, Message, Session, SessionBusy, SessionExists, SessionNotFound
 
 __all__ = [
     "ChatError",
@@ -11,6 +11,7 @@ __all__ = [
     "Reply",
     "Session",
     "SessionBusy",
+    "SessionExists",
     "SessionNotFound",
     "Store",
     "open_store",

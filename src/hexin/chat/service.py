@@ -181,9 +181,7 @@ class ChatService:
             params=merge_params(self.default_params, params),
             tools=check_tools(tools or []),
         )
-        if self.store.exists(session.id):
-            raise ChatError(f"session {session.id!r} already exists")
-        self.store.save_session(session)
+        self.store.create_session(session)
         return session
 
     def get(self, session_id: str) -> Session:
@@ -324,7 +322,9 @@ class ChatService:
             session = self.get(session_id)
             session.active_id = session.latest_leaf(session.message(message_id).id)
             session.updated_at = now()
-            self.store.save_session(session)
+            self.store.update_session(
+                session_id, active_id=session.active_id, updated_at=session.updated_at
+            )
             return session
 
     def switch_version(self, session_id: str, message_id: str, step: int) -> Session:

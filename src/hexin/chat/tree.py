@@ -46,6 +46,10 @@ class SessionNotFound(ChatError):
     """No session has this id."""
 
 
+class SessionExists(ChatError):
+    """A new session was asked for under an id that is taken."""
+
+
 class SessionBusy(ChatError):
     """The session has a reply in flight; the operation must wait until it ends."""
 

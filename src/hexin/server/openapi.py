@@ -38,7 +38,7 @@ ERROR_WHY = {
     400: "Bad request: invalid JSON, a field out of range, a prompt over the context",
     401: "Missing or wrong API key",
     404: "No such session (or message), or no such model",
-    409: "The session is busy with a reply",
+    409: "The session is busy with a reply, or a new session's id is taken",
     413: f"Request body over {MAX_BODY_BYTES} bytes",
     503: "The model is loading (or failed to load), the engine's queue is full, or the "
     "chat database could not be written for now",
@@ -89,6 +89,8 @@ def document_errors(doc: dict[str, Any], config: ServerConfig) -> dict[str, Any]
                 codes.add(404)
             if "{session_id}" in path:
                 codes |= {404} if method == "get" else {404, 409}
+            if path == "/api/sessions" and method == "post":
+                codes.add(409)
             if path.startswith("/api/sessions") and method != "get":
                 codes.add(507)
             if path not in ENGINE_FREE:

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 
 from hexin.chat.service import ChatService
 from hexin.chat.store import DB_ENV, StorageError, StorageFull, open_store
-from hexin.chat.tree import SessionBusy, SessionNotFound
+from hexin.chat.tree import SessionBusy, SessionExists, SessionNotFound
 from hexin.engine import Engine, EngineBusy
 from hexin.errors import HexinError
 from hexin.options import (
@@ -78,6 +78,7 @@ BAD_REQUEST = ErrorKind(400, "invalid_request_error", "bad_request")
 CONTEXT_EXCEEDED = ErrorKind(400, "invalid_request_error", "context_length_exceeded")
 SESSION_NOT_FOUND = ErrorKind(404, "not_found_error", "session_not_found")
 SESSION_BUSY = ErrorKind(409, "conflict_error", "session_busy")
+SESSION_EXISTS = ErrorKind(409, "conflict_error", "session_exists")
 ENGINE_BUSY = ErrorKind(503, "server_busy", "engine_busy")
 STORAGE_FULL = ErrorKind(507, "storage_full", "storage_full")
 STORAGE_ERROR = ErrorKind(503, "storage_error", "storage_error")
@@ -86,6 +87,7 @@ INTERNAL = ErrorKind(500, "server_error", "internal_error")
 ERROR_KINDS: tuple[tuple[type[Exception], ErrorKind], ...] = (
     (SessionNotFound, SESSION_NOT_FOUND),
     (SessionBusy, SESSION_BUSY),
+    (SessionExists, SESSION_EXISTS),
     (EngineBusy, ENGINE_BUSY),
     (StorageFull, STORAGE_FULL),
     (StorageError, STORAGE_ERROR),

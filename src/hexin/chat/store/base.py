@@ -22,7 +22,15 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar
 
-from hexin.chat.tree import ChatError, Message, Session, SessionNotFound, new_id, now
+from hexin.chat.tree import (
+    ChatError,
+    Message,
+    Session,
+    SessionExists,
+    SessionNotFound,
+    new_id,
+    now,
+)
 from hexin.errors import HexinError
 from hexin.sampling import SamplingParams
 
@@ -151,10 +159,12 @@ class Store(ABC):
         return SCHEMA_VERSION
 
     # -- writes -------------------------------------------------------------------------
-    def save_session(self, s: Session) -> None:
-        """Insert or update the session row (not its messages)."""
+    def create_session(self, s: Session) -> None:
+        """Insert a new session's row. The id is claimed in the same statement, so of two
+        processes creating one id, one wins and the other gets ``SessionExists``."""
         with self._tx() as db:
-            _upsert_session(db, s)
+            if not _insert_session(db, s):
+                raise SessionExists(f"session {s.id!r} already exists")
 
     def add_message(self, session_id: str, *ms: Message, title: str | None = None) -> None:
         """Insert messages (each a child of the one before) and make the last the
@@ -239,7 +249,8 @@ class Store(ABC):
                 s.renumber()
             elif _any_message_exists(db, list(s.messages)):
                 s.renumber()
-            _upsert_session(db, s)
+            if not _insert_session(db, s):  # created meanwhile by another process
+                raise SessionExists(f"session {s.id!r} already exists; import it again")
             db.executemany(
                 INSERT_MESSAGE,
                 [_message_row(s.id, m) for m in s.tree_order()],
@@ -314,26 +325,18 @@ class Store(ABC):
         return [dict(zip(keys, r, strict=True)) for r in rows]
 
 
-def _upsert_session(db: Connection, s: Session) -> None:
-    db.execute(
+def _insert_session(db: Connection, s: Session) -> bool:
+    """Insert the row unless the id is taken; whether it was inserted."""
+    params, tools = json.dumps(s.params.to_dict()), json.dumps(s.tools)
+    row = (s.id, s.title, s.model, s.system_prompt, params, s.active_id, s.created_at,
+           s.updated_at, tools)  # fmt: skip
+    inserted = db.execute(
         """INSERT INTO sessions (id, title, model, system_prompt, params, active_id,
                created_at, updated_at, tools) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-           ON CONFLICT(id) DO UPDATE SET title=excluded.title, model=excluded.model,
-               system_prompt=excluded.system_prompt, params=excluded.params,
-               active_id=excluded.active_id, updated_at=excluded.updated_at,
-               tools=excluded.tools""",
-        (
-            s.id,
-            s.title,
-            s.model,
-            s.system_prompt,
-            json.dumps(s.params.to_dict()),
-            s.active_id,
-            s.created_at,
-            s.updated_at,
-            json.dumps(s.tools),
-        ),
+           ON CONFLICT(id) DO NOTHING""",
+        row,
     )
+    return inserted.rowcount > 0
 
 
 def _any_message_exists(db: Connection, ids: list[str]) -> bool:
