@@ -408,16 +408,23 @@ def resolve_quant(quant: str, device: torch.device, quantized: Mapping[str, obje
         raise UnsupportedOption(
             f"unknown quant mode {quant!r}: choose one of {', '.join(QUANT_CHOICES)}"
         )
-    probe = quantized.get("model.layers.0.mlp.down_proj.weight")
-    has_q4 = bool(getattr(probe, "is_int4", False))
+    layer_matrices = [t for n, t in quantized.items() if n.startswith("model.layers.")]
+    has_q4 = any(getattr(t, "is_int4", False) for t in layer_matrices)
+    has_blocks = any(getattr(t, "is_blocks", False) for t in layer_matrices)
     if quant == "auto":
-        return "q4" if device.type == "cpu" and has_q4 else "none"
+        # a quantized file runs quantized: its 4-bit blocks as int4, other blocks (Q5_0,
+        # Q6_K, Q8_0, ...) in hexin's own 8-bit block kernel, fast on AVX2 and AVX-512
+        # alike; without that kernel only 4-bit files gain over dense
+        fast = has_q4 or (has_blocks and native.kernels() is not None)
+        return "q4" if device.type == "cpu" and fast else "none"
     if quant != "none" and device.type != "cpu":
         raise UnsupportedOption(
             f"quant {quant!r} runs on the CPU only; on {device.type} use --quant none"
         )
-    if quant == "q4" and not has_q4:
-        raise UnsupportedOption("quant 'q4' needs a GGUF file with Q4_0 or Q4_1 weights")
+    if quant == "q4" and not has_blocks:
+        raise UnsupportedOption(
+            "quant 'q4' needs a GGUF file with quantized weights (Q4_0, Q4_K_M, Q8_0, ...)"
+        )
     return quant
 
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 #: ``--dtype`` choices; "auto" is float32 on a CPU and bfloat16 on a GPU
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 #: ``--quant`` choices: "none" keeps every matrix dense in the dtype; "int8" runs every
-#: matrix as per-row int8; "q4" decodes with a GGUF file's Q4_0/Q4_1 blocks as int4 (a
-#: lossless regroup) and runs prompts and the other matrices in int8; "auto" is "q4" for a
-#: CPU model from a file with Q4 blocks and "none" otherwise. Quantized modes run on a CPU.
+#: matrix as per-row int8; "q4" decodes with a GGUF file's Q4_0/Q4_1/Q4_K blocks as int4 (a
+#: lossless regroup) and its other quantized matrices as 8-bit blocks, prompts in int8;
+#: "auto" is "q4" for a CPU model from a quantized GGUF file and "none" otherwise.
+#: Quantized modes run on a CPU.
 QUANT_CHOICES = ("auto", "none", "int8", "q4")
 #: ``--max-tokens-default``: the most tokens an OpenAI chat completion that names no
 #: ``max_tokens`` generates (text completions default to 16, as OpenAI's do)
@@ -73,8 +74,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--quant",
         default=ModelOptions.quant,
         choices=QUANT_CHOICES,
-        help="q4: decode with a GGUF file's Q4 blocks as int4, prompts in int8; int8: every "
-        "matrix int8; none: dense (default: q4 on CPU for Q4 GGUF files, else none)",
+        help="q4: decode with a GGUF file's blocks (4-bit ones as int4, others as 8-bit "
+        "blocks), prompts in int8; int8: every matrix int8; none: dense (default: q4 on CPU "
+        "for quantized GGUF files, else none)",
     )
 
 

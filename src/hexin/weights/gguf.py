@@ -278,23 +278,37 @@ class GGUFTensor:
         return values.to(dtype).contiguous()
 
     @property
+    def is_blocks(self) -> bool:
+        """A matrix stored in quantized blocks (any type but F32, F16 and BF16)."""
+        return self.ggml_type not in (Q.F32, Q.F16, Q.BF16) and len(self.shape) == 2
+
+    @property
     def is_int4(self) -> bool:
-        """Stored as Q4_0 / Q4_1 blocks, which ``int4_groups`` regroups without loss."""
-        return self.ggml_type in (Q.Q4_0, Q.Q4_1) and len(self.shape) == 2
+        """Stored as Q4_0, Q4_1 or Q4_K blocks, which ``int4_groups`` regroups without loss."""
+        return self.ggml_type in (Q.Q4_0, Q.Q4_1, Q.Q4_K) and len(self.shape) == 2
 
     def int4_groups(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Q4_0 / Q4_1 blocks as (q, scale, zero) with w = (q - 8) * scale + zero, q (out, in)
-        in [0, 15] and scale/zero (out, in / 32), RoPE rows restored; ``None`` for other
-        types. Q4_0 is (q - 8) * d, so zero = 0; Q4_1 is q * d + m, so zero = m + 8d."""
+        """Q4_0 / Q4_1 / Q4_K blocks as (q, scale, zero) with w = (q - 8) * scale + zero, q
+        (out, in) in [0, 15] and scale/zero (out, in / 32), RoPE rows restored; ``None`` for
+        other types. Q4_0 is (q - 8) * d, so zero = 0; Q4_1 is q * d + m, so zero = m + 8d;
+        Q4_K's 256 values are 8 groups of 32, each q * (d * scale) - dmin * min, so its
+        groups are Q4_1's with d = d * scale and m = -dmin * min (all in fp32: the six-bit
+        scale and min multiply the block's f16 d and dmin)."""
         if not self.is_int4:
             return None
         _, type_size = gguf.GGML_QUANT_SIZES[self.ggml_type]
         blocks = _as_torch_bytes(self.data).reshape(-1, type_size)
         rows, cols = self.shape
-        d = _f16(blocks, 0).view(rows, cols // 32)
-        if self.ggml_type == Q.Q4_0:
+        if self.ggml_type == Q.Q4_K:
+            scales, mins = _k_scales_mins(blocks[:, 4:16])
+            d = (_f16(blocks, 0) * scales).view(rows, cols // 32)
+            m = -(_f16(blocks, 2) * mins).view(rows, cols // 32)
+            q, zero = _k_quant_4bit(blocks[:, 16:]), m + 8 * d
+        elif self.ggml_type == Q.Q4_0:
+            d = _f16(blocks, 0).view(rows, cols // 32)
             q, zero = _nibbles(blocks[:, 2:]), torch.zeros_like(d)
         else:
+            d = _f16(blocks, 0).view(rows, cols // 32)
             q, zero = _nibbles(blocks[:, 4:]), _f16(blocks, 2).view(rows, cols // 32) + 8 * d
         q = q.reshape(rows, cols)
         if self.rope_heads is not None:
