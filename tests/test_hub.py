@@ -280,6 +280,9 @@ def env(standin, tmp_path, monkeypatch) -> dict[str, str]:
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
         "NO_PROXY": "127.0.0.1,localhost",
+        # a transfer the stand-in stalls waits for the test, not for huggingface_hub's 10 s
+        # read timeout (on a loaded machine it ran out first and the pull resumed by itself)
+        "HF_HUB_DOWNLOAD_TIMEOUT": "300",
     }
     for name, value in values.items():
         monkeypatch.setenv(name, value)

@@ -410,7 +410,7 @@ def resolve_quant(quant: str, device: torch.device, quantized: Mapping[str, obje
         )
     layer_matrices = [t for n, t in quantized.items() if n.startswith("model.layers.")]
     has_q4 = any(getattr(t, "is_int4", False) for t in layer_matrices)
-    has_blocks = any(getattr(t, "is_blocks", False) for t in layer_matrices)
+    has_blocks = has_q4 or any(getattr(t, "is_blocks", False) for t in layer_matrices)
     if quant == "auto":
         # a quantized file runs quantized: its 4-bit blocks as int4, other blocks (Q5_0,
         # Q6_K, Q8_0, ...) in hexin's own 8-bit block kernel, fast on AVX2 and AVX-512
