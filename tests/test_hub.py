@@ -17,6 +17,7 @@ a repository with no model files, and a gated one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import json
@@ -298,8 +299,24 @@ def hexin_process(*args: str, env: dict[str, str], **kw) -> subprocess.Popen[str
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, **env},
+        preexec_fn=_sigint_as_in_a_terminal,
         **kw,
     )
+
+
+def _sigint_as_in_a_terminal() -> None:
+    """In the child, before it starts: SIGINT at its default, so that Python turns Ctrl-C
+    into KeyboardInterrupt (a test run started from a background job hands its children
+    SIGINT ignored, and Python then leaves it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _signal_masks(pid: int) -> str:
+    """The process's ignored and caught signals, for a message."""
+    with contextlib.suppress(OSError):
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        return "; ".join(line for line in status if line.startswith(("SigIgn", "SigCgt")))
+    return "(no /proc)"
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -408,14 +425,18 @@ def test_interrupted_pull_continues_where_it_stopped(env, standin, repos, capsys
             if parts and parts[0].stat().st_size > 0:
                 break
             time.sleep(0.05)
+        masks = _signal_masks(proc.pid)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the pull outlived Ctrl-C by 60 s ({masks})")
     finally:
         standin.release.set()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, f"{err}\n({masks})"
     assert "run it again to continue where it stopped" in err
     target = partial_dir.parent.parent / "model-Q8_0.gguf"
     assert not target.exists()  # never a truncated file under the model's name
